@@ -1,0 +1,1 @@
+"""Shared code of the SDXL ControlNet-LLLite training and generation scripts."""

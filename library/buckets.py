@@ -1,0 +1,99 @@
+"""Bucket geometry: which bucket an image goes to, how it is resized and where it is cropped.
+
+All sizes here are ``(width, height)`` tuples of pixels; crop positions are ``(top, left)``.
+
+* With bucketing, ``BucketPlan.select`` picks the bucket whose aspect ratio is closest to
+  the image's among buckets of about ``resolution`` area whose sides lie in
+  ``[min_bucket_reso, max_bucket_reso]`` and are multiples of ``bucket_reso_steps``. With
+  ``bucket_no_upscale`` the bucket is made from the image itself (scaled down to the area if
+  larger, then rounded down to the steps) so that an image is never enlarged.
+* Without bucketing, every image goes to the single bucket ``resolution``.
+
+An image is then resized, keeping its aspect ratio, to the smallest size that covers the
+bucket (``resized_size``) and cropped to the bucket (``crop_position``: centered, or
+random with ``random_crop``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Size = tuple[int, int]  # (width, height)
+
+
+def make_buckets(resolution: Size, min_reso: int, max_reso: int, steps: int) -> list[Size]:
+    """Every bucket with sides in [min_reso, max_reso], multiples of ``steps``, of at most the area
+    of ``resolution`` and, for each width, the largest height that fits that area."""
+    max_area = resolution[0] * resolution[1]
+    buckets: set[Size] = set()
+    side = math.ceil(min_reso / steps) * steps
+    while side <= max_reso:
+        other = min(max_reso, (max_area // side) // steps * steps)
+        if other >= min_reso:
+            buckets.add((side, other))
+            buckets.add((other, side))
+        side += steps
+    return sorted(buckets)
+
+
+@dataclass
+class BucketPlan:
+    """Bucketing rules of one dataset."""
+
+    resolution: Size
+    enable_bucket: bool = False
+    min_reso: int = 256
+    max_reso: int = 2048
+    steps: int = 64
+    no_upscale: bool = False
+    buckets: list[Size] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.enable_bucket and not self.no_upscale:
+            self.buckets = make_buckets(self.resolution, self.min_reso, self.max_reso, self.steps)
+        else:
+            self.buckets = [self.resolution] if not self.enable_bucket else []
+
+    def select(self, image_size: Size) -> Size:
+        """The bucket ``(width, height)`` for an image of ``image_size``."""
+        if not self.enable_bucket:
+            return self.resolution
+        if self.no_upscale:
+            return self._fit_without_upscale(image_size)
+        w, h = image_size
+        target = math.log(w / h)
+        # Closest aspect ratio; on a tie the larger bucket keeps more detail.
+        return min(self.buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+
+    def _fit_without_upscale(self, image_size: Size) -> Size:
+        w, h = image_size
+        max_area = self.resolution[0] * self.resolution[1]
+        scale = min(1.0, math.sqrt(max_area / (w * h)), self.max_reso / w, self.max_reso / h)
+        # Round down so the image still covers the bucket; a side below one step is the only enlargement.
+        bw = max(self.steps, int(w * scale + 1e-6) // self.steps * self.steps)
+        bh = max(self.steps, int(h * scale + 1e-6) // self.steps * self.steps)
+        return (bw, bh)
+
+
+def resized_size(image_size: Size, bucket: Size) -> Size:
+    """The size the image is resized to (aspect kept) so that it just covers ``bucket``."""
+    w, h = image_size
+    bw, bh = bucket
+    scale = max(bw / w, bh / h)
+    return (max(bw, round(w * scale)), max(bh, round(h * scale)))
+
+
+def crop_position(resized: Size, bucket: Size, rng: np.random.Generator | None = None) -> tuple[int, int]:
+    """``(top, left)`` of the bucket-sized crop in the resized image: centered, or random given ``rng``."""
+    extra_w, extra_h = resized[0] - bucket[0], resized[1] - bucket[1]
+    if rng is None:
+        return (extra_h // 2, extra_w // 2)
+    return (int(rng.integers(0, extra_h + 1)), int(rng.integers(0, extra_w + 1)))
+
+
+def flipped_crop_left(resized_width: int, crop_left: int, bucket_width: int) -> int:
+    """The crop's left edge measured in the mirrored image (what SDXL's size conditioning wants)."""
+    return resized_width - crop_left - bucket_width

@@ -1,0 +1,411 @@
+"""ControlNet-LLLite for a diffusers SDXL U-Net, in the published file layout.
+
+A module sits on each of ``attn1.to_q/to_k/to_v`` and ``attn2.to_q`` of the transformer blocks in
+the input and middle blocks. It embeds the conditioning image once (``conditioning1``), mixes the
+embedding with a low-rank projection of the linear's input (``down``, ``mid``) and adds
+``multiplier * up(...)`` to that input:
+
+    y = W(x + multiplier * up(relu(mid(concat(e, relu(down(x)))))))
+
+Attaching uses forward pre-hooks on those linears only: no class is patched, and ``detach()``
+restores the U-Net exactly. Several networks may share a U-Net; each linear then gets one hook
+that adds every network's residual computed from the same original input, so the order in which
+networks were attached does not matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+from library.weights_io import KIND_LLLITE, read_weights, weights_kind, write_weights
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "lllite_unet_"
+TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")
+ARCHITECTURE = "stable-diffusion-xl-v1-base/control-net-lllite"
+MAX_DEPTH = 3  # the format defines conditioning stacks for depths 1..3
+
+
+# ----------------------------------------------------------------------------------------------
+# Where modules go
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One wrapped linear: its LLLite module name, the linear, and the conditioning depth."""
+
+    name: str
+    linear: nn.Linear
+    depth: int
+
+
+def _ldm_attention_paths(unet: nn.Module, include_output_blocks: bool) -> Iterator[tuple[str, nn.Module, int]]:
+    """(ldm path, diffusers Transformer2DModel, depth) for every attention block of the U-Net."""
+    lpb = unet.config.layers_per_block
+    n_levels = len(unet.down_blocks)
+    for i, block in enumerate(unet.down_blocks):
+        for j, attn in enumerate(getattr(block, "attentions", None) or []):
+            yield f"input_blocks.{1 + (lpb + 1) * i + j}.1", attn, i + 1
+    mid = getattr(unet, "mid_block", None)
+    for attn in (getattr(mid, "attentions", None) or [])[:1]:
+        yield "middle_block.1", attn, n_levels
+    if include_output_blocks:
+        for i, block in enumerate(unet.up_blocks):
+            for j, attn in enumerate(getattr(block, "attentions", None) or []):
+                yield f"output_blocks.{(lpb + 1) * i + j}.1", attn, n_levels - i
+
+
+def find_targets(unet: nn.Module, include_output_blocks: bool = False) -> list[Target]:
+    """Every linear an LLLite module can wrap, in the published order."""
+    targets = []
+    for path, attn, depth in _ldm_attention_paths(unet, include_output_blocks):
+        for k, tb in enumerate(attn.transformer_blocks):
+            for target in TARGETS:
+                linear = tb.get_submodule(target)
+                name = PREFIX + f"{path}.transformer_blocks.{k}.{target}".replace(".", "_")
+                targets.append(Target(name, linear, min(depth, MAX_DEPTH)))
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# One module
+# ----------------------------------------------------------------------------------------------
+
+
+def _conditioning_stack(cond_emb_dim: int, depth: int) -> nn.Sequential:
+    half = cond_emb_dim // 2
+    layers: list[nn.Module] = [nn.Conv2d(3, half, 4, 4), nn.ReLU()]
+    if depth == 1:
+        layers += [nn.Conv2d(half, cond_emb_dim, 2, 2)]
+    elif depth == 2:
+        layers += [nn.Conv2d(half, cond_emb_dim, 4, 4)]
+    else:
+        layers += [nn.Conv2d(half, half, 4, 4), nn.ReLU(), nn.Conv2d(half, cond_emb_dim, 2, 2)]
+    return nn.Sequential(*layers)
+
+
+def _grid_for(tokens: int, aspect_hw: float) -> tuple[int, int]:
+    """The (h, w) factorisation of ``tokens`` closest to the embedding's aspect ratio."""
+    best = None
+    for h in range(1, int(math.isqrt(tokens)) + 1):
+        if tokens % h:
+            continue
+        for gh in (h, tokens // h):
+            gw = tokens // gh
+            score = abs(math.log(gh / gw) - math.log(aspect_hw))
+            if best is None or score < best[0]:
+                best = (score, gh, gw)
+    return best[1], best[2]
+
+
+class LLLiteModule(nn.Module):
+    """The conditioning embedding and low-rank residual for one wrapped linear."""
+
+    def __init__(self, in_dim: int, cond_emb_dim: int, network_dim: int, depth: int, dropout: float = 0.0):
+        super().__init__()
+        self.depth = depth
+        self.dropout = dropout
+        self.conditioning1 = _conditioning_stack(cond_emb_dim, depth)
+        self.down = nn.Sequential(nn.Linear(in_dim, network_dim), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(network_dim + cond_emb_dim, network_dim), nn.ReLU())
+        self.up = nn.Sequential(nn.Linear(network_dim, in_dim))
+        # A fresh module must not change the U-Net's output, so the whole last layer starts at zero.
+        nn.init.zeros_(self.up[0].weight)
+        nn.init.zeros_(self.up[0].bias)
+        self.cond_emb: torch.Tensor | None = None  # (b, C, h, w), set once per image
+        self._emb_tokens: dict[int, torch.Tensor] = {}
+
+    def set_cond_emb(self, emb: torch.Tensor | None) -> None:
+        self.cond_emb = emb
+        self._emb_tokens = {}
+
+    def tokens_for(self, n: int) -> torch.Tensor:
+        """The embedding as (b, n, C) tokens, resized when the block's grid differs from it."""
+        cached = self._emb_tokens.get(n)
+        if cached is not None:
+            return cached
+        emb = self.cond_emb
+        b, c, h, w = emb.shape
+        if h * w != n:
+            # e.g. 1080x1440: latent sides not divisible by 4 give grids that round differently.
+            gh, gw = _grid_for(n, h / w)
+            emb = F.interpolate(emb, size=(gh, gw), mode="bilinear", align_corners=False)
+        tokens = emb.flatten(2).transpose(1, 2)
+        self._emb_tokens[n] = tokens
+        return tokens
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D)."""
+        e = self.tokens_for(x.shape[1])
+        if x.shape[0] != e.shape[0]:
+            if x.shape[0] % e.shape[0]:
+                raise ValueError(
+                    f"LLLite: batch of x ({x.shape[0]}) is not a multiple of the conditioning batch ({e.shape[0]})"
+                )
+            # classifier-free guidance: the same embedding serves the uncond and cond halves
+            e = e.repeat(x.shape[0] // e.shape[0], 1, 1)
+        h = self.down(x.to(self.down[0].weight.dtype))
+        h = self.mid(torch.cat([e.to(h.dtype), h], dim=-1))
+        if self.dropout and self.training:
+            h = F.dropout(h, p=self.dropout)
+        return self.up(h).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks shared by every network attached to one U-Net
+# ----------------------------------------------------------------------------------------------
+
+
+class _Slot:
+    """The single pre-hook of one linear, summing the residuals of every attached network."""
+
+    def __init__(self, linear: nn.Linear):
+        self.entries: list[tuple["ControlNetLLLite", LLLiteModule]] = []
+        self.handle = linear.register_forward_pre_hook(self)
+
+    def __call__(self, linear: nn.Module, args: tuple):
+        x = args[0]
+        out = x
+        for network, module in self.entries:
+            if network.active and network.multiplier != 0.0 and module.cond_emb is not None:
+                out = out + network.multiplier * module.residual(x)
+        if out is x:
+            return None
+        return (out,) + tuple(args[1:])
+
+
+_SLOT_ATTR = "_lllite_slot"  # set on the wrapped linear instances only, removed on detach
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+
+
+class ControlNetLLLite(nn.Module):
+    """All LLLite modules of one model; ``state_dict()`` has the published keys."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        cond_emb_dim: int = 32,
+        network_dim: int = 64,
+        dropout: float = 0.0,
+        multiplier: float = 1.0,
+        include_output_blocks: bool = False,
+        names: set[str] | None = None,
+    ):
+        super().__init__()
+        if cond_emb_dim < 2 or cond_emb_dim % 2:
+            raise UserError(f"cond_emb_dim must be an even number >= 2, got {cond_emb_dim}")
+        if network_dim < 1:
+            raise UserError(f"network_dim must be >= 1, got {network_dim}")
+        self.cond_emb_dim = cond_emb_dim
+        self.network_dim = network_dim
+        self.multiplier = multiplier
+        self.active = True
+        targets = find_targets(unet, include_output_blocks or bool(names and any("output_blocks" in n for n in names)))
+        if names is not None:
+            targets = [t for t in targets if t.name in names]
+        if not targets:
+            raise UserError("this U-Net has no attention blocks where LLLite modules could go")
+        self._targets = targets
+        for t in targets:
+            self.add_module(t.name, LLLiteModule(t.linear.in_features, cond_emb_dim, network_dim, t.depth, dropout))
+        self._attached = False
+        logger.info("created %d LLLite modules (cond_emb_dim=%d, network_dim=%d)", len(targets), cond_emb_dim, network_dim)
+
+    # -- modules -------------------------------------------------------------------------------
+
+    def lllite_modules(self) -> Iterator[tuple[Target, LLLiteModule]]:
+        for t in self._targets:
+            yield t, getattr(self, t.name)
+
+    @property
+    def depth_counts(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for t in self._targets:
+            counts[t.depth] = counts.get(t.depth, 0) + 1
+        return counts
+
+    # -- attaching -----------------------------------------------------------------------------
+
+    def attach(self) -> "ControlNetLLLite":
+        """Hook the modules into their linears (idempotent)."""
+        if self._attached:
+            return self
+        for t, module in self.lllite_modules():
+            slot = getattr(t.linear, _SLOT_ATTR, None)
+            if slot is None:
+                slot = _Slot(t.linear)
+                setattr(t.linear, _SLOT_ATTR, slot)
+            slot.entries.append((self, module))
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove this network's hooks; the U-Net computes exactly what it did before."""
+        if not self._attached:
+            return
+        for t, module in self.lllite_modules():
+            slot = getattr(t.linear, _SLOT_ATTR)
+            slot.entries = [(n, m) for n, m in slot.entries if m is not module]
+            if not slot.entries:
+                slot.handle.remove()
+                delattr(t.linear, _SLOT_ATTR)
+        self._attached = False
+
+    # -- conditioning --------------------------------------------------------------------------
+
+    def set_cond_image(self, cond_image: torch.Tensor | None) -> None:
+        """Embed the conditioning image (b, 3, H, W) in [-1, 1] once; every U-Net call reuses it.
+
+        Under autograd (training) the embedding keeps its graph, so ``conditioning1`` trains too.
+        """
+        if cond_image is None:
+            for _, m in self.lllite_modules():
+                m.set_cond_emb(None)
+            return
+        # Modules of the same depth have different weights, so each embeds the image itself;
+        # the work is small next to one U-Net step and happens once per image, not per step.
+        for _, m in self.lllite_modules():
+            w = m.conditioning1[0].weight
+            m.set_cond_emb(m.conditioning1(cond_image.to(device=w.device, dtype=w.dtype)))
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+
+    def set_active(self, active: bool) -> None:
+        self.active = bool(active)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the published layout (safetensors with modelspec metadata, or .pt/.ckpt)."""
+        sd = self.state_dict()
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        meta = default_metadata(self, Path(path).stem)
+        meta.update(metadata or {})
+        write_weights(path, sd, meta)
+
+    @classmethod
+    def from_file(cls, unet: nn.Module, path: str | Path, multiplier: float = 1.0, dropout: float = 0.0,
+                  dtype: torch.dtype | None = None) -> "ControlNetLLLite":
+        """Build a network that fits ``path`` (dims inferred from shapes) on ``unet`` and load it."""
+        sd, _ = read_weights(path, "LLLite file")
+        return cls.from_state_dict(unet, sd, source=str(path), multiplier=multiplier, dropout=dropout, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, unet: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "state dict",
+                        multiplier: float = 1.0, dropout: float = 0.0, dtype: torch.dtype | None = None):
+        dims = infer_dims(sd, source)
+        names = {k.split(".", 1)[0] for k in sd}
+        available = {t.name: t for t in find_targets(unet, include_output_blocks=True)}
+        unknown = sorted(n for n in names if n not in available)
+        if unknown:
+            raise UserError(
+                f"{source} does not fit this U-Net: module {unknown[0]} has no matching attention layer "
+                f"({len(unknown)} of {len(names)} modules). Is it an LLLite for another base model (e.g. SD1.5)?"
+            )
+        net = cls(unet, dims.cond_emb_dim, dims.network_dim, dropout=dropout, multiplier=multiplier, names=names)
+        net.load_weights(sd, source)
+        if dtype is not None:
+            net.to(dtype)
+        return net
+
+    def load_weights(self, sd: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load published-layout weights, naming the first key that does not fit."""
+        own = self.state_dict()
+        for key, value in sd.items():
+            if key not in own:
+                raise UserError(f"{source}: unexpected key {key}; this file does not fit the network.")
+            if tuple(own[key].shape) != tuple(value.shape):
+                raise UserError(
+                    f"{source} does not fit this U-Net: {key} has shape {list(value.shape)} in the file but "
+                    f"{list(own[key].shape)} here. Is it an LLLite for another base model (e.g. SD1.5)?"
+                )
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise UserError(f"{source}: missing key {missing[0]} ({len(missing)} missing); the file is incomplete.")
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# File facts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LLLiteDims:
+    cond_emb_dim: int
+    network_dim: int
+
+
+def infer_dims(sd: Mapping[str, torch.Tensor], source: str = "file") -> LLLiteDims:
+    """cond_emb_dim and network_dim from tensor shapes, as the format defines them."""
+    kind = weights_kind(sd.keys())
+    if kind != KIND_LLLITE:
+        hint = {
+            "SDXL checkpoint": " It is an SDXL base checkpoint: give it with --ckpt / --pretrained_model_name_or_path.",
+        }.get(kind, "")
+        raise UserError(f"{source} is not a ControlNet-LLLite file (it looks like: {kind}).{hint}")
+    first = next(k for k in sd if k.endswith(".conditioning1.0.weight"))
+    name = first.split(".", 1)[0]
+    try:
+        return LLLiteDims(int(sd[first].shape[0]) * 2, int(sd[f"{name}.down.0.weight"].shape[0]))
+    except KeyError as e:
+        raise UserError(f"{source}: LLLite module {name} is missing {e}; the file is damaged.") from None
+
+
+def module_depth(sd: Mapping[str, torch.Tensor], name: str) -> int:
+    if f"{name}.conditioning1.4.weight" in sd:
+        return 3
+    return 2 if sd[f"{name}.conditioning1.2.weight"].shape[-1] == 4 else 1
+
+
+def default_metadata(network: ControlNetLLLite, title: str) -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": "sdxl-lllite",
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "ss_network_module": "networks.control_net_lllite",
+        "ss_network_dim": str(network.network_dim),
+        "ss_cond_emb_dim": str(network.cond_emb_dim),
+    }
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
+    """What a user wants to know about an LLLite file (used by tools/lllite_info.py)."""
+    dims = infer_dims(sd)
+    names = sorted({k.split(".", 1)[0] for k in sd})
+    per_depth: dict[int, int] = {}
+    for n in names:
+        d = module_depth(sd, n)
+        per_depth[d] = per_depth.get(d, 0) + 1
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    return {
+        "modules": len(names),
+        "cond_emb_dim": dims.cond_emb_dim,
+        "network_dim": dims.network_dim,
+        "modules_per_depth": dict(sorted(per_depth.items())),
+        "dtype": ",".join(dtypes),
+        "parameters": sum(v.numel() for v in sd.values()),
+        "output_blocks": any("output_blocks" in n for n in names),
+        "blocks": sorted({re.sub(r"_transformer_blocks_.*", "", n[len(PREFIX):]) for n in names}),
+    }
