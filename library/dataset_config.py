@@ -189,7 +189,7 @@ def _convert(key: str, value: Any, where: str, problems: _Problems, from_cli: bo
     if ok:
         return value
     hint = ""
-    if isinstance(value, str) and kind in ("int", "float", "bool"):
+    if isinstance(value, str) and (kind in ("int", "float", "bool") or (kind == "resolution" and value.isdigit())):
         hint = f" (write {key} = {value} without quotes)"
     problems.add(where, f"{key} must be {_KIND_WORDS[kind]}, got {_describe(value)}{hint}")
     return None
@@ -427,7 +427,7 @@ def load_dataset_config(path: str | os.PathLike, cli_defaults: Mapping[str, Any]
             sub_values = _read_section(sub_raw, SUBSET_KEYS, sub_where, problems, misplaced_hint=hint)
             _check_ranges(sub_values, sub_where, problems)
             subset_tables.append((sub_where, sub_values))
-        configs.append(_build_dataset([defaults, cli, general, ds_values], subset_tables, where, path.parent, problems))
+        configs.append(_build_dataset([defaults, cli, general, ds_values], subset_tables, where, path.resolve().parent, problems))
 
     problems.raise_if_any()
     return [c for c in configs if c is not None]

@@ -268,7 +268,7 @@ def _download_from_hub(repo_id: str) -> Path:
         )
     except Exception as e:
         raise UserError(
-            f"could not get '{repo_id}' from the Hugging Face hub: {type(e).__name__}: {e}. "
+            f"could not get '{repo_id}' from the Hugging Face hub: {type(e).__name__}: {' '.join(str(e).split())} "
             "Without network access, download the model elsewhere and give the local .safetensors file "
             "or diffusers folder instead (or set HF_HUB_OFFLINE=1 with the model already in the hub cache)."
         ) from None

@@ -13,6 +13,10 @@ transformers 5 there is only one CLIP tokenizer class, backed by the Rust ``toke
 (``use_fast=False`` returns the same class). It is used because it loads offline from vocab.json + merges.txt
 and gives the same ids as CLIP's reference tokenizer. It does not run ``ftfy``/``html.unescape`` as the
 original CLIP code does, so :func:`clean_prompt_text` does the HTML unescape and whitespace cleanup here.
+transformers also cuts every special token out of the text before BPE, including tokenizer 2's pad token
+``!``; :func:`tokenize_prompt` therefore tokenizes prompt text with a copy that leaves ``!`` to BPE (see
+``_text_backend``), so both tokenizers give CLIP's ids for text such as ``"wow!"``. Calling tokenizer 2
+directly on text containing ``!`` gives different ids (``!`` -> 0 instead of e.g. ``!</w>`` -> 256).
 
 Long prompts. A prompt's tokens (without bos/eos) are cut into chunks of 75. Each chunk becomes
 ``[bos] + tokens + [eos] + [pad] * (75 - len(tokens))`` and is encoded separately. ``max_embeddings_multiples``
@@ -50,6 +54,7 @@ SQUARE_BRACKET_FACTOR = 1 / 1.1
 
 # Attribute under which load_textual_inversion registers "name -> [name, name_1, ...]" on a tokenizer.
 _TI_ATTR = "_lllite_textual_inversion"
+_BACKEND_ATTR = "_lllite_text_backend"  # cached prompt-text tokenizer, see _text_backend
 _truncation_warned = False
 
 
@@ -198,6 +203,52 @@ def _expand_textual_inversion(text: str, expansions: Mapping[str, Sequence[str]]
     return text
 
 
+def _text_backend(tokenizer: Any) -> Any | None:
+    """A Rust ``tokenizers.Tokenizer`` for prompt text that does not split out ordinary tokens used as specials.
+
+    transformers registers every special token as an "added token", and added tokens are cut out of the text
+    before BPE. For tokenizer 2 the pad token is ``!`` (id 0), so ``"hi!"`` would become ``hi</w> !`` (id 0)
+    instead of CLIP's ``hi</w> !</w>`` (id 256), and ``"!!!"`` three ids 0 instead of one merged token.
+    SDXL's encoder 2 was trained with the plain CLIP tokenizer, so this copy shares the BPE model, normaliser
+    and pre-tokeniser but drops added tokens that are regular BPE vocabulary entries (bos/eos and
+    textual-inversion tokens are kept). A copy is used for tokenizer 1 too: the transformers wrapper leaves
+    truncation settings from earlier calls on its backend, and the copy has none. It is cached on the
+    tokenizer and rebuilt when its added tokens change. Returns None for a tokenizer without a Rust backend.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken
+    keep_ids = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    drop = {i for i, a in added.items() if i not in keep_ids and backend.model.token_to_id(a.content) == i}
+    key = tuple(sorted((i, a.content) for i, a in added.items()))
+    cached = getattr(tokenizer, _BACKEND_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    from tokenizers import Tokenizer
+
+    text_backend = Tokenizer(backend.model)
+    text_backend.normalizer = backend.normalizer
+    text_backend.pre_tokenizer = backend.pre_tokenizer
+    for i in sorted(added):  # ids of tokens outside the model vocabulary are assigned in order
+        if i in drop:
+            continue
+        a = added[i]
+        (text_backend.add_special_tokens if a.special else text_backend.add_tokens)([a])
+        if text_backend.token_to_id(a.content) != i:
+            logger.warning("cannot rebuild the prompt tokenizer (token %r): '!' may tokenize differently", a.content)
+            return None
+    setattr(tokenizer, _BACKEND_ATTR, (key, text_backend))
+    return text_backend
+
+
+def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    backend = _text_backend(tokenizer)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False).input_ids
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def tokenize_prompt(
     tokenizer: Any,
     prompt: str,
@@ -233,7 +284,7 @@ def tokenize_prompt(
     pieces = parse_prompt_attention(prompt) if use_weighting else [(prompt, 1.0)]
     expansions = _expansions_for(tokenizer, textual_inversion)
     texts = [clean_prompt_text(_expand_textual_inversion(t, expansions)) for t, _ in pieces]
-    encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    encoded = _encode_texts(tokenizer, texts)
     ids: list[int] = []
     weights: list[float] = []
     for piece_ids, (_, w) in zip(encoded, pieces):
@@ -416,7 +467,8 @@ def load_textual_inversion(
             "'clip_g' [n, 1280]. SD 1.x/2.x embeddings cannot be used with SDXL."
         )
     vectors = []
-    for key, encoder, which in (("clip_l", text_encoder1, "text encoder 1"), ("clip_g", text_encoder2, "text encoder 2")):
+    targets = (("clip_l", text_encoder1, "text encoder 1"), ("clip_g", text_encoder2, "text encoder 2"))
+    for key, encoder, which in targets:
         v = tensors[key]
         if v.dim() == 1:
             v = v.unsqueeze(0)
@@ -439,7 +491,8 @@ def load_textual_inversion(
     count = vectors[0].shape[0]
     names = [name] + [f"{name}_{i}" for i in range(1, count)]
 
-    for tokenizer, encoder, v in ((tokenizer1, text_encoder1, vectors[0]), (tokenizer2, text_encoder2, vectors[1])):
+    # Check both tokenizers before changing either.
+    for tokenizer in (tokenizer1, tokenizer2):
         vocab = tokenizer.get_vocab()
         added = tokenizer.get_added_vocab()
         for t in names:
@@ -450,6 +503,7 @@ def load_textual_inversion(
                     f"textual inversion token {t!r} (from {path!r}) is already a token of the CLIP vocabulary "
                     f"({t.lower()!r}); choose another token name (rename the file or pass a token name)."
                 )
+    for tokenizer, encoder, v in ((tokenizer1, text_encoder1, vectors[0]), (tokenizer2, text_encoder2, vectors[1])):
         tokenizer.add_tokens(names)
         ids = tokenizer.convert_tokens_to_ids(names)
         embeddings = encoder.get_input_embeddings()

@@ -97,6 +97,20 @@ def test_tokenizer_matches_hand_bpe(tokenizers):
     assert got == _reference_bpe_ids(words, BUNDLED_TOKENIZER_DIRS[1])
 
 
+def test_exclamation_mark_is_not_split_as_pad(tokenizers):
+    """Tokenizer 2's pad "!" is a special token in transformers and would be cut out of the text."""
+    tok1, tok2 = tokenizers
+    text = "wow!!! hi!"
+    assert tok2(text, add_special_tokens=False).input_ids != tok1(text, add_special_tokens=False).input_ids
+    ref = tok1(text, add_special_tokens=False).input_ids  # tokenizer 1 has no '!' special token
+    assert 0 not in ref
+    ids1, _ = tokenize_prompt(tok1, text)
+    ids2, _ = tokenize_prompt(tok2, text)
+    n = len(ref) + 2
+    assert ids1[:n].tolist() == ids2[:n].tolist() == [BOS] + ref + [EOS]
+    assert ids2[n:].eq(0).all() and ids1[n:].eq(EOS).all()
+
+
 def test_load_from_diffusers_folder_and_fallback(tmp_path, tokenizers):
     # a folder without tokenizer subfolders falls back to the bundled assets
     t1, t2 = load_sdxl_tokenizers(str(tmp_path))
@@ -157,6 +171,7 @@ def test_long_prompt_chunking(tokenizers):
     tok1, tok2 = tokenizers
     prompt = " ".join(["cat"] * 100)  # "cat" is one token
     for tok, pad in ((tok1, EOS), (tok2, 0)):
+        tok("a b c d e f g", truncation=True, max_length=4)  # must not leave truncation behind
         ids, w = tokenize_prompt(tok, prompt, max_embeddings_multiples=2)
         assert ids.shape == w.shape == (154,)
         c1, c2 = ids[:77].tolist(), ids[77:].tolist()

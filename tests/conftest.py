@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny SDXL-structured pipeline written the two ways users have it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.model_loading import save_sdxl_single_file
+from library.tiny_sdxl import build_random_models
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def perturbed_tiny_models(seed: int = 0):
+    """Tiny random models whose zero-initialised layers are nudged, so that mix-ups show."""
+    models = build_random_models(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in models:
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return perturbed_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_models) -> Path:
+    """The tiny pipeline as a single-file checkpoint in the original (sgm) key layout."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
+    save_sdxl_single_file(path, *tiny_models)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_folder(tmp_path_factory, tiny_models) -> Path:
+    """The same pipeline as a diffusers folder."""
+    from library.model_loading import bundled_config
+    from library.text_encoding import load_sdxl_tokenizers
+
+    root = tmp_path_factory.mktemp("diffusers") / "tiny_sdxl"
+    unet, vae, te1, te2 = tiny_models
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    te1.save_pretrained(root / "text_encoder")
+    te2.save_pretrained(root / "text_encoder_2")
+    tok1, tok2 = load_sdxl_tokenizers(None)
+    tok1.save_pretrained(root / "tokenizer")
+    tok2.save_pretrained(root / "tokenizer_2")
+    (root / "scheduler").mkdir()
+    import json
+
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(bundled_config("scheduler")))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return root
+
+
+def unet_inputs(unet, batch: int = 1, h: int = 8, w: int = 8, seed: int = 0):
+    """Random U-Net inputs with SDXL's added conditioning, sized for ``unet``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    sample = torch.randn(batch, cfg.in_channels, h, w, generator=g)
+    t = torch.full((batch,), 500)
+    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
+    added = {
+        "text_embeds": torch.randn(batch, pooled, generator=g),
+        "time_ids": torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32),
+    }
+    return sample, t, ctx, added
