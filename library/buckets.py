@@ -52,10 +52,9 @@ class BucketPlan:
     buckets: list[Size] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.enable_bucket and not self.no_upscale:
-            self.buckets = make_buckets(self.resolution, self.min_reso, self.max_reso, self.steps)
-        else:
-            self.buckets = [self.resolution] if not self.enable_bucket else []
+        # With bucket_no_upscale each image gets its own bucket, so there is no fixed list.
+        use_list = self.enable_bucket and not self.no_upscale
+        self.buckets = make_buckets(self.resolution, self.min_reso, self.max_reso, self.steps) if use_list else []
 
     def select(self, image_size: Size) -> Size:
         """The bucket ``(width, height)`` for an image of ``image_size``."""

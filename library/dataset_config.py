@@ -70,6 +70,8 @@ ALL_KEYS: dict[str, tuple[str, Any]] = {**DATASET_KEYS, **SUBSET_KEYS}
 # Command-line option names that differ from the dataset key they set.
 CLI_ALIASES: dict[str, str] = {"train_batch_size": "batch_size", "train_data_dir": "image_dir"}
 
+_DATASET_KEY_HINT = {k: "it is a dataset key: move it to the [[datasets]] table (or [general])" for k in DATASET_KEYS}
+
 _KIND_WORDS = {
     "bool": "true or false",
     "int": "an integer",
@@ -423,8 +425,7 @@ def load_dataset_config(path: str | os.PathLike, cli_defaults: Mapping[str, Any]
             if not isinstance(sub_raw, dict):
                 problems.add(sub_where, "must be a table: write [[datasets.subsets]]")
                 continue
-            hint = {k: "it is a dataset key: move it to the [[datasets]] table (or [general])" for k in DATASET_KEYS}
-            sub_values = _read_section(sub_raw, SUBSET_KEYS, sub_where, problems, misplaced_hint=hint)
+            sub_values = _read_section(sub_raw, SUBSET_KEYS, sub_where, problems, misplaced_hint=_DATASET_KEY_HINT)
             _check_ranges(sub_values, sub_where, problems)
             subset_tables.append((sub_where, sub_values))
         configs.append(_build_dataset([defaults, cli, general, ds_values], subset_tables, where, path.resolve().parent, problems))

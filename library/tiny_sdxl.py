@@ -55,6 +55,17 @@ def tiny_configs(
     return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
 
 
+def drawing_configs() -> dict[str, dict]:
+    """Configs of the bundled tiny SDXL that draws (``models/tiny_sdxl``, built by ``tools/build_tiny_sdxl.py``).
+
+    Three U-Net levels (32, 64, 128) like SDXL's three, but with attention at every level, the first
+    included, so that LLLite modules of all three conditioning depths exist and act at 16x16 latents
+    (128x128 images). The VAE has SDXL's four levels (8x downsampling, 4 latent channels) and the text
+    encoders are the tiny ones (widths 32 and 64, two layers, the full 49408-token vocabulary).
+    """
+    return tiny_configs(block_out_channels=(32, 64, 128), attention_levels=(True, True, True), transformer_layers=(1, 1, 1))
+
+
 def build_random_models(configs: dict[str, dict] | None = None, seed: int = 0, dtype=torch.float32):
     """(unet, vae, text_encoder1, text_encoder2) with random weights from ``configs`` (default: tiny)."""
     configs = copy.deepcopy(configs or tiny_configs())

@@ -285,6 +285,15 @@ class ControlNetLLLite(nn.Module):
             w = m.conditioning1[0].weight
             m.set_cond_emb(m.conditioning1(cond_image.to(device=w.device, dtype=w.dtype)))
 
+    def forward(self, cond_image: torch.Tensor, unet: nn.Module, *unet_args, **unet_kwargs):
+        """Training step: embed ``cond_image``, then run ``unet`` (attached, not owned by this module).
+
+        Going through ``forward`` lets DistributedDataParallel wrap the network alone: it syncs
+        only LLLite gradients, and saved states hold only LLLite weights.
+        """
+        self.set_cond_image(cond_image)
+        return unet(*unet_args, **unet_kwargs)
+
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = float(multiplier)
 

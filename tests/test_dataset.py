@@ -331,3 +331,14 @@ def test_debug_dataset_writes_panels(tmp_path):
     assert panel.size == (3 * 80, 48)
     sidecar = out[0].with_suffix(".txt").read_text()
     assert "a red box" in sidecar and "80x48" in sidecar
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    for i in range(4):
+        make_pair(tmp_path, f"{i}")
+    ds = LLLiteDataset([config(tmp_path, batch_size=2)], seed=1)
+    loader = create_dataloader(ds, num_workers=1, persistent_workers=True)
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        got = [batch["image_paths"] for batch in loader]
+        assert got == [ds.get_batch(i, epoch=epoch)["image_paths"] for i in range(len(ds))]
