@@ -255,18 +255,16 @@ class Planner:
             return self.same_seeds.setdefault((prompt_no, k), self.rng.randint(0, 2**32 - 1))
         return self.rng.randint(0, 2**32 - 1)
 
-    def jobs(self, specs: list, iteration_position_base: int = 0) -> list[Job]:
-        from library.generation import request_from_prompt_spec
+    def jobs(self, specs: list) -> list[Job]:
+        """One iteration over ``specs``: ``images_per_prompt`` requests per prompt."""
+        from library.generation import check_image_readable, request_from_prompt_spec
 
         out = []
-        position = iteration_position_base
+        position = 0  # image number within this iteration (for --iter_same_seed)
         for prompt_no, spec in enumerate(specs):
             base = request_from_prompt_spec(spec, self.defaults)
-            if spec.guide_images:
-                for g in spec.guide_images:
-                    from library.generation import check_image_readable
-
-                    check_image_readable(g, "guide image (--cn)")
+            for g in spec.guide_images or []:
+                check_image_readable(g, "guide image (--cn)")
             for k in range(self.args.images_per_prompt):
                 changes = {"seed": self._seed(spec, prompt_no, k, position)}
                 if self.n_models and not spec.guide_images:
@@ -454,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     if specs:
         # Plan every image first: a bad guide image or prompt option fails before the first step.
         jobs = []
-        for it in range(args.n_iter):
+        for _ in range(args.n_iter):
             jobs += planner.jobs(specs)
         run(jobs)
     if args.interactive:
@@ -462,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 jobs = []
                 spec = parse_prompt_line(line, f"interactive line {n}")
-                for it in range(args.n_iter):
+                for _ in range(args.n_iter):
                     jobs += planner.jobs([spec])
                 run(jobs)
             except UserError as e:

@@ -37,19 +37,19 @@ def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_te
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    """Gaussian noise like ``latents``, drawn on the generator's device (the CPU) for reproducibility."""
+    noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         # A per-channel constant lets the model learn very dark and very bright images.
-        noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    return noise
+        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    return noise.to(device=latents.device, dtype=latents.dtype)
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, opts: LossOptions, device) -> torch.Tensor:
+def sample_timesteps(batch: int, num_train_timesteps: int, opts: LossOptions,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     low = opts.min_timestep or 0
     high = opts.max_timestep or num_train_timesteps
-    return torch.randint(low, high, (batch,), device=device).long()
+    return torch.randint(low, high, (batch,), generator=generator).long()
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:

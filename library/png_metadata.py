@@ -54,14 +54,20 @@ _LABELS = [
 ]
 
 
-def _text_value(value: Any) -> str:
+def _plain(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return " | ".join(_text_value(v) for v in value)
+        return " | ".join(_plain(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
-    text = str(value)
-    # A comma would split the value when the text is parsed back.
-    return f'"{text}"' if "," in text or ":" in text else text
+    return str(value).replace("\n", " ")
+
+
+def _text_value(value: Any) -> str:
+    text = _plain(value)
+    # A comma or colon would split the value when the text is parsed back: quote it.
+    if any(c in text for c in ',:"'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def format_parameters_text(params: Mapping[str, Any]) -> str:
@@ -98,8 +104,8 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     by_label = {label: key for key, label in _LABELS}
     for m in re.finditer(r'\s*([\w .-]+?): ("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', last):
         label, value = m.group(1).strip(), m.group(2).strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = value[1:-1]
+        if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
         result[by_label.get(label, label)] = value
     return result
 

@@ -123,6 +123,23 @@ def text_encode_fn(models: SDXLModels):
 # ----------------------------------------------------------------------------------------------
 
 
+class TrainingRNG:
+    """The random stream of noise and timesteps, saved with the training state.
+
+    It is separate from torch's global generator, which data loaders and libraries also draw
+    from, so a resumed run draws exactly the noise the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 @dataclass
 class Progress:
     global_step: int = 0  # optimizer steps done
@@ -292,6 +309,8 @@ def train(
     )
     saver = Saver(args, accelerator)
     progress = Progress()
+    rng = TrainingRNG((args.seed or 0) * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
     if args.resume:
         accelerator.load_state(args.resume)
         progress = load_progress(args.resume)
@@ -311,14 +330,16 @@ def train(
         sampler(raw_network, progress.global_step, progress.epoch)
 
     while progress.global_step < args.max_train_steps and progress.epoch <= num_epochs:
-        dataset.set_epoch(progress.epoch)
+        # accelerate's loaders pass their own epoch counter to dataset.set_epoch when iterated,
+        # so the epoch is set through the loader (a resumed run's skipping loader included).
         loader = dataloader
         if progress.batches_in_epoch:
             loader = accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
+        loader.set_epoch(progress.epoch)
         for batch in loader:
             progress.batches_in_epoch += 1
             with accelerator.accumulate(network):
-                loss = compute_loss(batch, models, network, unet, noise_scheduler, loss_opts, args, device, wdtype)
+                loss = compute_loss(batch, models, network, unet, noise_scheduler, loss_opts, rng.generator, device, wdtype)
                 check_finite(loss, accelerator, progress, last_saved)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -371,7 +392,7 @@ def train(
 
 
 def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts: dl.LossOptions,
-                 args: argparse.Namespace, device, wdtype) -> torch.Tensor:
+                 generator: torch.Generator, device, wdtype) -> torch.Tensor:
     """One batch: latents, text conditioning, noise, the U-Net with LLLite, and the weighted loss."""
     if "latents" in batch:
         latents = batch["latents"].to(device, torch.float32)
@@ -379,7 +400,9 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
         vae = models.vae
         with torch.no_grad():
             images = batch["images"].to(device, vae.dtype)
-            latents = (vae.encode(images).latent_dist.sample() * vae.config.scaling_factor).float()
+            dist = vae.encode(images).latent_dist
+            eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+            latents = ((dist.mean + dist.std * eps) * vae.config.scaling_factor).float()
     if "text_hidden" in batch:
         hidden, pooled = batch["text_hidden"].to(device), batch["text_pooled"].to(device)
     else:
@@ -390,8 +413,8 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
         )
         hidden, pooled = hidden.to(device), pooled.to(device)
 
-    noise = dl.sample_noise(latents, opts.noise_offset)
-    timesteps = dl.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, opts, device)
+    noise = dl.sample_noise(latents, opts.noise_offset, generator)
+    timesteps = dl.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, opts, generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     added = {"text_embeds": pooled.to(wdtype), "time_ids": sdxl_time_ids(batch, device, wdtype)}
     cond = batch["conditioning_images"].to(device)

@@ -74,3 +74,43 @@ def unet_inputs(unet, batch: int = 1, h: int = 8, w: int = 8, seed: int = 0):
         "time_ids": torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32),
     }
     return sample, t, ctx, added
+
+
+def make_shape_dataset(root: Path, n: int = 4, size: int = 64, seed: int = 0, caption: str = "a red square") -> Path:
+    """Training images with a red square, canny-like outlines as conditioning, captions, and a dataset TOML."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img_dir, cond_dir = root / "images", root / "conditioning"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    cond_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    side = size // 3
+    for i in range(n):
+        x, y = (int(v) for v in rng.integers(2, size - side - 2, 2))
+        image = Image.new("RGB", (size, size), (200, 210, 255))
+        ImageDraw.Draw(image).rectangle([x, y, x + side, y + side], fill=(230, 20, 20))
+        image.save(img_dir / f"{i:03d}.png")
+        cond = Image.new("RGB", (size, size), 0)
+        ImageDraw.Draw(cond).rectangle([x, y, x + side, y + side], outline=(255, 255, 255))
+        cond.save(cond_dir / f"{i:03d}.png")
+        (img_dir / f"{i:03d}.txt").write_text(caption)
+    toml_path = root / "dataset.toml"
+    toml_path.write_text(
+        f"""[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = {size}
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = {size * 2}
+bucket_reso_steps = 8
+
+  [[datasets.subsets]]
+  image_dir = "{img_dir.as_posix()}"
+  conditioning_data_dir = "{cond_dir.as_posix()}"
+"""
+    )
+    return toml_path

@@ -1,0 +1,210 @@
+"""sdxl_gen_img.py end to end on a tiny random SDXL: a few runs as subprocesses, the rest in-process."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from library.errors import run_cli
+from library.lora import lora_name_map, make_lora_state_dict
+from library.model_loading import save_sdxl_single_file
+from library.png_metadata import read_png_parameters
+from library.tiny_sdxl import build_random_models
+from library.weights_io import write_weights
+from networks.control_net_lllite import ControlNetLLLite
+
+import sdxl_gen_img
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--W", "64", "--H", "64", "--steps", "3", "--sampler", "euler", "--no_progress"]
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    """A tiny checkpoint, two LLLite files with non-zero up layers, guide/init/mask images, a LoRA, an embedding."""
+    d = tmp_path_factory.mktemp("gen_script")
+    unet, vae, te1, te2 = build_random_models()
+    save_sdxl_single_file(d / "tiny.safetensors", unet, vae, te1, te2)
+    out = {"ckpt": str(d / "tiny.safetensors"), "dir": d}
+    for i in (1, 2):
+        torch.manual_seed(i)
+        net = ControlNetLLLite(unet, cond_emb_dim=8, network_dim=8)
+        for _, m in net.lllite_modules():
+            torch.nn.init.normal_(m.up[0].weight, std=1.0)
+        net.save(d / f"lllite{i}.safetensors")
+        out[f"lllite{i}"] = str(d / f"lllite{i}.safetensors")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / f"guide{i}.png")
+        out[f"guide{i}"] = str(d / f"guide{i}.png")
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / "init.png")
+    out["init"] = str(d / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    out["mask"] = str(d / "mask.png")
+    (d / "broken.png").write_bytes(b"not a png at all")
+    out["broken"] = str(d / "broken.png")
+    names = lora_name_map(unet, te1, te2)
+    chosen = [n for n in names if "attn1_to_q" in n or "self_attn_q_proj" in n]
+    write_weights(d / "lora.safetensors", make_lora_state_dict(names, rank=2, generator=torch.Generator().manual_seed(0),
+                                                                names=chosen))
+    out["lora"] = str(d / "lora.safetensors")
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}, str(d / "myemb.safetensors"))
+    out["emb"] = str(d / "myemb.safetensors")
+    return out
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(ROOT / "sdxl_gen_img.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """main() in this process, wrapped like the script: (exit code, stderr)."""
+    code = 0
+    try:
+        run_cli(lambda: sdxl_gen_img.main(list(args)))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocess runs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_two_stacked_models_with_their_own_guides(files, tmp_path):
+    out = tmp_path / "out"
+    r = run_script(
+        "--ckpt", files["ckpt"], "--control_net_lllite_models", files["lllite1"], files["lllite2"],
+        "--guide_image_path", *(files[f"guide{i}"] for i in range(4)),
+        "--control_net_multipliers", "1.0", "0.5", "--control_net_starts", "0", "0.25",
+        "--control_net_ratios", "1", "0.75",
+        "--prompt", "a (red:1.2) house --n blurry --zz 3", "--images_per_prompt", "2", "--batch_size", "2",
+        "--seed", "10", "--sequential_file_name", "--outdir", str(out), *SMALL[:1], "68", *SMALL[2:],
+    )
+    assert r.returncode == 0, r.stderr
+    assert "unknown prompt option --zz" in r.stderr
+    assert "68x64 is not a multiple of 8: using 64x64" in r.stderr
+    files_out = pngs(out)
+    assert [f.name for f in files_out] == ["im_000001.png", "im_000002.png"]
+    first, second = (read_png_parameters(f) for f in files_out)
+    assert first["guide_images"] == [files["guide0"], files["guide1"]]
+    assert second["guide_images"] == [files["guide2"], files["guide3"]]
+    assert (first["seed"], second["seed"]) == (10, 11)
+    assert first["lllite_models"] == ["lllite1.safetensors", "lllite2.safetensors"]
+    assert first["lllite_multipliers"] == [1.0, 0.5] and first["lllite_starts"] == [0.0, 0.25]
+    assert first["lllite_ratios"] == [1.0, 0.75]
+    assert (first["prompt"], first["negative_prompt"], first["steps"], first["size"]) == ("a (red:1.2) house", "blurry", 3, "64x64")
+    assert "Steps: 3, Sampler: euler, CFG scale: 7, Seed: 10, Size: 64x64" in Image.open(files_out[0]).text["parameters"]
+
+
+def test_lllite_file_as_ckpt_is_a_clear_error(files, tmp_path):
+    r = run_script("--ckpt", files["lllite1"], "--prompt", "x", "--outdir", str(tmp_path), *SMALL)
+    assert r.returncode == 2
+    assert "ControlNet-LLLite file, not a base model" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process runs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["ckpt_as_lllite", "missing_guide", "unreadable_guide", "too_few_guides",
+                                  "no_prompt", "mask_without_image"])
+def test_errors_before_any_denoising(files, tmp_path, capsys, case):
+    base = ["--ckpt", files["ckpt"], "--outdir", str(tmp_path), "--prompt", "x", *SMALL]
+    extra, message = {
+        "ckpt_as_lllite": (["--control_net_lllite_models", files["ckpt"], "--guide_image_path", files["guide0"]],
+                           "is not a ControlNet-LLLite file"),
+        "missing_guide": (["--control_net_lllite_models", files["lllite1"], "--guide_image_path", "nope/edges.png"],
+                          "guide image not found: nope/edges.png"),
+        "unreadable_guide": (["--control_net_lllite_models", files["lllite1"], "--guide_image_path", files["broken"]],
+                             "cannot read guide image"),
+        "too_few_guides": (["--control_net_lllite_models", files["lllite1"], files["lllite2"],
+                            "--guide_image_path", files["guide0"]], "2 LLLite models but only 1 guide image"),
+        "no_prompt": (None, "nothing to draw"),
+        "mask_without_image": (["--mask_path", files["mask"]], "--mask_path needs --image_path"),
+    }[case]
+    args = [a for a in base if a not in ("--prompt", "x")] if extra is None else base + extra
+    code, err = run_main(capsys, *args)
+    assert code == 2 and message in err, err
+    assert not pngs(tmp_path)
+
+
+def test_prompt_file_lines_and_textual_inversion(files, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# a comment\n"
+        f"a myemb castle --n fog --w 72 --h 64 --s 2 --d 5,6 --l 4.5 --cn {files['guide1']}\n"
+        "a [small] boat --ow 1024 --oh 768 --ct 8 --cl 4 --d 9\n"
+    )
+    code, err = run_main(
+        capsys, "--ckpt", files["ckpt"], "--from_file", str(prompts), "--images_per_prompt", "2",
+        "--control_net_lllite_models", files["lllite1"], "--guide_image_path", files["guide0"],
+        "--textual_inversion_embeddings", files["emb"], "--outdir", str(tmp_path / "out"), *SMALL,
+    )
+    assert code == 0, err
+    meta = [read_png_parameters(f) for f in pngs(tmp_path / "out")]
+    by_seed = {m["seed"]: m for m in meta}
+    assert sorted(by_seed) == [5, 6, 9, 10]
+    assert by_seed[5]["size"] == "72x64" and by_seed[5]["steps"] == 2 and by_seed[5]["scale"] == 4.5
+    assert by_seed[5]["negative_prompt"] == "fog" and by_seed[5]["guide_images"] == [files["guide1"]]
+    assert by_seed[9]["guide_images"] == [files["guide0"]] and by_seed[9]["original_size"] == "1024x768"
+    assert by_seed[9]["crop"] == "8,4"
+
+
+def test_interactive_reads_lines_until_empty(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat --d 3\n\nnot read\n"))
+    code, err = run_main(capsys, "--ckpt", files["ckpt"], "--interactive", "--outdir", str(tmp_path), *SMALL)
+    assert code == 0, err
+    assert [read_png_parameters(f)["prompt"] for f in pngs(tmp_path)] == ["a cat"]
+
+
+def test_img2img_inpainting_hires_and_original_file_name(files, tmp_path, capsys):
+    code, err = run_main(
+        capsys, "--ckpt", files["ckpt"], "--prompt", "a cat --d 1", "--image_path", files["init"], "--strength", "0.7",
+        "--mask_path", files["mask"], "--highres_fix_scale", "0.5", "--highres_fix_steps", "2",
+        "--control_net_lllite_models", files["lllite1"], "--guide_image_path", files["guide0"],
+        "--highres_fix_disable_control_net", "--use_original_file_name", "--outdir", str(tmp_path), *SMALL,
+    )
+    assert code == 0, err
+    (out,) = pngs(tmp_path)
+    assert out.name.startswith("init_im_")
+    meta = read_png_parameters(out)
+    assert meta["strength"] == 0.7 and meta["mask"] == files["mask"] and meta["highres_fix_scale"] == 0.5
+
+
+def test_lora_with_multiplier_zero_changes_nothing(files, tmp_path, capsys):
+    common = ["--ckpt", files["ckpt"], *SMALL]
+    runs = {
+        "plain": ["--prompt", "a cat --d 4"],
+        "lora0": ["--prompt", "a cat --d 4 --am 0", "--network_module", "networks.lora", "--network_weights", files["lora"]],
+        "lora1": ["--prompt", "a cat --d 4", "--network_weights", files["lora"], "--network_mul", "1.0"],
+    }
+    images = {}
+    for name, args in runs.items():
+        code, err = run_main(capsys, *common, *args, "--outdir", str(tmp_path / name))
+        assert code == 0, err
+        (f,) = pngs(tmp_path / name)
+        images[name] = np.asarray(Image.open(f)).astype(int)
+    assert np.abs(images["lora0"] - images["plain"]).max() <= 1
+    assert np.abs(images["lora1"] - images["plain"]).max() > 1
+    assert read_png_parameters(pngs(tmp_path / "lora1")[0])["networks"] == ["lora.safetensors"]

@@ -1,0 +1,153 @@
+"""sdxl_train_control_net_lllite.py end to end, as users run it: a subprocess with a TOML config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.weights_io import read_weights
+from networks.control_net_lllite import ControlNetLLLite
+from tests.conftest import make_shape_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sdxl_train_control_net_lllite.py"
+
+
+def write_config(path: Path, **options) -> Path:
+    lines = []
+    for k, v in options.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v}")
+        else:
+            lines.append(f'{k} = "{Path(v).as_posix() if isinstance(v, Path) else v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def base_options(tmp_path: Path, checkpoint: Path, **extra) -> dict:
+    opts = dict(
+        pretrained_model_name_or_path=checkpoint,
+        dataset_config=make_shape_dataset(tmp_path / "data"),
+        output_dir=tmp_path / "out",
+        output_name="tiny",
+        network_dim=8,
+        cond_emb_dim=8,
+        learning_rate=1e-3,
+        max_train_steps=4,
+        seed=42,
+    )
+    opts.update(extra)
+    return opts
+
+
+def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_toml_run_trains_and_saves_published_layout(tmp_path, tiny_checkpoint, tiny_models):
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, save_precision="fp16",
+                                                                cache_latents=True, cache_text_encoder_outputs=True,
+                                                                gradient_checkpointing=True))
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out" / "tiny.safetensors"
+    sd, meta = read_weights(out)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/control-net-lllite"
+    assert meta["ss_network_dim"] == "8" and meta["ss_cond_emb_dim"] == "8" and meta["ss_steps"] == "4"
+    net = ControlNetLLLite.from_file(tiny_models[0], out)
+    # trained: the up layers are no longer all zero
+    assert any(torch.count_nonzero(m.up[0].weight) for _, m in net.lllite_modules())
+
+
+def test_command_line_beats_config_file(tmp_path, tiny_checkpoint):
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint))
+    res = run_train("--config_file", str(cfg), "--max_train_steps", "1", "--output_name", "cli")
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, meta = read_weights(tmp_path / "out" / "cli.safetensors")
+    assert meta["ss_steps"] == "1"
+
+
+def test_config_typo_gets_suggestion(tmp_path, tiny_checkpoint):
+    opts = base_options(tmp_path, tiny_checkpoint)
+    opts["learning_rte"] = opts.pop("learning_rate")
+    cfg = write_config(tmp_path / "train.toml", **opts)
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 2
+    assert 'unknown option "learning_rte". Did you mean "learning_rate"?' in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_output_config_writes_non_defaults(tmp_path):
+    cfg = tmp_path / "written.toml"
+    res = run_train("--config_file", str(cfg), "--output_config", "--network_dim", "16",
+                    "--pretrained_model_name_or_path", "model.safetensors")
+    assert res.returncode == 0, res.stderr
+    text = cfg.read_text()
+    assert "network_dim = 16" in text and 'pretrained_model_name_or_path = "model.safetensors"' in text
+    assert "learning_rate" not in text  # defaults are not written
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path, tiny_checkpoint):
+    common = base_options(tmp_path, tiny_checkpoint, cache_latents=True, cache_text_encoder_outputs=True)
+    straight = write_config(tmp_path / "straight.toml", **{**common, "output_name": "straight"})
+    assert run_train("--config_file", str(straight)).returncode == 0
+    first = write_config(tmp_path / "first.toml", **{**common, "output_name": "part", "max_train_steps": 2, "save_state": True})
+    res = run_train("--config_file", str(first))
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = tmp_path / "out" / "part-state"
+    assert (state / "train_state.json").is_file()
+    second = write_config(tmp_path / "second.toml", **{**common, "output_name": "resumed"})
+    res = run_train("--config_file", str(second), "--resume", str(state))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, _ = read_weights(tmp_path / "out" / "straight.safetensors")
+    b, _ = read_weights(tmp_path / "out" / "resumed.safetensors")
+    p, _ = read_weights(tmp_path / "out" / "part.safetensors")
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # the second half did train
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_nan_loss_stops_cleanly(tmp_path, tiny_checkpoint):
+    # An absurd learning rate blows the weights up after the first update; the next loss is not finite.
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, learning_rate=1e30,
+                                                                optimizer_type="SGDNesterov", max_grad_norm=0,
+                                                                save_every_n_steps=1, max_train_steps=6))
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 2
+    assert "the loss became" in res.stderr and "at step" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "out"
+    assert not (out / "tiny.safetensors").exists()
+    for f in out.glob("*.safetensors"):
+        sd, _ = read_weights(f)
+        assert all(torch.isfinite(v).all() for v in sd.values()), f
+
+
+def test_save_every_and_last_n_epochs(tmp_path, tiny_checkpoint):
+    # 4 images, batch 2: 2 steps per epoch; 4 epochs, keep the last 2 epoch files
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, max_train_epochs=4,
+                                                                save_every_n_epochs=1, save_last_n_epochs=2))
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert names == ["tiny-000002.safetensors", "tiny-000003.safetensors", "tiny.safetensors"]
+
+
+def test_missing_optional_optimizer_package(tmp_path, tiny_checkpoint):
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, optimizer_type="Lion"))
+    res = run_train("--config_file", str(cfg))
+    try:
+        import lion_pytorch  # noqa: F401
+    except ImportError:
+        assert res.returncode == 2 and "pip install lion-pytorch" in res.stderr
+    else:
+        assert res.returncode == 0
