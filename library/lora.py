@@ -45,8 +45,8 @@ def _flat(name: str) -> str:
 
 def unet_lora_names(unet: nn.Module) -> dict[str, nn.Module]:
     """kohya LoRA name (``lora_unet_...``) -> Linear/Conv2d module of a diffusers SDXL U-Net."""
-    pairs = sorted(sdxl_keys._unet_prefix_pairs(unet.config), key=lambda p: -len(p[0]))
-    renames = sdxl_keys._UNET_RESNET_RENAMES
+    pairs = sorted(sdxl_keys.unet_prefix_pairs(unet.config), key=lambda p: -len(p[0]))
+    renames = sdxl_keys.UNET_RESNET_RENAMES
     out: dict[str, nn.Module] = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -40,7 +40,7 @@ def sgm_output_block_index(level: int, layer: int, layers_per_block: int) -> int
 # U-Net
 # ----------------------------------------------------------------------------------------------
 
-_UNET_RESNET_RENAMES = [
+UNET_RESNET_RENAMES = [
     ("norm1.", "in_layers.0."),
     ("conv1.", "in_layers.2."),
     ("time_emb_proj.", "emb_layers.1."),
@@ -50,7 +50,7 @@ _UNET_RESNET_RENAMES = [
 ]
 
 
-def _unet_prefix_pairs(config: Mapping) -> list[tuple[str, str]]:
+def unet_prefix_pairs(config: Mapping) -> list[tuple[str, str]]:
     """(diffusers prefix, sgm prefix) pairs for a U-Net config."""
     lpb = config["layers_per_block"]
     n = len(config["block_out_channels"])
@@ -87,14 +87,14 @@ def _unet_prefix_pairs(config: Mapping) -> list[tuple[str, str]]:
 
 def unet_diffusers_to_sgm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
     """Rename a diffusers U-Net state dict to sgm keys (with the ``model.diffusion_model.`` prefix)."""
-    pairs = sorted(_unet_prefix_pairs(config), key=lambda p: -len(p[0]))
+    pairs = sorted(unet_prefix_pairs(config), key=lambda p: -len(p[0]))
     out = {}
     for key, value in state_dict.items():
         for d_prefix, s_prefix in pairs:
             if key.startswith(d_prefix):
                 rest = key[len(d_prefix) :]
                 if ".resnets." in d_prefix:
-                    for old, new in _UNET_RESNET_RENAMES:
+                    for old, new in UNET_RESNET_RENAMES:
                         if rest.startswith(old):
                             rest = new + rest[len(old) :]
                             break

@@ -130,14 +130,22 @@ class TrainingRNG:
     from, so a resumed run draws exactly the noise the uninterrupted run would have.
     """
 
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, process_index: int):
+        self.process_index = process_index
+        self.generator = torch.Generator().manual_seed(seed * 1000 + process_index)
 
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+    def _file(self, folder: Path) -> Path:
+        return Path(folder) / f"noise_rng_{self.process_index}.pt"
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+    def save(self, folder: Path) -> None:
+        """Each process saves its own stream (accelerate's custom objects are saved by the main process only)."""
+        torch.save(self.generator.get_state(), self._file(folder))
+
+    def load(self, folder: Path) -> None:
+        path = self._file(folder)
+        if not path.is_file():
+            raise UserError(f"--resume {folder}: {path.name} is missing; was the state written with another number of processes?")
+        self.generator.set_state(torch.load(path, weights_only=True))
 
 
 @dataclass
@@ -206,7 +214,7 @@ class Saver:
                     continue
                 logger.info("removed %s (--save_last_n_epochs %d)", path, keep)
 
-    def save_state(self, tag: str | None, progress: Progress) -> None:
+    def save_state(self, tag: str | None, progress: Progress, rng: TrainingRNG) -> None:
         """accelerate state (weights, optimizer, scheduler, RNG) + our position, renamed into place when complete."""
         name = f"{self.args.output_name}-{tag}-state" if tag else f"{self.args.output_name}-state"
         final = self.out / name
@@ -215,6 +223,8 @@ class Saver:
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        rng.save(tmp)
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_text(tmp / STATE_FILE, json.dumps(progress.__dict__))
             if final.exists():
@@ -309,10 +319,10 @@ def train(
     )
     saver = Saver(args, accelerator)
     progress = Progress()
-    rng = TrainingRNG((args.seed or 0) * 1000 + accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
+    rng = TrainingRNG(args.seed or 0, accelerator.process_index)
     if args.resume:
         accelerator.load_state(args.resume)
+        rng.load(Path(args.resume))
         progress = load_progress(args.resume)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, progress.global_step, progress.epoch, progress.batches_in_epoch)
 
@@ -359,7 +369,7 @@ def train(
                 tag = f"step{progress.global_step:08d}"
                 last_saved = saver.save_model(network, tag, training_metadata(args, models, raw_network, progress))
                 if args.save_state:
-                    saver.save_state(tag, progress)
+                    saver.save_state(tag, progress, rng)
             if sampler is not None and args.sample_every_n_steps and progress.global_step % args.sample_every_n_steps == 0:
                 sampler(raw_network, progress.global_step, progress.epoch)
             if progress.global_step >= args.max_train_steps:
@@ -373,7 +383,7 @@ def train(
                 tag = f"{epoch:06d}"
                 last_saved = saver.save_model(network, tag, training_metadata(args, models, raw_network, progress))
                 if args.save_state:
-                    saver.save_state(tag, progress)
+                    saver.save_state(tag, progress, rng)
                 saver.prune_epochs(epoch)
             if sampler is not None and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
                 sampler(raw_network, progress.global_step, epoch)
@@ -382,9 +392,13 @@ def train(
     bar.close()
 
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # every process prints it: equal fingerprints show that the processes stayed in sync
+        print(f"process {accelerator.process_index}/{accelerator.num_processes}: final LLLite weights "
+              f"fingerprint {fingerprint(raw_network)}", flush=True)
     final = saver.save_model(network, None, training_metadata(args, models, raw_network, progress))
     if args.save_state:
-        saver.save_state(None, progress)
+        saver.save_state(None, progress, rng)
     if sampler is not None and (args.sample_every_n_steps or args.sample_every_n_epochs):
         sampler(raw_network, progress.global_step, progress.epoch)
     accelerator.end_training()

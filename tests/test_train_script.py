@@ -151,3 +151,25 @@ def test_missing_optional_optimizer_package(tmp_path, tiny_checkpoint):
         assert res.returncode == 2 and "pip install lion-pytorch" in res.stderr
     else:
         assert res.returncode == 0
+
+
+def test_two_process_cpu_run(tmp_path, tiny_checkpoint):
+    """Data-parallel training on the CPU (gloo): the processes agree and only the main one writes files."""
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, cache_latents_to_disk=True,
+                                                                cache_text_encoder_outputs=True, save_state=True))
+    env_launch = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"]
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        res = run_train("--config_file", str(cfg), launcher=env_launch, timeout=400)
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr
+    prints = sorted(line for line in res.stdout.splitlines() if "final LLLite weights fingerprint" in line)
+    assert len(prints) == 2 and prints[0].startswith("process 0/2") and prints[1].startswith("process 1/2")
+    assert prints[0].split()[-1] == prints[1].split()[-1]
+    assert res.stderr.count("wrote " + str(tmp_path / "out" / "tiny.safetensors")) == 1
+    state = tmp_path / "out" / "tiny-state"
+    assert {p.name for p in state.glob("noise_rng_*.pt")} == {"noise_rng_0.pt", "noise_rng_1.pt"}
+    # each image's latent cache file was written once, by one of the two processes
+    assert len(list((tmp_path / "data" / "images").glob("*_lllite.safetensors"))) == 4
