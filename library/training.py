@@ -399,7 +399,8 @@ def train(
     final = saver.save_model(network, None, training_metadata(args, models, raw_network, progress))
     if args.save_state:
         saver.save_state(None, progress, rng)
-    if sampler is not None and (args.sample_every_n_steps or args.sample_every_n_epochs):
+    sampled_now = bool(args.sample_every_n_steps and progress.global_step % args.sample_every_n_steps == 0)
+    if sampler is not None and (args.sample_every_n_steps or args.sample_every_n_epochs) and not sampled_now:
         sampler(raw_network, progress.global_step, progress.epoch)
     accelerator.end_training()
     return final

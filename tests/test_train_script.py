@@ -173,3 +173,34 @@ def test_two_process_cpu_run(tmp_path, tiny_checkpoint):
     assert {p.name for p in state.glob("noise_rng_*.pt")} == {"noise_rng_0.pt", "noise_rng_1.pt"}
     # each image's latent cache file was written once, by one of the two processes
     assert len(list((tmp_path / "data" / "images").glob("*_lllite.safetensors"))) == 4
+
+
+def test_sample_prompts_and_trained_file_in_gen_script(tmp_path, tiny_checkpoint, capsys):
+    """Samples during training use the generation code; the trained file then works in sdxl_gen_img.py."""
+    import sdxl_gen_img
+    from library.errors import run_cli
+    from library.png_metadata import read_png_parameters
+
+    guide = tmp_path / "data" / "conditioning" / "000.png"
+    prompts = tmp_path / "prompts.txt"
+    opts = base_options(tmp_path, tiny_checkpoint, max_train_steps=2, sample_every_n_steps=2, sample_at_first=True,
+                        sample_prompts=prompts, sample_sampler="euler", cache_latents=True, cache_text_encoder_outputs=True)
+    cfg = write_config(tmp_path / "train.toml", **opts)  # makes the dataset, so the guide exists afterwards
+    prompts.write_text(f"a red square --w 64 --h 64 --s 3 --d 7 --cn {guide.as_posix()}\n")
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    samples = sorted((tmp_path / "out" / "sample").glob("*.png"))
+    # at first (step 0), at step 2 (every 2 steps); the final sample is the step-2 one again
+    assert [p.name.split("_")[1] for p in samples] == ["000000", "000002"]
+    meta = read_png_parameters(samples[-1])
+    assert meta["prompt"] == "a red square" and int(meta["seed"]) == 7 and int(meta["steps"]) == 3
+
+    outdir = tmp_path / "gen"
+    run_cli(lambda: sdxl_gen_img.main([
+        "--ckpt", str(tiny_checkpoint), "--control_net_lllite_models", str(tmp_path / "out" / "tiny.safetensors"),
+        "--guide_image_path", str(guide), "--prompt", "a red square", "--W", "64", "--H", "64", "--steps", "2",
+        "--seed", "1", "--outdir", str(outdir), "--no_progress",
+    ]))
+    images = list(outdir.glob("*.png"))
+    assert len(images) == 1
+    assert "tiny.safetensors" in str(read_png_parameters(images[0]))
