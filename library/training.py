@@ -275,6 +275,9 @@ def train(
     unet.requires_grad_(False)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.torch_compile:
+        # The LLLite hooks sit on linears inside the U-Net, so dynamo traces them with it.
+        unet = torch.compile(unet)
     if not args.cache_latents:
         models.vae.to(device)
     if not args.cache_text_encoder_outputs:

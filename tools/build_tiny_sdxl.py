@@ -99,6 +99,44 @@ def save_grid(images: np.ndarray, cols: int, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reference channels
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def add_reference_channels(norm: torch.nn.GroupNorm, last_bias: torch.Tensor, k: float = 16.0) -> None:
+    """Let absolute levels pass a GroupNorm that normalises whole feature maps.
+
+    SDXL's GroupNorm has 32 groups. In a small model a group holds only a few channels, and normalising a
+    group over the whole image removes each image's mean level: a flat white and a flat black background
+    become the same. Before the last GroupNorm of the VAE encoder, VAE decoder and U-Net, the last channel
+    of each group gets a large constant (through the bias of the layer that writes it last). It then sets
+    the group's mean and scale, so the other channels keep their absolute level, and this GroupNorm's
+    affine weights undo the known scale. It is only an initialisation; training is free to change it.
+    """
+    per = norm.num_channels // norm.num_groups
+    if per < 2:
+        raise UserError(f"reference channels need at least 2 channels per GroupNorm group, got {norm.num_channels} channels")
+    ref = torch.arange(per - 1, norm.num_channels, per)
+    data = torch.tensor([i for i in range(norm.num_channels) if i % per != per - 1])
+    sigma = k * math.sqrt(per - 1) / per  # std of a group of (per - 1) zeros and one k
+    last_bias[ref] += k
+    norm.weight[data] = sigma
+    norm.bias[data] = k / per
+
+
+def add_vae_reference_channels(vae) -> None:
+    add_reference_channels(vae.encoder.conv_norm_out, vae.encoder.mid_block.resnets[-1].conv2.bias)
+    add_reference_channels(vae.decoder.conv_norm_out, vae.decoder.up_blocks[-1].resnets[-1].conv2.bias)
+
+
+def add_unet_reference_channels(unet) -> None:
+    last = unet.up_blocks[-1]
+    writer = last.attentions[-1].proj_out.bias if getattr(last, "attentions", None) else last.resnets[-1].conv2.bias
+    add_reference_channels(unet.conv_norm_out, writer)
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ----------------------------------------------------------------------------------------------
 
