@@ -147,18 +147,53 @@ class LLLiteModule(nn.Module):
         self._emb_tokens[n] = tokens
         return tokens
 
+    def _cond_part(self, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """The conditioning half of ``mid`` plus its bias, ``e @ W_e.T + b``: (b, n, network_dim).
+
+        ``mid(concat(e, h)) == h @ W_h.T + (e @ W_e.T + b)``, and the second term depends on the
+        image only, so inference computes it once per image and grid size (not per step) and
+        never materialises the concatenation or the CFG repeat of ``e``. Under autograd it is
+        computed per call so that gradients reach ``conditioning1`` and ``mid``.
+        """
+        lin = self.mid[0]
+        c = lin.in_features - self.down[0].out_features
+        key = None
+        if not torch.is_grad_enabled():
+            # a changed weight (in-place load or update) or dtype never reuses a stale entry
+            key = ("cond_part", n, dtype, lin.weight.data_ptr(), lin.weight._version, lin.bias._version)
+            cached = self._emb_tokens.get(key)
+            if cached is not None:
+                return cached
+        e = self.tokens_for(n)
+        w, b = lin.weight[:, :c], lin.bias
+        if dtype is not None:
+            e = e.to(dtype)
+        part = F.linear(e, w, b)
+        if key is not None:
+            self._emb_tokens[key] = part
+        return part
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D)."""
-        e = self.tokens_for(x.shape[1])
-        if x.shape[0] != e.shape[0]:
-            if x.shape[0] % e.shape[0]:
-                raise ValueError(
-                    f"LLLite: batch of x ({x.shape[0]}) is not a multiple of the conditioning batch ({e.shape[0]})"
-                )
-            # classifier-free guidance: the same embedding serves the uncond and cond halves
-            e = e.repeat(x.shape[0] // e.shape[0], 1, 1)
-        h = self.down(x.to(self.down[0].weight.dtype))
-        h = self.mid(torch.cat([e.to(h.dtype), h], dim=-1))
+        n = x.shape[1]
+        down = self.down[0]
+        # Under autocast (mixed-precision training) the linears cast for themselves: converting a
+        # bf16 ``x`` to the fp32 weights first would only be cast back to bf16.
+        dtype = None if torch.is_autocast_enabled(x.device.type) else down.weight.dtype
+        h = F.relu(down(x if dtype is None else x.to(dtype)))
+        part = self._cond_part(n, dtype)
+        bx, be = x.shape[0], part.shape[0]
+        if bx != be and bx % be:
+            raise ValueError(f"LLLite: batch of x ({bx}) is not a multiple of the conditioning batch ({be})")
+        lin = self.mid[0]
+        h = F.linear(h, lin.weight[:, lin.in_features - h.shape[-1]:])
+        if bx == be:
+            h = h + part
+        else:
+            # classifier-free guidance: the same embedding serves the uncond and cond halves,
+            # which are stacked along the batch ([uncond images..., cond images...])
+            h = (h.view(bx // be, be, n, -1) + part).view(bx, n, -1)
+        h = F.relu(h)
         if self.dropout and self.training:
             h = F.dropout(h, p=self.dropout)
         return self.up(h).to(x.dtype)
@@ -181,7 +216,7 @@ class _Slot:
         out = x
         for network, module in self.entries:
             if network.active and network.multiplier != 0.0 and module.cond_emb is not None:
-                out = out + network.multiplier * module.residual(x)
+                out = torch.add(out, module.residual(x), alpha=network.multiplier)  # one pass, no temporary
         if out is x:
             return None
         return (out,) + tuple(args[1:])

@@ -1,0 +1,196 @@
+"""The whole LLLite story on the bundled tiny SDXL, in a few minutes on a CPU.
+
+    python tools/demo.py [--out demo_output]
+
+1. builds a canny LLLite dataset the recommended way: images drawn by the base model itself,
+   conditioning images made from them with OpenCV Canny, captions, and a dataset TOML;
+2. trains an LLLite with the real training script and a TOML config;
+3. generates on held-out guide images with and without the LLLite;
+4. writes a side-by-side grid (guide | without | with) and prints the edge-F1 fidelity numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from library.errors import UserError, run_cli  # noqa: E402
+
+logger = logging.getLogger("demo")
+DEFAULT_MODEL = ROOT / "models" / "tiny_sdxl" / "tiny_sdxl.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
+    p.add_argument("--ckpt", default=str(DEFAULT_MODEL), help="base model (default: the bundled tiny SDXL)")
+    p.add_argument("--train_images", type=int, default=96, help="images the base model draws for the dataset")
+    p.add_argument("--eval_images", type=int, default=12, help="held-out guides")
+    p.add_argument("--size", type=int, default=128, help="image size")
+    p.add_argument("--gen_steps", type=int, default=20, help="sampling steps when drawing")
+    p.add_argument("--scale", type=float, default=5.0, help="CFG scale when drawing")
+    p.add_argument("--sampler", default="euler", help="sampler when drawing")
+    p.add_argument("--train_steps", type=int, default=300, help="LLLite training steps")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--network_dim", type=int, default=32)
+    p.add_argument("--cond_emb_dim", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234)
+    return p
+
+
+def draw_images(models, captions: list[str], out_dir: Path, first_seed: int, args, batch: int = 8) -> list[Path]:
+    """Let the base model draw one image per caption; write ``NNNN.png`` + ``NNNN.txt``."""
+    from tqdm.auto import tqdm
+
+    from library.generation import GenerationRequest, generate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    bar = tqdm(total=len(captions), desc=f"drawing {out_dir.name}", unit="image")
+    for start in range(0, len(captions), batch):
+        requests = [
+            GenerationRequest(prompt=c, width=args.size, height=args.size, steps=args.gen_steps, scale=args.scale,
+                              sampler=args.sampler, seed=first_seed + start + k)
+            for k, c in enumerate(captions[start:start + batch])
+        ]
+        for k, image in enumerate(generate(models, [], requests, progress=False)):
+            i = start + k
+            path = out_dir / f"{i:04d}.png"
+            image.save(path)
+            (out_dir / f"{i:04d}.txt").write_text(captions[i])
+            paths.append(path)
+        bar.update(len(requests))
+    bar.close()
+    return paths
+
+
+def write_configs(work: Path, args) -> Path:
+    dataset = work / "dataset.toml"
+    dataset.write_text(
+        f"""[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = {args.size}
+batch_size = {args.batch_size}
+
+  [[datasets.subsets]]
+  image_dir = "{(work / 'dataset' / 'images').as_posix()}"
+  conditioning_data_dir = "{(work / 'dataset' / 'canny').as_posix()}"
+"""
+    )
+    train = work / "train.toml"
+    train.write_text(
+        f"""pretrained_model_name_or_path = "{Path(args.ckpt).as_posix()}"
+dataset_config = "{dataset.as_posix()}"
+output_dir = "{(work / 'lllite').as_posix()}"
+output_name = "demo_canny"
+network_dim = {args.network_dim}
+cond_emb_dim = {args.cond_emb_dim}
+learning_rate = {args.learning_rate}
+lr_scheduler = "cosine"
+lr_warmup_steps = {max(1, args.train_steps // 20)}
+max_train_steps = {args.train_steps}
+optimizer_type = "AdamW"
+seed = {args.seed}
+cache_latents = true
+cache_text_encoder_outputs = true
+save_model_as = "safetensors"
+"""
+    )
+    return train
+
+
+def make_grid(items, image_dir: Path, out: Path, size: int) -> None:
+    """One row per guide: guide | without LLLite | with LLLite."""
+    from PIL import Image, ImageDraw
+
+    pad = 4
+    header = 14
+    grid = Image.new("RGB", (3 * size + 4 * pad, header + len(items) * (size + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(("guide", "without", "with LLLite")):
+        draw.text((pad + c * (size + pad), 2), title, fill=(0, 0, 0))
+    for r, item in enumerate(items):
+        y = header + pad + r * (size + pad)
+        cells = [item.guide, image_dir / f"{item.guide.stem}_m0.png", image_dir / f"{item.guide.stem}_m1.png"]
+        for c, path in enumerate(cells):
+            grid.paste(Image.open(path).convert("RGB").resize((size, size)), (pad + c * (size + pad), y))
+    grid.save(out)
+
+
+def run_demo(args) -> dict:
+    import torch
+
+    from library import shapes_domain
+    from library.conditioning_preprocessors import convert_folder
+    from library.control_eval import EvalItem, EvalSettings, evaluate_control, format_table, write_json
+    from library.model_loading import load_sdxl
+    from networks.control_net_lllite import ControlNetLLLite
+
+    if not Path(args.ckpt).is_file():
+        raise UserError(f"base model not found: {args.ckpt}. Rebuild it with `python tools/build_tiny_sdxl.py` "
+                        "or give --ckpt")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    models = load_sdxl(args.ckpt)
+
+    # 1. The dataset: the base model draws the images; Canny makes the conditioning images.
+    logger.info("step 1/4: the base model draws %d training images", args.train_images)
+    _, captions, _ = shapes_domain.generate(args.train_images, seed=args.seed, combinations=shapes_domain.training_combinations())
+    images_dir = work / "dataset" / "images"
+    draw_images(models, captions, images_dir, first_seed=args.seed, args=args)
+    convert_folder(images_dir, work / "dataset" / "canny", "canny", overwrite=True)
+    train_toml = write_configs(work, args)
+
+    # 2. Train with the real training script.
+    logger.info("step 2/4: training the LLLite (%d steps) with sdxl_train_control_net_lllite.py", args.train_steps)
+    cmd = [sys.executable, str(ROOT / "sdxl_train_control_net_lllite.py"), "--config_file", str(train_toml)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        raise UserError(f"training failed (exit code {res.returncode}); its messages are above")
+    lllite_path = work / "lllite" / "demo_canny.safetensors"
+
+    # 3. Held-out guides: other captions and seeds than the training images; the base model draws them.
+    logger.info("step 3/4: %d held-out guides, generated with and without the LLLite", args.eval_images)
+    eval_captions = shapes_domain.evaluation_captions(args.eval_images)
+    guide_src = work / "eval" / "drawn"
+    draw_images(models, eval_captions, guide_src, first_seed=args.seed + 100_000, args=args)
+    guides = work / "eval" / "guides"
+    convert_folder(guide_src, guides, "canny", overwrite=True)
+    items = [EvalItem(guides / f"{i:04d}.png", c) for i, c in enumerate(eval_captions)]
+    network = ControlNetLLLite.from_file(models.unet, lllite_path)
+    settings = EvalSettings(width=args.size, height=args.size, steps=args.gen_steps, scale=args.scale,
+                            sampler=args.sampler, seed=args.seed + 200_000)
+    results = evaluate_control(models, network, items, settings, (0.0, 1.0), work / "eval" / "generated")
+
+    # 4. The grid and the numbers.
+    grid = work / "grid.png"
+    make_grid(items, work / "eval" / "generated", grid, args.size)
+    write_json(results, work / "fidelity.json")
+    print("\nControl fidelity on held-out canny guides (edge F1 against Canny of the output):")
+    print(format_table(results))
+    print(f"\ngrid: {grid}\nLLLite: {lllite_path}\nfigures: {work / 'fidelity.json'}\n"
+          f"total time: {time.time() - t0:.0f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
