@@ -220,7 +220,8 @@ def main(argv=None) -> dict:
         rows.append(row)
     print(f"# training step, --config {args.config} {args.resolution}x{args.resolution}, batch {args.batch}, "
           f"{args.device}, optimizer {args.optimizer}, C={args.cond_emb_dim} R={args.network_dim}"
-          f"{', full_bf16' if args.full_bf16 else ''}, median of {args.repeats} after {args.warmup} warm-up, one process per case")
+          f"{', full_bf16' if args.full_bf16 else ''}, median of {args.repeats} after {args.warmup} warm-up, "
+          f"{'all cases in one process' if args.in_process else 'one process per case'}")
     print_table(headers, rows)
     by = {(c["model"], c["gradient_checkpointing"], c["dtype"]): c for c in cases}
     for (m, gc, d), c in by.items():

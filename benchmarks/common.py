@@ -88,12 +88,13 @@ def add_common_args(p: argparse.ArgumentParser, default_repeats: int = 5) -> Non
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
-    p.add_argument("--tiny", action="store_true", help="smoke test: --config tiny, 64 px, 1 repeat, no warmup")
+    p.add_argument("--tiny", action="store_true", help="smoke test: --config tiny, 64 px, 1 repeat, no warmup, 1 thread")
 
 
 def resolve_common(args: argparse.Namespace) -> None:
     if args.tiny:
         args.config, args.resolution, args.repeats, args.warmup = "tiny", 64, 1, 0
+        args.threads = args.threads or 1  # tiny ops: thread start-up and contention would dominate
     if args.resolution is None:
         args.resolution = DEFAULT_RESOLUTION[args.config]
     if args.resolution % 8:
