@@ -99,41 +99,108 @@ def save_grid(images: np.ndarray, cols: int, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference channels
+# Initialisation: GroupNorm reference channels
 # ----------------------------------------------------------------------------------------------
+
+REFERENCE_LEVEL = 20.0
 
 
 @torch.no_grad()
-def add_reference_channels(norm: torch.nn.GroupNorm, last_bias: torch.Tensor, k: float = 16.0) -> None:
-    """Let absolute levels pass a GroupNorm that normalises whole feature maps.
+def init_group_norm_references(model: torch.nn.Module, k: float = REFERENCE_LEVEL) -> None:
+    """Initialise a small VAE or U-Net so that its GroupNorms keep absolute levels.
 
-    SDXL's GroupNorm has 32 groups. In a small model a group holds only a few channels, and normalising a
-    group over the whole image removes each image's mean level: a flat white and a flat black background
-    become the same. Before the last GroupNorm of the VAE encoder, VAE decoder and U-Net, the last channel
-    of each group gets a large constant (through the bias of the layer that writes it last). It then sets
-    the group's mean and scale, so the other channels keep their absolute level, and this GroupNorm's
-    affine weights undo the known scale. It is only an initialisation; training is free to change it.
+    SDXL normalises with 32 groups. In a small model a group holds few channels, and normalising a group
+    over the whole image removes each image's mean level: a flat white and a flat black background look
+    alike, and so do the time embeddings added before ``norm2``. A short training run does not recover
+    from that (colours come out wrong). So in every feature map whose GroupNorm groups hold a multiple of
+    4 channels (widths multiples of 128), the channels ``4i + 1`` start as the constant ``+k`` and the
+    channels ``4i + 3`` as ``-k``: the layers that create a feature map write them (zero weights, bias
+    ``+-k``), the layers that add to one write nothing there, and the layers that read one ignore them.
+    Each group's mean then no longer depends on the image to first order and its scale is ``k/sqrt(2)``,
+    so with affine weight ``k/sqrt(2)`` a GroupNorm passes the data channels almost unchanged. The branches
+    that add to the residual stream (ResNet ``conv2``, attention outputs) start at zero, so the model starts
+    as a short chain of linear layers. This is only an initialisation: training may change all of it.
+    Feature maps of other widths get no constants (their GroupNorms keep the default initialisation).
     """
-    per = norm.num_channels // norm.num_groups
-    if per < 2:
-        raise UserError(f"reference channels need at least 2 channels per GroupNorm group, got {norm.num_channels} channels")
-    ref = torch.arange(per - 1, norm.num_channels, per)
-    data = torch.tensor([i for i in range(norm.num_channels) if i % per != per - 1])
-    sigma = k * math.sqrt(per - 1) / per  # std of a group of (per - 1) zeros and one k
-    last_bias[ref] += k
-    norm.weight[data] = sigma
-    norm.bias[data] = k / per
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    def pattern(n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if n % 128:
+            return None
+        return torch.arange(1, n, 4), torch.arange(3, n, 4)
+
+    def reader(layer) -> None:  # reads a feature map: ignores its constants
+        p = pattern(layer.weight.shape[1])
+        if p is not None:
+            layer.weight[:, torch.cat(p)] = 0
+
+    def source(layer) -> None:  # creates a feature map: writes the constants
+        reader(layer)
+        p = pattern(layer.weight.shape[0])
+        if p is not None:
+            layer.weight[torch.cat(p)] = 0
+            layer.bias[p[0]], layer.bias[p[1]] = k, -k
+
+    def residual(layer) -> None:  # adds to the residual stream: starts at zero
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+    done: set[int] = set()
+
+    def norm(gn: torch.nn.GroupNorm) -> None:
+        done.add(id(gn))
+        p = pattern(gn.num_channels)
+        if p is None or (gn.num_channels // gn.num_groups) % 4:
+            return
+        refs = torch.cat(p)
+        data = torch.arange(0, gn.num_channels, 2)
+        gn.weight[data], gn.bias[data] = k / math.sqrt(2), 0.0
+        gn.weight[refs], gn.bias[refs] = 1.0, 0.0
+
+    for m in model.modules():
+        if isinstance(m, ResnetBlock2D):
+            norm(m.norm1)
+            source(m.conv1)
+            norm(m.norm2)
+            reader(m.conv2)
+            residual(m.conv2)
+            if m.conv_shortcut is not None:
+                source(m.conv_shortcut)
+            if m.time_emb_proj is not None:
+                p = pattern(m.time_emb_proj.weight.shape[0])
+                if p is not None:
+                    m.time_emb_proj.weight[torch.cat(p)] = 0
+                    m.time_emb_proj.bias[torch.cat(p)] = 0
+        elif isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
+            source(m.conv)
+        elif isinstance(m, Attention) and m.group_norm is not None:  # the VAE's mid-block attention
+            norm(m.group_norm)
+            for lin in (m.to_q, m.to_k, m.to_v):
+                reader(lin)
+            residual(m.to_out[0])
+        elif isinstance(m, Transformer2DModel):
+            norm(m.norm)
+            reader(m.proj_in)
+            residual(m.proj_out)
+    parts = [model.encoder, model.decoder] if hasattr(model, "encoder") else [model]
+    for part in parts:
+        source(part.conv_in)
+        norm(part.conv_norm_out)
+        reader(part.conv_out)
+    missed = [n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm) and id(m) not in done]
+    if missed:
+        raise RuntimeError(f"GroupNorms not initialised: {missed[:5]}")
 
 
-def add_vae_reference_channels(vae) -> None:
-    add_reference_channels(vae.encoder.conv_norm_out, vae.encoder.mid_block.resnets[-1].conv2.bias)
-    add_reference_channels(vae.decoder.conv_norm_out, vae.decoder.up_blocks[-1].resnets[-1].conv2.bias)
-
-
-def add_unet_reference_channels(unet) -> None:
-    last = unet.up_blocks[-1]
-    writer = last.attentions[-1].proj_out.bias if getattr(last, "attentions", None) else last.resnets[-1].conv2.bias
-    add_reference_channels(unet.conv_norm_out, writer)
+@torch.no_grad()
+def init_vae_posterior(vae, logvar: float = -8.0) -> None:
+    """Start with a nearly deterministic posterior: with the default log-variance 0 the decoder first sees
+    latents drowned in unit noise. The small KL term lets the variance grow where it costs nothing."""
+    lc = vae.config.latent_channels
+    vae.quant_conv.weight[lc:] = 0
+    vae.quant_conv.bias[lc:] = logvar
 
 
 # ----------------------------------------------------------------------------------------------
