@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from library.model_loading import save_sdxl_single_file
 from library.tiny_sdxl import build_random_models
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+# One thread per process, also in the scripts the tests start: on a 2-core machine, two OpenMP
+# threads per process stall on each other whenever anything else runs (20x slower steps measured).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def perturbed_tiny_models(seed: int = 0):
