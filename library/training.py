@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from library import diffusion_loss as dl
