@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from library.atomic_io import atomic_write_text
 from library.conditioning_preprocessors import is_image_file
-from library.control_metrics import evaluate_pair
+from library.control_metrics import evaluate_pair, guide_edge_map
 from library.errors import UserError
 from library.generation import GenerationRequest, generate
 from library.model_loading import SDXLModels
@@ -88,12 +88,24 @@ def evaluate_control(
     multipliers: Sequence[float] = (0.0, 1.0),
     image_dir: str | Path | None = None,
 ) -> dict:
-    """Generate every guide at every multiplier and score the edges; returns per-item and mean figures."""
+    """Generate every guide at every multiplier and score the edges; returns per-item and mean figures.
+
+    A guide without a single edge pixel is skipped with a warning: its F1 would be 1 for an output
+    without edges and 0 otherwise, which says nothing about control and swamps the mean.
+    """
     per_item = []
     size = (settings.width, settings.height)
-    bar = tqdm(total=len(items) * len(multipliers), desc="evaluating", unit="image")
+    guides = {item.guide: _rgb(item.guide, size) for item in items}
+    blank = {item.guide for item in items if not guide_edge_map(guides[item.guide]).any()}
+    if blank:
+        logger.warning("skipping %d guide(s) without edges: %s", len(blank), ", ".join(sorted(p.name for p in blank)[:5]))
+    if len(blank) == len(items):
+        raise UserError("none of the guide images has any edges (white pixels on black); give canny edge maps")
+    bar = tqdm(total=(len(items) - len(blank)) * len(multipliers), desc="evaluating", unit="image")
     for i, item in enumerate(items):
-        guide_rgb = _rgb(item.guide, size)
+        guide_rgb = guides[item.guide]
+        if item.guide in blank:
+            continue
         for mult in multipliers:
             request = GenerationRequest(
                 prompt=item.prompt, negative_prompt=settings.negative_prompt, width=settings.width,
@@ -114,7 +126,8 @@ def evaluate_control(
     for mult in multipliers:
         rows = [r for r in per_item if r["multiplier"] == float(mult)]
         means[f"{mult:g}"] = {"f1": float(np.mean([r["f1"] for r in rows])), "ssim": float(np.mean([r["ssim"] for r in rows]))}
-    return {"settings": asdict(settings), "mean": means, "per_item": per_item}
+    skipped = [str(item.guide) for item in items if item.guide in blank]
+    return {"settings": asdict(settings), "mean": means, "per_item": per_item, "skipped_without_edges": skipped}
 
 
 def format_table(results: dict) -> str:

@@ -103,6 +103,11 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(ssim_map[r:-r, r:-r].mean())
 
 
+def guide_edge_map(guide_rgb: np.ndarray) -> np.ndarray:
+    """[H, W] bool edges of a canny guide (white edges on black), binarised at 128."""
+    return _to_gray_float(guide_rgb) >= 128
+
+
 def evaluate_pair(guide_rgb: np.ndarray, generated_rgb: np.ndarray, low: float = 100, high: float = 200,
                   guide_is_edges: bool = True) -> dict[str, float]:
     """Control fidelity of one generated image: {"f1", "precision", "recall", "ssim"}.
@@ -115,7 +120,7 @@ def evaluate_pair(guide_rgb: np.ndarray, generated_rgb: np.ndarray, low: float =
     """
     _check_same_shape(np.asarray(guide_rgb), np.asarray(generated_rgb), "evaluate_pair")
     if guide_is_edges:
-        guide_edges = _to_gray_float(guide_rgb) >= 128
+        guide_edges = guide_edge_map(guide_rgb)
     else:
         guide_edges = canny_edges(guide_rgb, low, high)
     gen_edges = canny_edges(generated_rgb, low, high)

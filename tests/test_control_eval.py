@@ -31,6 +31,9 @@ def make_guides(folder: Path, n: int = 2, size: int = 64) -> None:
 
 def test_evaluate_control_tool(tmp_path, tiny_checkpoint, capsys):
     make_guides(tmp_path / "guides")
+    # a guide without edges says nothing about control: skipped and listed, not averaged in
+    Image.new("RGB", (64, 64), 0).save(tmp_path / "guides" / "blank.png")
+    (tmp_path / "guides" / "blank.txt").write_text("a circle")
     net = ControlNetLLLite(build_random_models()[0], cond_emb_dim=8, network_dim=8)
     with torch.no_grad():
         for _, m in net.lllite_modules():
@@ -46,6 +49,7 @@ def test_evaluate_control_tool(tmp_path, tiny_checkpoint, capsys):
     results = json.loads(out.read_text())
     assert set(results["mean"]) == {"0", "1"}
     assert len(results["per_item"]) == 4
+    assert [Path(p).name for p in results["skipped_without_edges"]] == ["blank.png"]
     assert all(0.0 <= r["f1"] <= 1.0 and -1.0 <= r["ssim"] <= 1.0 for r in results["per_item"])
     # the LLLite changes the image: its outputs differ from the baseline's
     a = np.asarray(Image.open(tmp_path / "imgs" / "g0_m0.png"))
@@ -60,3 +64,11 @@ def test_eval_set_needs_prompts(tmp_path):
     with pytest.raises(UserError, match="no prompt file"):
         load_eval_set(folder)
     assert load_eval_set(folder, prompt="p")[0].prompt == "p"
+
+
+def test_guides_without_edges_are_refused(tmp_path):
+    from library.control_eval import EvalItem, EvalSettings, evaluate_control
+
+    Image.new("RGB", (16, 16), 0).save(tmp_path / "blank.png")
+    with pytest.raises(UserError, match="none of the guide images has any edges"):
+        evaluate_control(None, None, [EvalItem(tmp_path / "blank.png", "x")], EvalSettings(width=16, height=16))
