@@ -30,7 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 40),
     "purple": (150, 55, 200),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
@@ -39,18 +39,17 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # (colour, shape, background) combinations that the tiny model never sees in training: the evaluation
 # reports them separately, as a check that the text encoders learnt words rather than whole captions.
 HELD_OUT: tuple[tuple[str, str, str], ...] = (
-    ("red", "star", "black"),
-    ("green", "ring", "white"),
+    ("red", "ring", "black"),
+    ("green", "square", "white"),
     ("blue", "triangle", "gray"),
-    ("yellow", "square", "black"),
-    ("purple", "circle", "white"),
+    ("yellow", "circle", "black"),
+    ("purple", "triangle", "white"),
 )
 
-IMAGE_SIZE = 128
-MIN_HALF_SIZE = 0.14  # half-extent of a shape's box, as a fraction of the image side
-MAX_HALF_SIZE = 0.38
-MARGIN = 2  # pixels kept free between a shape and the image border
-STAR_INNER = 0.42  # inner / outer radius of the five-pointed star
+IMAGE_SIZE = 64
+MIN_HALF_SIZE = 0.22  # half-extent of a shape's box, as a fraction of the image side
+MAX_HALF_SIZE = 0.42
+MARGIN = 1  # pixels kept free between a shape and the image border
 RING_INNER = 0.55  # hole / outer radius of the ring
 _CAPTION_RE = re.compile(r"^a (\w+) (\w+) on an? (\w+) background$")
 
@@ -130,23 +129,12 @@ def sample_spec(
     )
 
 
-def _star_points(cx: float, cy: float, r: float) -> np.ndarray:
-    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-    radii = np.where(np.arange(10) % 2 == 0, r, r * STAR_INNER)
-    pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
-    # Centre the star's bounding box (not its circumcircle) on (cx, cy), like every other shape.
-    pts += np.array([cx, cy]) - (pts.min(0) + pts.max(0)) / 2
-    return pts
-
-
 def _outline(shape: str, cx: float, cy: float, h: float) -> np.ndarray | None:
     """Polygon points of a polygonal shape (None for round ones)."""
     if shape == "square":
         return np.array([[cx - h, cy - h], [cx + h, cy - h], [cx + h, cy + h], [cx - h, cy + h]])
     if shape == "triangle":
         return np.array([[cx, cy - h], [cx + h, cy + h], [cx - h, cy + h]])
-    if shape == "star":
-        return _star_points(cx, cy, h / np.sin(np.deg2rad(72)))  # the star's width is 2h
     return None
 
 

@@ -58,12 +58,16 @@ def tiny_configs(
 def drawing_configs() -> dict[str, dict]:
     """Configs of the bundled tiny SDXL that draws (``models/tiny_sdxl``, built by ``tools/build_tiny_sdxl.py``).
 
-    Three U-Net levels (32, 64, 128) like SDXL's three, but with attention at every level, the first
-    included, so that LLLite modules of all three conditioning depths exist and act at 16x16 latents
-    (128x128 images). The VAE has SDXL's four levels (8x downsampling, 4 latent channels) and the text
-    encoders are the tiny ones (widths 32 and 64, two layers, the full 49408-token vocabulary).
+    It works on 64x64 images (latents 8x8x4). Three U-Net levels of width 96 (like SDXL's three levels, but
+    with attention at every level, the first included, so that LLLite modules of all three conditioning
+    depths exist); the VAE has SDXL's four levels (8x downsampling, 4 latent channels), 96 wide at full
+    resolution and at the latent end. Widths of 96 give SDXL's 32 GroupNorm groups 3 channels each, which
+    the builder needs to keep absolute colour levels through them (see ``GroupNormReferences`` there).
+    The text encoders are the tiny ones (widths 32 and 64, two layers, the full 49408-token vocabulary).
     """
-    return tiny_configs(block_out_channels=(32, 64, 128), attention_levels=(True, True, True), transformer_layers=(1, 1, 1))
+    configs = tiny_configs(block_out_channels=(96, 96, 96), attention_levels=(True, True, True), transformer_layers=(1, 1, 1))
+    configs["vae"]["block_out_channels"] = [96, 64, 64, 96]
+    return configs
 
 
 def build_random_models(configs: dict[str, dict] | None = None, seed: int = 0, dtype=torch.float32):

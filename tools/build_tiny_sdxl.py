@@ -4,7 +4,7 @@
 The model has SDXL's component types and single-file key layout (two CLIP text encoders of different
 widths, a four-level AutoencoderKL, a ``text_time`` UNet2DConditionModel) and is loaded by
 ``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`library.shapes_domain`: one
-flat-coloured shape on a plain background at 128x128, captioned "a red circle on a white background".
+flat-coloured shape on a plain background at 64x64, captioned "a red circle on a white background".
 
 Stages (one run, reproducible with ``--seed`` and the same ``--threads``):
 
@@ -47,7 +47,7 @@ from library.sdxl_keys import SDXL_VAE_SCALING_FACTOR
 
 logger = logging.getLogger("build_tiny_sdxl")
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "models" / "tiny_sdxl"
 CHECKPOINT_NAME = "tiny_sdxl.safetensors"
@@ -103,95 +103,126 @@ def save_grid(images: np.ndarray, cols: int, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 REFERENCE_LEVEL = 20.0
+REFERENCE_PERIOD = 3  # channels per GroupNorm group in library.tiny_sdxl.drawing_configs (widths 96)
 
 
-@torch.no_grad()
-def init_group_norm_references(model: torch.nn.Module, k: float = REFERENCE_LEVEL) -> None:
-    """Initialise a small VAE or U-Net so that its GroupNorms keep absolute levels.
+class GroupNormReferences:
+    """Constant reference channels that keep absolute levels through SDXL's 32-group GroupNorms.
 
     SDXL normalises with 32 groups. In a small model a group holds few channels, and normalising a group
     over the whole image removes each image's mean level: a flat white and a flat black background look
-    alike, and so do the time embeddings added before ``norm2``. A short training run does not recover
-    from that (colours come out wrong). So in every feature map whose GroupNorm groups hold a multiple of
-    4 channels (widths multiples of 128), the channels ``4i + 1`` start as the constant ``+k`` and the
-    channels ``4i + 3`` as ``-k``: the layers that create a feature map write them (zero weights, bias
-    ``+-k``), the layers that add to one write nothing there, and the layers that read one ignore them.
-    Each group's mean then no longer depends on the image to first order and its scale is ``k/sqrt(2)``,
-    so with affine weight ``k/sqrt(2)`` a GroupNorm passes the data channels almost unchanged. The branches
-    that add to the residual stream (ResNet ``conv2``, attention outputs) start at zero, so the model starts
-    as a short chain of linear layers. This is only an initialisation: training may change all of it.
-    Feature maps of other widths get no constants (their GroupNorms keep the default initialisation).
+    alike after it, and so do the time embeddings added before a ResNet's ``norm2``. Short training runs do
+    not get past that (colours come out wrong), and with one or two channels per group nothing can fix it.
+    So in every feature map whose width is a multiple of ``32 * period`` (``period`` 3 or 4 channels per
+    group), the channels ``period * i + 1`` hold the constant ``+k`` and the channels ``period * i + 2``
+    (period 3) or ``+ 3`` (period 4) the constant ``-k``: layers that create a feature map write them (zero
+    weights, bias ``+-k``), layers that add to one write nothing there, and layers that read one ignore
+    them. Each group's mean then hardly depends on the image and its scale is set by the constants, so with
+    a matching affine weight a GroupNorm passes the data channels nearly unchanged: the network behaves
+    like one without normalisation, which trains quickly on flat colours. ``apply()`` imposes the
+    constraints; training calls it after every optimizer step, so they hold in the saved weights too (they
+    are ordinary weights: any SDXL loader runs the model unchanged). Other feature maps are left alone.
+    """
+
+    def __init__(self, model: torch.nn.Module, period: int, k: float = REFERENCE_LEVEL, residual_scale: float = 0.0):
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        if period not in (3, 4):
+            raise ValueError("period must be 3 or 4")
+        self.k, self.period = k, period
+        self.sources: list = []  # (layer) creates a feature map
+        self.readers: list = []  # (layer) reads one
+        self.adders: list = []  # (layer) adds to the residual stream / to conv1's output
+        self.norms: list = []
+        residuals = []
+        for m in model.modules():
+            if isinstance(m, ResnetBlock2D):
+                self.norms += [m.norm1, m.norm2]
+                self.sources.append(m.conv1)
+                self.readers.append(m.conv2)
+                self.adders.append(m.conv2)
+                residuals.append(m.conv2)
+                if m.conv_shortcut is not None:
+                    self.sources.append(m.conv_shortcut)
+                if m.time_emb_proj is not None:
+                    self.adders.append(m.time_emb_proj)
+            elif isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
+                self.sources.append(m.conv)
+            elif isinstance(m, Attention) and m.group_norm is not None:  # the VAE's mid-block attention
+                self.norms.append(m.group_norm)
+                self.readers += [m.to_q, m.to_k, m.to_v]
+                self.adders.append(m.to_out[0])
+                residuals.append(m.to_out[0])
+            elif isinstance(m, Transformer2DModel):
+                self.norms.append(m.norm)
+                self.readers.append(m.proj_in)
+                self.adders.append(m.proj_out)
+                residuals.append(m.proj_out)
+        parts = [model.encoder, model.decoder] if hasattr(model, "encoder") else [model]
+        for part in parts:
+            self.sources.append(part.conv_in)
+            self.norms.append(part.conv_norm_out)
+            self.readers.append(part.conv_out)
+        known = {id(n) for n in self.norms}
+        missed = [n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm) and id(m) not in known]
+        if missed:
+            raise RuntimeError(f"GroupNorms not covered: {missed[:5]}")
+        with torch.no_grad():
+            for layer in residuals:
+                layer.weight.mul_(residual_scale)
+                layer.bias.mul_(residual_scale)
+            for gn in self.norms:
+                p = self._pattern(gn.num_channels)
+                if p is not None:
+                    data = torch.tensor([i for i in range(gn.num_channels) if i % period not in (1, period - 1)])
+                    gn.weight[data] = k * math.sqrt(2 / period)  # the constants' RMS within a group
+                    gn.bias[data] = 0.0
+        self.apply()
+
+    def _pattern(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if n % (32 * self.period):
+            return None
+        return torch.arange(1, n, self.period), torch.arange(self.period - 1, n, self.period)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for layer in self.readers + self.sources:
+            p = self._pattern(layer.weight.shape[1])
+            if p is not None:
+                layer.weight[:, torch.cat(p)] = 0
+        for layer in self.sources + self.adders:
+            p = self._pattern(layer.weight.shape[0])
+            if p is not None:
+                layer.weight[torch.cat(p)] = 0
+                if layer in self.adders:
+                    layer.bias[torch.cat(p)] = 0
+                else:
+                    layer.bias[p[0]], layer.bias[p[1]] = self.k, -self.k
+        for gn in self.norms:
+            p = self._pattern(gn.num_channels)
+            if p is not None:
+                gn.weight[torch.cat(p)] = 1.0
+                gn.bias[torch.cat(p)] = 0.0
+
+
+@torch.no_grad()
+def sharpen_attention(unet, gain: float) -> None:
+    """Scale the U-Net's query and key projections at initialisation.
+
+    With default initialisation a small model's attention starts uniform, and its convolutions learn
+    the task before attention is ever needed, so it stays uniform. Uniform attention turns any change
+    of a key or value into the same change at every position. An LLLite acts only through those inputs,
+    so it could not steer *where* things are drawn. Attention that starts sharp (content-based) stays
+    in use.
     """
     from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    def pattern(n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if n % 128:
-            return None
-        return torch.arange(1, n, 4), torch.arange(3, n, 4)
-
-    def reader(layer) -> None:  # reads a feature map: ignores its constants
-        p = pattern(layer.weight.shape[1])
-        if p is not None:
-            layer.weight[:, torch.cat(p)] = 0
-
-    def source(layer) -> None:  # creates a feature map: writes the constants
-        reader(layer)
-        p = pattern(layer.weight.shape[0])
-        if p is not None:
-            layer.weight[torch.cat(p)] = 0
-            layer.bias[p[0]], layer.bias[p[1]] = k, -k
-
-    def residual(layer) -> None:  # adds to the residual stream: starts at zero
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-
-    done: set[int] = set()
-
-    def norm(gn: torch.nn.GroupNorm) -> None:
-        done.add(id(gn))
-        p = pattern(gn.num_channels)
-        if p is None or (gn.num_channels // gn.num_groups) % 4:
-            return
-        refs = torch.cat(p)
-        data = torch.arange(0, gn.num_channels, 2)
-        gn.weight[data], gn.bias[data] = k / math.sqrt(2), 0.0
-        gn.weight[refs], gn.bias[refs] = 1.0, 0.0
-
-    for m in model.modules():
-        if isinstance(m, ResnetBlock2D):
-            norm(m.norm1)
-            source(m.conv1)
-            norm(m.norm2)
-            reader(m.conv2)
-            residual(m.conv2)
-            if m.conv_shortcut is not None:
-                source(m.conv_shortcut)
-            if m.time_emb_proj is not None:
-                p = pattern(m.time_emb_proj.weight.shape[0])
-                if p is not None:
-                    m.time_emb_proj.weight[torch.cat(p)] = 0
-                    m.time_emb_proj.bias[torch.cat(p)] = 0
-        elif isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
-            source(m.conv)
-        elif isinstance(m, Attention) and m.group_norm is not None:  # the VAE's mid-block attention
-            norm(m.group_norm)
-            for lin in (m.to_q, m.to_k, m.to_v):
-                reader(lin)
-            residual(m.to_out[0])
-        elif isinstance(m, Transformer2DModel):
-            norm(m.norm)
-            reader(m.proj_in)
-            residual(m.proj_out)
-    parts = [model.encoder, model.decoder] if hasattr(model, "encoder") else [model]
-    for part in parts:
-        source(part.conv_in)
-        norm(part.conv_norm_out)
-        reader(part.conv_out)
-    missed = [n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm) and id(m) not in done]
-    if missed:
-        raise RuntimeError(f"GroupNorms not initialised: {missed[:5]}")
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            m.to_q.weight.mul_(gain)
+            m.to_k.weight.mul_(gain)
 
 
 @torch.no_grad()
@@ -230,7 +261,7 @@ def _vae_batch(images: np.ndarray, specs, rng: np.random.Generator, batch: int, 
     return x
 
 
-def train_vae(vae, images: np.ndarray, specs, args, rng: np.random.Generator) -> dict:
+def train_vae(vae, images: np.ndarray, specs, args, rng: np.random.Generator, refs: GroupNormReferences | None = None) -> dict:
     """Train on crops first, then on whole images (GroupNorm and the mid attention see whole images at use)."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
@@ -259,6 +290,8 @@ def train_vae(vae, images: np.ndarray, specs, args, rng: np.random.Generator) ->
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if refs is not None:
+            refs.apply()
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", l1=f"{l1.item():.4f}", kl=f"{kl.item():.2f}")
         if step % 100 == 0 or step == args.vae_steps - 1:
@@ -373,7 +406,8 @@ class EMA:
             p.copy_(s)
 
 
-def train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, args, rng, gen) -> dict:
+def train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, args, rng, gen,
+                    refs: GroupNormReferences | None = None) -> dict:
     from library.model_loading import bundled_config
 
     size = args.image_size
@@ -407,23 +441,30 @@ def train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, arg
         idx = torch.from_numpy(rng.integers(n, size=args.batch_size))
         drop = rng.random(args.batch_size) < args.caption_dropout
         caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
+        # The pooled caption reaches every ResNet through the time embedding. Dropping it alone makes
+        # the model read the caption through cross-attention too, per position, as SDXL does; an
+        # LLLite steers the image by changing those attention inputs, so it needs them to matter.
+        drop_pooled = torch.from_numpy(rng.random(args.batch_size) < args.pooled_dropout)
         x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * sf
         t = torch.randint(0, n_t, (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         # Encode each distinct caption of the batch once.
-        uniq = sorted(set(caps))
+        uniq = sorted(set(caps) | {""})
         ids1, ids2 = tokens(uniq)
         hid_u, pooled_u = encode_with_grad(te1, te2, ids1, ids2, eos_id)
         where = torch.tensor([uniq.index(c) for c in caps])
-        pred = unet(xt, t, hid_u[where], added_cond_kwargs={"text_embeds": pooled_u[where], "time_ids": tid}).sample
+        pooled = torch.where(drop_pooled[:, None], pooled_u[uniq.index("")], pooled_u[where])
+        pred = unet(xt, t, hid_u[where], added_cond_kwargs={"text_embeds": pooled, "time_ids": tid}).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
         opt.step()
+        if refs is not None:
+            refs.apply()
         ema.update()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{args.lr * f:.1e}")
@@ -451,7 +492,7 @@ def make_scheduler(sampler: str, sched_config: dict):
 
 
 @torch.no_grad()
-def generate(models, captions: list[str], *, seed: int, steps: int, cfg: float, sampler: str, size: int = 128,
+def generate(models, captions: list[str], *, seed: int, steps: int, cfg: float, sampler: str, size: int = shapes_domain.IMAGE_SIZE,
              batch: int = 32, negative: str = "") -> np.ndarray:
     """Images (N, H, W, 3 uint8) for ``captions`` with classifier-free guidance against ``negative``."""
     from library.text_encoding import encode_prompts
@@ -562,6 +603,10 @@ def build(args) -> None:
 
     configs = drawing_configs()
     unet, vae, te1, te2 = build_random_models(configs, seed=args.seed)
+    vae_refs = GroupNormReferences(vae, REFERENCE_PERIOD)
+    init_vae_posterior(vae)
+    unet_refs = GroupNormReferences(unet, REFERENCE_PERIOD)
+    sharpen_attention(unet, args.attn_init_gain)
     tok1, tok2 = load_sdxl_tokenizers(None)
     logger.info("parameters: U-Net %.2fM, VAE %.2fM, text encoders %.2fM + %.2fM",
                 *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, vae, te1, te2)))
@@ -579,7 +624,7 @@ def build(args) -> None:
         vae.eval().requires_grad_(False)
         logger.info("VAE from %s", vae_cache)
     else:
-        train_vae(vae, images, specs, args, rng)
+        train_vae(vae, images, specs, args, rng, vae_refs)
         normalise_vae_latents(vae, images[: min(1024, len(images))])
         if vae_cache:
             torch.save(vae.state_dict(), vae_cache)
@@ -604,9 +649,13 @@ def build(args) -> None:
                 psnr, 100 * rec_scores["colour"], 100 * rec_scores["shape"])
     timings["encode"] = time.time() - t0
 
-    # Stage 3: U-Net + text encoders.
+    # Stage 3: U-Net + text encoders, with their own random streams so that a VAE reused from
+    # --work_dir gives the same U-Net as a run from scratch.
     t0 = time.time()
-    train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, args, rng, gen)
+    torch.manual_seed(args.seed + 1)
+    rng_u = np.random.default_rng(args.seed + 1)
+    gen_u = torch.Generator().manual_seed(args.seed + 1)
+    train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, args, rng_u, gen_u, unet_refs)
     timings["unet"] = time.time() - t0
 
     # The training-time encoding must be the one generation uses.
@@ -659,7 +708,8 @@ def write_readme(out_dir: Path, args, summary: dict, timings: dict, size: int, p
     v = configs["vae"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     cmd = ("python tools/build_tiny_sdxl.py --seed {seed} --threads {threads} --num_images {num_images} "
-           "--vae_steps {vae_steps} --unet_steps {unet_steps} --batch_size {batch_size}").format(**vars(args))
+           "--vae_steps {vae_steps} --unet_steps {unet_steps} --batch_size {batch_size} "
+           "--attn_init_gain {attn_init_gain:g} --pooled_dropout {pooled_dropout:g}").format(**vars(args))
     held = ", ".join(shapes_domain.make_caption(*t) for t in shapes_domain.HELD_OUT)
     text = f"""# tiny SDXL that draws shapes
 
@@ -672,7 +722,8 @@ from library.model_loading import load_sdxl
 models = load_sdxl("models/tiny_sdxl/tiny_sdxl.safetensors")
 ```
 
-It draws one flat-coloured shape on a plain background at **128x128** (latents 16x16x4), for captions of the form
+It draws one flat-coloured shape on a plain background at **{args.image_size}x{args.image_size}** (latents
+{args.image_size // 8}x{args.image_size // 8}x4), for captions of the form
 
     a {{colour}} {{shape}} on a {{background}} background
 
@@ -696,7 +747,20 @@ Five combinations were held out of training: {held}.
 Configs: `library.tiny_sdxl.drawing_configs()`. `load_sdxl` infers the same architecture from the tensor shapes
 (the build script checks this). Conditioning is SDXL's: penultimate hidden states of both encoders concatenated
 ({u["cross_attention_dim"]} wide), pooled = encoder 2's projected end-of-text state, time_ids =
-[128, 128, 0, 0, 128, 128]. Noise schedule and prediction type: SDXL's (bundled scheduler config, epsilon).
+[{args.image_size}, {args.image_size}, 0, 0, {args.image_size}, {args.image_size}]. Noise schedule and prediction
+type: SDXL's (bundled scheduler config, epsilon).
+
+### Why 64x64, and widths of 96
+
+SDXL's GroupNorms have 32 groups, and the loader assumes that. Normalising a group over the whole image
+removes each image's mean level, so with the 1 or 2 channels per group of a 32- or 64-wide layer a flat white
+and a flat black background look alike afterwards (and the timestep embedding added before a ResNet's `norm2`
+is erased). Trained like that, the VAE and the U-Net got shapes but not colours. The builder therefore uses
+widths of 96 (3 channels per group) where it matters and keeps two of every three channels of those feature
+maps at the constants +20 / -20 (`GroupNormReferences` in the build script): a group's mean and scale then come
+from the constants and the data channels pass the GroupNorm almost unchanged. These are ordinary weights (zeros
+and biases), so any SDXL loader runs the model unchanged; fine-tuning the U-Net itself would have to keep them.
+A 96-wide first VAE level is expensive at full resolution, which is why the images are 64x64 rather than 128x128.
 
 ## How it was made
 
@@ -715,7 +779,11 @@ U-Net {timings["unet"] / 60:.1f}, evaluation {timings["eval"] / 60:.1f}). Result
    check recognises {pct(rec_scores["colour"])} of colours and {pct(rec_scores["shape"])} of shapes in reconstructions.
 3. U-Net + both text encoders: {args.unet_steps} AdamW steps of batch {args.batch_size} (lr {args.lr}, warmup
    {args.warmup_steps}, cosine decay), epsilon loss with min-SNR-{args.min_snr_gamma:g} weighting, {pct(args.caption_dropout)}
-   caption dropout to the empty prompt, EMA {args.ema_decay} of all trained weights (the EMA is what is saved).
+   caption dropout to the empty prompt, {pct(args.pooled_dropout)} dropout of the pooled caption alone (so that
+   the model also reads the caption through cross-attention, where an LLLite acts), attention query/key weights
+   scaled by {args.attn_init_gain:g} at initialisation (so that attention starts, and stays, position-dependent: an
+   LLLite changes attention inputs, and through uniform attention it could not say *where*), EMA {args.ema_decay} of
+   all trained weights (the EMA is what is saved).
 4. Saved in fp16 with `save_sdxl_single_file`, reloaded with `load_sdxl`, and evaluated after reloading.
 
 ## Measured quality
@@ -737,7 +805,7 @@ palette colour, its shape by template matching in its bounding box):
 Re-run the evaluation: `python tools/build_tiny_sdxl.py --eval` (options `--sampler`, `--eval_steps`,
 `--eval_cfg`, `--eval_samples`).
 
-Recommended generation settings: 128x128, {summary["sampler"]} (or DDIM) with {summary["steps"]} steps, CFG about
+Recommended generation settings: {args.image_size}x{args.image_size}, {summary["sampler"]} (or DDIM) with {summary["steps"]} steps, CFG about
 {summary["cfg"]:g}, empty negative prompt.
 """
     atomic_write_text(out_dir / "README.md", text)
@@ -760,12 +828,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch CPU threads")
     p.add_argument("--image_size", type=int, default=shapes_domain.IMAGE_SIZE)
-    p.add_argument("--num_images", type=int, default=6000, help="training images (encoded to latents once)")
-    p.add_argument("--vae_steps", type=int, default=600)
-    p.add_argument("--vae_batch", type=int, default=8)
-    p.add_argument("--vae_crop", type=int, default=64, help="crop size of the first VAE phase")
-    p.add_argument("--vae_full_fraction", type=float, default=0.3, help="last fraction of VAE steps on whole images")
-    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--num_images", type=int, default=3000, help="training images (encoded to latents once)")
+    p.add_argument("--vae_steps", type=int, default=500)
+    p.add_argument("--vae_batch", type=int, default=16)
+    p.add_argument("--vae_crop", type=int, default=32, help="crop size of the first VAE phase")
+    p.add_argument("--vae_full_fraction", type=float, default=0.2, help="last fraction of VAE steps on whole images")
+    p.add_argument("--vae_lr", type=float, default=1.5e-3)
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the KL term (per latent element)")
     p.add_argument("--unet_steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=32)
@@ -775,6 +843,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--min_snr_gamma", type=float, default=5.0, help="0 disables min-SNR weighting")
     p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--attn_init_gain", type=float, default=3.0,
+                   help="scale of the U-Net's attention query/key weights at initialisation")
+    p.add_argument("--pooled_dropout", type=float, default=0.5,
+                   help="fraction of samples whose pooled caption alone is replaced by the empty prompt's")
     p.add_argument("--work_dir", default=None, help="keep the VAE and latents here and reuse them (for experiments)")
     p.add_argument("--retrain_vae", action="store_true", help="ignore a VAE cached in --work_dir")
     p.add_argument("--eval", action="store_true", help="only evaluate an existing checkpoint")
@@ -785,8 +857,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_cfg", type=float, default=5.0)
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
     args = p.parse_args(argv)
-    if args.image_size % 8 or args.image_size < 64:
-        raise UserError(f"--image_size must be a multiple of 8 and at least 64, got {args.image_size}")
+    if args.image_size % 32 or args.image_size < 64:
+        raise UserError(f"--image_size must be a multiple of 32 and at least 64, got {args.image_size}")
     if args.vae_crop % 8 or args.vae_crop > args.image_size:
         raise UserError(f"--vae_crop must be a multiple of 8 and at most --image_size, got {args.vae_crop}")
     for name in ("num_images", "vae_steps", "unet_steps", "batch_size", "eval_samples", "eval_steps", "threads"):
