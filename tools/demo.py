@@ -33,16 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
     p.add_argument("--ckpt", default=str(DEFAULT_MODEL), help="base model (default: the bundled tiny SDXL)")
     p.add_argument("--train_images", type=int, default=96, help="images the base model draws for the dataset")
-    p.add_argument("--eval_images", type=int, default=12, help="held-out guides")
-    p.add_argument("--size", type=int, default=128, help="image size")
+    p.add_argument("--eval_images", type=int, default=16, help="held-out guides")
+    p.add_argument("--size", type=int, default=None, help="image size (default: the size the bundled model draws)")
     p.add_argument("--gen_steps", type=int, default=20, help="sampling steps when drawing")
     p.add_argument("--scale", type=float, default=5.0, help="CFG scale when drawing")
     p.add_argument("--sampler", default="euler", help="sampler when drawing")
-    p.add_argument("--train_steps", type=int, default=300, help="LLLite training steps")
+    p.add_argument("--train_steps", type=int, default=600, help="LLLite training steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--network_dim", type=int, default=32)
-    p.add_argument("--cond_emb_dim", type=int, default=16)
+    p.add_argument("--network_dim", type=int, default=64)
+    p.add_argument("--cond_emb_dim", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
     return p
 
@@ -71,6 +71,24 @@ def draw_images(models, captions: list[str], out_dir: Path, first_seed: int, arg
         bar.update(len(requests))
     bar.close()
     return paths
+
+
+MIN_EDGE_FRACTION = 0.005  # of the pixels; a canny map with fewer edges gives no shape to follow
+
+
+def keep_with_edges(canny_paths: list[Path], n: int) -> list[Path]:
+    """The first ``n`` canny maps with at least MIN_EDGE_FRACTION edge pixels.
+
+    The base model sometimes draws a faint shape whose outline canny does not pick up; such a pair
+    teaches nothing and such a guide measures nothing.
+    """
+    import numpy as np
+    from PIL import Image
+
+    kept = [p for p in canny_paths if (np.asarray(Image.open(p).convert("L")) >= 128).mean() >= MIN_EDGE_FRACTION]
+    if len(kept) < n:
+        logger.warning("only %d of %d drawn images have clear edges (wanted %d)", len(kept), len(canny_paths), n)
+    return kept[:n]
 
 
 def write_configs(work: Path, args) -> Path:
@@ -124,7 +142,7 @@ def make_grid(items, image_dir: Path, out: Path, size: int) -> None:
         y = header + pad + r * (size + pad)
         cells = [item.guide, image_dir / f"{item.guide.stem}_m0.png", image_dir / f"{item.guide.stem}_m1.png"]
         for c, path in enumerate(cells):
-            grid.paste(Image.open(path).convert("RGB").resize((size, size)), (pad + c * (size + pad), y))
+            grid.paste(Image.open(path).convert("RGB").resize((size, size), Image.NEAREST), (pad + c * (size + pad), y))
     grid.save(out)
 
 
@@ -143,6 +161,8 @@ def run_demo(args) -> dict:
     # One thread: on a small machine that is busy with anything else, two OpenMP threads wait on
     # each other and a step can take 20x longer (measured here: 0.28 s vs 7.5 s per training step).
     torch.set_num_threads(1)
+    if args.size is None:
+        args.size = shapes_domain.IMAGE_SIZE
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -153,7 +173,12 @@ def run_demo(args) -> dict:
     _, captions, _ = shapes_domain.generate(args.train_images, seed=args.seed, combinations=shapes_domain.training_combinations())
     images_dir = work / "dataset" / "images"
     draw_images(models, captions, images_dir, first_seed=args.seed, args=args)
-    convert_folder(images_dir, work / "dataset" / "canny", "canny", overwrite=True)
+    cannies = convert_folder(images_dir, work / "dataset" / "canny", "canny", overwrite=True)
+    kept = set(keep_with_edges(cannies, len(cannies)))
+    for c in cannies:
+        if c not in kept:  # the trainer would refuse an image without its conditioning image
+            for p in (c, images_dir / c.name, images_dir / f"{c.stem}.txt"):
+                p.unlink()
     train_toml = write_configs(work, args)
 
     # 2. Train with the real training script.
@@ -166,12 +191,12 @@ def run_demo(args) -> dict:
 
     # 3. Held-out guides: other captions and seeds than the training images; the base model draws them.
     logger.info("step 3/4: %d held-out guides, generated with and without the LLLite", args.eval_images)
-    eval_captions = shapes_domain.evaluation_captions(args.eval_images)
+    candidates = args.eval_images + args.eval_images // 2 + 2  # some drawings have no clear outline
+    eval_captions = shapes_domain.evaluation_captions(candidates)
     guide_src = work / "eval" / "drawn"
     draw_images(models, eval_captions, guide_src, first_seed=args.seed + 100_000, args=args)
-    guides = work / "eval" / "guides"
-    convert_folder(guide_src, guides, "canny", overwrite=True)
-    items = [EvalItem(guides / f"{i:04d}.png", c) for i, c in enumerate(eval_captions)]
+    guides = keep_with_edges(convert_folder(guide_src, work / "eval" / "guides", "canny", overwrite=True), args.eval_images)
+    items = [EvalItem(g, eval_captions[int(g.stem)]) for g in guides]
     network = ControlNetLLLite.from_file(models.unet, lllite_path)
     settings = EvalSettings(width=args.size, height=args.size, steps=args.gen_steps, scale=args.scale,
                             sampler=args.sampler, seed=args.seed + 200_000)
@@ -179,7 +204,7 @@ def run_demo(args) -> dict:
 
     # 4. The grid and the numbers.
     grid = work / "grid.png"
-    make_grid(items, work / "eval" / "generated", grid, args.size)
+    make_grid(items, work / "eval" / "generated", grid, max(args.size, 128))
     write_json(results, work / "fidelity.json")
     print("\nControl fidelity on held-out canny guides (edge F1 against Canny of the output):")
     print(format_table(results))
