@@ -85,7 +85,10 @@ def keep_with_edges(canny_paths: list[Path], n: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    kept = [p for p in canny_paths if (np.asarray(Image.open(p).convert("L")) >= 128).mean() >= MIN_EDGE_FRACTION]
+    from library.control_metrics import guide_edge_map
+
+    kept = [p for p in canny_paths
+            if guide_edge_map(np.asarray(Image.open(p).convert("RGB"))).mean() >= MIN_EDGE_FRACTION]
     if len(kept) < n:
         logger.warning("only %d of %d drawn images have clear edges (wanted %d)", len(kept), len(canny_paths), n)
     return kept[:n]
