@@ -6,14 +6,17 @@ widths, a four-level AutoencoderKL, a ``text_time`` UNet2DConditionModel) and is
 ``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`library.shapes_domain`: one
 flat-coloured shape on a plain background at 64x64, captioned "a red circle on a white background".
 
-Stages (one run, reproducible with ``--seed`` and the same ``--threads``):
+Stages (one run, reproducible with ``--seed`` and the same ``--threads``; GroupNorm reference channels
+keep colour through SDXL's 32 groups in both the VAE and the U-Net, see ``GroupNormReferences``):
 
 1. train the VAE (L1 + L2 reconstruction, small KL), then reparametrise ``quant_conv`` and
    ``post_quant_conv`` so that latents * 0.13025 have zero mean and unit std per channel while the
    decoder's output stays the same;
 2. encode the training images to latents once;
 3. train the U-Net and both text encoders with SDXL's epsilon-prediction loss and noise schedule,
-   10% caption dropout (so classifier-free guidance works) and an EMA of the weights;
+   10% caption dropout (so classifier-free guidance works), dropout of the pooled caption alone and
+   sharpened initial attention (so that an LLLite, which changes attention inputs, can steer where
+   things are drawn) and an EMA of the weights;
 4. save a single-file fp16 checkpoint with ``save_sdxl_single_file``, reload it with ``load_sdxl``
    and evaluate the reloaded model: images for held-out and seen captions are scored by the
    procedural check of :func:`library.shapes_domain.score_images`, and a sample grid is written.
@@ -192,14 +195,16 @@ class GroupNormReferences:
             p = self._pattern(layer.weight.shape[1])
             if p is not None:
                 layer.weight[:, torch.cat(p)] = 0
-        for layer in self.sources + self.adders:
+        for layer in self.sources:
             p = self._pattern(layer.weight.shape[0])
             if p is not None:
                 layer.weight[torch.cat(p)] = 0
-                if layer in self.adders:
-                    layer.bias[torch.cat(p)] = 0
-                else:
-                    layer.bias[p[0]], layer.bias[p[1]] = self.k, -self.k
+                layer.bias[p[0]], layer.bias[p[1]] = self.k, -self.k
+        for layer in self.adders:
+            p = self._pattern(layer.weight.shape[0])
+            if p is not None:
+                layer.weight[torch.cat(p)] = 0
+                layer.bias[torch.cat(p)] = 0
         for gn in self.norms:
             p = self._pattern(gn.num_channels)
             if p is not None:
