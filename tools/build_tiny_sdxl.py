@@ -841,7 +841,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch CPU threads")
     p.add_argument("--image_size", type=int, default=shapes_domain.IMAGE_SIZE)
     p.add_argument("--num_images", type=int, default=3000, help="training images (encoded to latents once)")
-    p.add_argument("--vae_steps", type=int, default=500)
+    p.add_argument("--vae_steps", type=int, default=900)
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--vae_crop", type=int, default=32, help="crop size of the first VAE phase")
     p.add_argument("--vae_full_fraction", type=float, default=0.2, help="last fraction of VAE steps on whole images")
@@ -855,7 +855,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--min_snr_gamma", type=float, default=5.0, help="0 disables min-SNR weighting")
     p.add_argument("--caption_dropout", type=float, default=0.1)
-    p.add_argument("--attn_init_gain", type=float, default=3.0,
+    p.add_argument("--attn_init_gain", type=float, default=2.0,
                    help="scale of the U-Net's attention query/key weights at initialisation")
     p.add_argument("--pooled_dropout", type=float, default=0.5,
                    help="fraction of samples whose pooled caption alone is replaced by the empty prompt's")
