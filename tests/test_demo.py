@@ -26,27 +26,49 @@ def test_bundled_model_is_small_and_loads():
 
 def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
     """Every stage on a small scale (drawn dataset, canny, real training script, evaluation, grid),
-    and the trained LLLite must already raise edge F1 on held-out guides above the base model's."""
+    and the trained LLLite must already raise edge F1 on held-out guides clearly above the base
+    model's (measured here: 0.121 -> 0.173, 1.44x; 6 guides and 200 steps gave only 1.01x)."""
     out = tmp_path / "demo"
-    results = demo.main(["--out", str(out), "--train_images", "48", "--eval_images", "6",
-                         "--train_steps", "200", "--gen_steps", "12"])
+    results = demo.main(["--out", str(out), "--train_images", "48", "--eval_images", "12",
+                         "--train_steps", "300", "--gen_steps", "12"])
     images = sorted(p.name for p in (out / "dataset" / "images").glob("*.png"))
     cannies = sorted(p.name for p in (out / "dataset" / "canny").glob("*.png"))
     assert 40 <= len(images) <= 48 and images == cannies  # pairs without clear edges are dropped together
     assert (out / "lllite" / "demo_canny.safetensors").is_file()
-    assert set(results["mean"]) == {"0", "1"} and len(results["per_item"]) == 12
+    assert set(results["mean"]) == {"0", "1"} and len(results["per_item"]) == 24
     assert all(0.0 <= r["f1"] <= 1.0 for r in results["per_item"])
-    assert results["mean"]["1"]["f1"] > results["mean"]["0"]["f1"], results["mean"]
+    assert results["mean"]["1"]["f1"] >= 1.2 * results["mean"]["0"]["f1"], results["mean"]
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
-    assert grid.width > 3 * 128 and grid.height > 6 * 128
+    assert grid.width > 2 * 3 * 128 and grid.height > 8 * 128  # 12 guides: two groups of up to 8 rows
     assert (out / "fidelity.json").is_file()
 
 
 @pytest.mark.slow
 def test_full_demo_raises_edge_f1(tmp_path):
-    """The README's command. The issue aims at 2x the baseline; the bundled model reaches about 1.4x
+    """The README's command. The issue aims at 2x the baseline; the bundled model reaches about 1.3x
     (see the README), so this checks a clear gain rather than the aim."""
     results = demo.main(["--out", str(tmp_path / "demo")])
     assert results["mean"]["1"]["f1"] >= 1.2 * results["mean"]["0"]["f1"], results["mean"]
+
+
+def test_grid_puts_rows_in_side_by_side_groups(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    items = []
+    for i in range(10):
+        guide = tmp_path / f"g{i}.png"
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(guide)
+        for m in (0, 1):
+            Image.new("RGB", (16, 16), (i, 100 * (m + 1), 0)).save(tmp_path / f"g{i}_m{m}.png")
+        items.append(SimpleNamespace(guide=guide))
+    demo.make_grid(items, tmp_path, tmp_path / "grid.png", size=32, rows_per_column=8)
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    group_w = 3 * 32 + 4 * 4
+    assert grid.size == (2 * group_w, 14 + 8 * 36 + 4)
+    # The ninth guide opens the second group: its "with" tile is there, in the first row.
+    assert grid.getpixel((group_w + 4 + 2 * 36 + 5, 14 + 4 + 5)) == (8, 200, 0)
+    assert grid.getpixel((4 + 5, 14 + 4 + 7 * 36 + 5)) == (7, 0, 0)
