@@ -713,7 +713,6 @@ def build(args) -> None:
 
 def write_readme(out_dir: Path, args, summary: dict, timings: dict, size: int, psnr: float, rec_scores: dict,
                  configs: dict, total_train: float) -> None:
-
     u = configs["unet"]
     v = configs["vae"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
