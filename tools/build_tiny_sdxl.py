@@ -856,7 +856,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--attn_init_gain", type=float, default=2.0,
                    help="scale of the U-Net's attention query/key weights at initialisation")
-    p.add_argument("--pooled_dropout", type=float, default=0.5,
+    p.add_argument("--pooled_dropout", type=float, default=0.9,
                    help="fraction of samples whose pooled caption alone is replaced by the empty prompt's")
     p.add_argument("--work_dir", default=None, help="keep the VAE and latents here and reuse them (for experiments)")
     p.add_argument("--retrain_vae", action="store_true", help="ignore a VAE cached in --work_dir")
