@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-3)
     # Where the shape goes is decided in the noisiest steps; below that the layout is already in the
-    # latent and a control image has nothing to add. Measured on one demo dataset of the bundled model
-    # (16 guides): edge F1 1.03x the baseline with all timesteps, 1.26x from 300, 1.43x from 500, 1.15x from 700.
+    # latent and a control image has nothing to add. Measured on the demo dataset of an earlier build
+    # of the bundled model (16 guides): edge F1 1.03x the baseline with all timesteps, 1.26x from 300,
+    # 1.43x from 500, 1.15x from 700.
     p.add_argument("--min_timestep", type=int, default=500, help="lowest training timestep (0 = all)")
     p.add_argument("--network_dim", type=int, default=64)
     p.add_argument("--cond_emb_dim", type=int, default=32)
