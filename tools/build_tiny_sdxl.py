@@ -136,6 +136,7 @@ class GroupNormReferences:
         if period not in (3, 4):
             raise ValueError("period must be 3 or 4")
         self.k, self.period = k, period
+        self._patterns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         self.sources: list = []  # (layer) creates a feature map
         self.readers: list = []  # (layer) reads one
         self.adders: list = []  # (layer) adds to the residual stream / to conv1's output
@@ -185,32 +186,37 @@ class GroupNormReferences:
                     gn.bias[data] = 0.0
         self.apply()
 
-    def _pattern(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if n % (32 * self.period):
-            return None
-        return torch.arange(1, n, self.period), torch.arange(self.period - 1, n, self.period)
+    def _pattern(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(+k channels, -k channels, both) of an ``n``-wide feature map; memoised, as ``apply`` runs every step."""
+        if n not in self._patterns:
+            if n % (32 * self.period):
+                self._patterns[n] = None
+            else:
+                plus, minus = torch.arange(1, n, self.period), torch.arange(self.period - 1, n, self.period)
+                self._patterns[n] = (plus, minus, torch.cat([plus, minus]))
+        return self._patterns[n]
 
     @torch.no_grad()
     def apply(self) -> None:
         for layer in self.readers + self.sources:
             p = self._pattern(layer.weight.shape[1])
             if p is not None:
-                layer.weight[:, torch.cat(p)] = 0
+                layer.weight[:, p[2]] = 0
         for layer in self.sources:
             p = self._pattern(layer.weight.shape[0])
             if p is not None:
-                layer.weight[torch.cat(p)] = 0
+                layer.weight[p[2]] = 0
                 layer.bias[p[0]], layer.bias[p[1]] = self.k, -self.k
         for layer in self.adders:
             p = self._pattern(layer.weight.shape[0])
             if p is not None:
-                layer.weight[torch.cat(p)] = 0
-                layer.bias[torch.cat(p)] = 0
+                layer.weight[p[2]] = 0
+                layer.bias[p[2]] = 0
         for gn in self.norms:
             p = self._pattern(gn.num_channels)
             if p is not None:
-                gn.weight[torch.cat(p)] = 1.0
-                gn.bias[torch.cat(p)] = 0.0
+                gn.weight[p[2]] = 1.0
+                gn.bias[p[2]] = 0.0
 
 
 @torch.no_grad()
@@ -626,13 +632,14 @@ def build(args) -> None:
     # The VAE stage's own time is kept beside the cached VAE, so that a README written by a run that
     # reuses it still reports what a build from scratch costs.
     vae_timing = work / "vae_seconds.json" if work else None
+    vae_reused = False
     if vae_cache and vae_cache.is_file() and not args.retrain_vae:
         vae.load_state_dict(torch.load(vae_cache))
         vae.eval().requires_grad_(False)
         logger.info("VAE from %s", vae_cache)
         if vae_timing and vae_timing.is_file():
             timings["vae"] = float(json.loads(vae_timing.read_text())["seconds"])
-            timings["vae_reused"] = 1.0
+            vae_reused = True
     else:
         train_vae(vae, images, specs, args, rng, vae_refs)
         normalise_vae_latents(vae, images[: min(1024, len(images))])
@@ -706,13 +713,13 @@ def build(args) -> None:
     t0 = time.time()
     summary = evaluate(models, args, out_dir)
     timings["eval"] = time.time() - t0
-    timings["total"] = time.time() - t_start + (timings["vae"] if "vae_reused" in timings else 0.0)
+    timings["total"] = time.time() - t_start + (timings["vae"] if vae_reused else 0.0)
     logger.info("timings (s): %s", {k: round(v, 1) for k, v in timings.items()})
-    write_readme(out_dir, args, summary, timings, size, psnr, rec_scores, configs, total_train)
+    write_readme(out_dir, args, summary, timings, size, psnr, rec_scores, configs, total_train, vae_reused)
 
 
 def write_readme(out_dir: Path, args, summary: dict, timings: dict, size: int, psnr: float, rec_scores: dict,
-                 configs: dict, total_train: float) -> None:
+                 configs: dict, total_train: float, vae_reused: bool = False) -> None:
     u = configs["unet"]
     v = configs["vae"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
@@ -721,7 +728,7 @@ def write_readme(out_dir: Path, args, summary: dict, timings: dict, size: int, p
            "--attn_init_gain {attn_init_gain:g} --pooled_dropout {pooled_dropout:g}").format(**vars(args))
     held = ", ".join(shapes_domain.make_caption(*t) for t in shapes_domain.HELD_OUT)
     reused = ("; the VAE stage ran in an earlier run of the same command and was reused through --work_dir, "
-              "which the U-Net stage does not depend on: it has its own random streams") if "vae_reused" in timings else ""
+              "which the U-Net stage does not depend on: it has its own random streams") if vae_reused else ""
     text = f"""# tiny SDXL that draws shapes
 
 `tiny_sdxl.safetensors` ({size / 1e6:.1f} MB, fp16) is a very small model with SDXL's exact component types and
