@@ -5,6 +5,11 @@
 
 ``eval_guides/`` holds canny guide images, each with a ``<name>.txt`` prompt beside it
 (or give one ``--prompt`` for all). Works the same on a GPU with real SDXL.
+
+With ``--sources photos/`` (the images the guides were made from) it also prints a reference row:
+img2img from each source at ``--reference_strength`` without the LLLite. That image has the guide's
+layout, so its F1 is about the most a well-controlled generation can score at this size and these
+settings; read the LLLite's F1 against it as well as against the baseline.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.errors import run_cli  # noqa: E402
+from library.errors import UserError, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lllite", required=True, help="the LLLite file to evaluate")
     p.add_argument("--guides", required=True, help="folder of guide images with <name>.txt prompts")
     p.add_argument("--prompt", default=None, help="prompt for guides without a .txt file")
+    p.add_argument("--sources", default=None,
+                   help="folder of the images the guides were made from (same names): adds a reference row, "
+                        "img2img from each source without the LLLite, i.e. what an image with the guide's "
+                        "layout scores under this metric")
+    p.add_argument("--reference_strength", type=float, default=0.5,
+                   help="img2img strength of the reference row (lower keeps more of the source)")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 1.0], help="the first is the baseline")
     p.add_argument("--W", type=int, default=1024)
@@ -51,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     from library.model_loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
-    items = load_eval_set(args.guides, args.prompt)
+    if not 0.0 < args.reference_strength <= 1.0:
+        raise UserError(f"--reference_strength must be in (0, 1], got {args.reference_strength}")
+    items = load_eval_set(args.guides, args.prompt, sources=args.sources)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     models = load_sdxl(args.ckpt, dtype=dtype)
@@ -61,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = EvalSettings(width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
                             seed=args.seed, negative_prompt=args.negative_prompt,
                             low_threshold=args.low_threshold, high_threshold=args.high_threshold)
-    results = evaluate_control(models, network, items, settings, args.multipliers, args.save_images)
+    results = evaluate_control(models, network, items, settings, args.multipliers, args.save_images,
+                               args.reference_strength)
     print(format_table(results))
     if args.json:
         write_json(results, args.json)
