@@ -18,7 +18,7 @@ from library.caching import cache_latents, cache_text_encoder_outputs, validate_
 from library.dataset import LLLiteDataset, create_dataloader
 from library.dataset_config import build_dataset_configs
 from library.debug_dataset import debug_dataset
-from library.errors import run_cli
+from library.errors import UserError, run_cli
 from library.model_loading import load_sdxl
 from library.train_config import parse_training_args
 from library.training_samples import make_sampler
@@ -79,8 +79,12 @@ def main() -> None:
     # 4. The LLLite network: fresh, or continued from --network_weights.
     if args.network_weights:
         network = ControlNetLLLite.from_file(models.unet, args.network_weights, dropout=args.network_dropout or 0.0)
+        if args.include_output_blocks and not network.has_output_blocks:
+            raise UserError(f"--network_weights {args.network_weights} has no output-block modules, so it cannot "
+                            "continue with --include_output_blocks; drop the option or start a fresh LLLite")
     else:
-        network = ControlNetLLLite(models.unet, args.cond_emb_dim, args.network_dim, dropout=args.network_dropout or 0.0)
+        network = ControlNetLLLite(models.unet, args.cond_emb_dim, args.network_dim, dropout=args.network_dropout or 0.0,
+                                   include_output_blocks=args.include_output_blocks)
 
     # 5. Train.
     dataloader = create_dataloader(dataset, num_workers=args.max_data_loader_n_workers,

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond_emb_dim", type=int, default=32, help="conditioning embedding channels C (default 32)")
     g.add_argument("--network_dim", type=int, default=64, help="LLLite rank R (default 64)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training")
+    g.add_argument("--include_output_blocks", action="store_true",
+                   help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
+                        "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
     g.add_argument("--network_weights", help="initial LLLite weights, to continue training a file")
     g.add_argument("--network_module", default="networks.control_net_lllite", help="accepted for compatibility")
 

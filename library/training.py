@@ -323,7 +323,16 @@ def train(
     progress = Progress()
     rng = TrainingRNG(args.seed or 0, accelerator.process_index)
     if args.resume:
-        accelerator.load_state(args.resume)
+        try:
+            accelerator.load_state(args.resume)
+        except RuntimeError as e:
+            if "state_dict" not in str(e):
+                raise
+            raise UserError(
+                f"--resume {args.resume}: the saved LLLite does not fit this run's network "
+                "(network_dim, cond_emb_dim and include_output_blocks must be as in the run that saved it): "
+                + str(e).splitlines()[0]
+            ) from None
         rng.load(Path(args.resume))
         progress = load_progress(args.resume)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, progress.global_step, progress.epoch, progress.batches_in_epoch)

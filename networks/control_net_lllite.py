@@ -270,6 +270,10 @@ class ControlNetLLLite(nn.Module):
             yield t, getattr(self, t.name)
 
     @property
+    def has_output_blocks(self) -> bool:
+        return any("output_blocks" in t.name for t in self._targets)
+
+    @property
     def depth_counts(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         for t in self._targets:

@@ -69,6 +69,25 @@ def test_full_sdxl_gets_published_keys_and_shapes(full_sdxl_unet):
     assert net.depth_counts == {2: 4 * (2 + 2), 3: 4 * (10 + 10 + 10)}  # 4 linears per transformer block
 
 
+def test_full_sdxl_output_blocks_follow_the_ldm_numbering(full_sdxl_unet):
+    with torch.device("meta"):
+        net = ControlNetLLLite(full_sdxl_unet, cond_emb_dim=32, network_dim=64, include_output_blocks=True)
+    assert net.has_output_blocks and len(list(net.lllite_modules())) == 280
+    assert sum(v.numel() for v in net.state_dict().values()) == 46_721_920  # 93 MB in fp16
+    out = {t.name: t for t, _ in net.lllite_modules() if "output_blocks" in t.name}
+    # up_blocks.i.attentions.j -> output_blocks.{3i+j}.1: 3 blocks of 10 transformer blocks at 1280 wide,
+    # then 3 blocks of 2 at 640 wide, with the conditioning depth of their resolution
+    for n in range(6):
+        blocks = {name.split("_transformer_blocks_")[1].split("_")[0]
+                  for name in out if name.startswith(f"lllite_unet_output_blocks_{n}_1_")}
+        assert blocks == {str(k) for k in range(10 if n < 3 else 2)}, n
+    t = out["lllite_unet_output_blocks_0_1_transformer_blocks_9_attn1_to_q"]
+    assert t.linear.in_features == 1280 and t.depth == 3
+    t = out["lllite_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_q"]
+    assert t.linear.in_features == 640 and t.depth == 2
+    assert not any("output_blocks_6" in name for name in out)  # the top level has no attention in SDXL
+
+
 def test_published_random_file_loads_without_missing_or_unexpected(tmp_path, full_sdxl_unet):
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(shape, generator=g).to(torch.float16) for k, shape in reference_keys().items()}

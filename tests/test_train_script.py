@@ -70,6 +70,32 @@ def test_toml_run_trains_and_saves_published_layout(tmp_path, tiny_checkpoint, t
     assert any(torch.count_nonzero(m.up[0].weight) for _, m in net.lllite_modules())
 
 
+def test_include_output_blocks(tmp_path, tiny_checkpoint, tiny_models):
+    cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, include_output_blocks=True,
+                                                                max_train_steps=2, save_state=True))
+    res = run_train("--config_file", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    sd, _ = read_weights(tmp_path / "out" / "tiny.safetensors")
+    names = {k.split(".")[0] for k in sd}
+    out_names = {n for n in names if n.startswith("lllite_unet_output_blocks_")}
+    assert out_names and len(out_names) < len(names)  # the usual input/middle modules stay
+    net = ControlNetLLLite.from_file(tiny_models[0], tmp_path / "out" / "tiny.safetensors")
+    assert net.has_output_blocks and len(list(net.lllite_modules())) == len(names)
+
+    # a file without output-block modules cannot continue with the option
+    plain = tmp_path / "plain.safetensors"
+    ControlNetLLLite(tiny_models[0], cond_emb_dim=8, network_dim=8).save(plain)
+    res = run_train("--config_file", str(cfg), "--network_weights", str(plain), "--output_name", "cont")
+    assert res.returncode != 0 and "has no output-block modules" in res.stderr and "Traceback" not in res.stderr
+
+    # resuming a state saved with the option, without it: the network does not fit, said plainly
+    plain_cfg = write_config(tmp_path / "plain.toml", **base_options(tmp_path, tiny_checkpoint, output_name="again",
+                                                                     max_train_steps=3))
+    res = run_train("--config_file", str(plain_cfg), "--resume", str(tmp_path / "out" / "tiny-state"))
+    assert res.returncode != 0, res.stderr[-3000:]
+    assert "the saved LLLite does not fit this run's network" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_command_line_beats_config_file(tmp_path, tiny_checkpoint):
     cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint))
     res = run_train("--config_file", str(cfg), "--max_train_steps", "1", "--output_name", "cli")
@@ -214,3 +240,12 @@ def test_debug_dataset_writes_panels_without_loading_the_model(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     panels = sorted((tmp_path / "out" / "debug_dataset").glob("*.png"))
     assert len(panels) == 4
+
+
+def test_every_option_is_in_the_docs():
+    from library.train_config import build_parser
+
+    doc = (ROOT / "docs" / "training.md").read_text()
+    options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
+    assert len(options) > 50
+    assert [o for o in options if f"`{o}`" not in doc] == []
