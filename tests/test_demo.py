@@ -27,30 +27,45 @@ def test_bundled_model_is_small_and_loads():
 def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
     """Every stage on a small scale (drawn dataset, canny, real training script, evaluation, grid),
     and the trained LLLite must already raise edge F1 on held-out guides clearly above the base
-    model's (measured here: 0.106 -> 0.149, 1.41x; 6 guides and 200 steps once gave only 1.01x)."""
+    model's (measured here: 0.106 -> 0.206, 1.94x; with input and middle blocks only it was 1.41x, and
+    6 guides with 200 steps once gave only 1.01x)."""
     out = tmp_path / "demo"
     results = demo.main(["--out", str(out), "--train_images", "48", "--eval_images", "12",
                          "--train_steps", "300", "--gen_steps", "12"])
     images = sorted(p.name for p in (out / "dataset" / "images").glob("*.png"))
     cannies = sorted(p.name for p in (out / "dataset" / "canny").glob("*.png"))
     assert 40 <= len(images) <= 48 and images == cannies  # pairs without clear edges are dropped together
-    assert (out / "lllite" / "demo_canny.safetensors").is_file()
-    assert set(results["mean"]) == {"0", "1"} and len(results["per_item"]) == 24
+    from library.weights_io import read_weights
+
+    sd, _ = read_weights(out / "lllite" / "demo_canny.safetensors")
+    assert any(k.startswith("lllite_unet_output_blocks_") for k in sd)  # the demo trains the decoder side too
+    assert set(results["mean"]) == {"0", "1"} and len(results["per_item"]) == 36  # 12 x (2 multipliers + reference)
+    # img2img from the guide's own source keeps its layout, so the metric must score it above the baseline
+    assert results["reference"]["f1"] > results["mean"]["0"]["f1"]
     assert all(0.0 <= r["f1"] <= 1.0 for r in results["per_item"])
-    assert results["mean"]["1"]["f1"] >= 1.2 * results["mean"]["0"]["f1"], results["mean"]
+    fid = results["prompt_fidelity"]
+    assert set(fid) == {"0", "1"} and all(0.0 <= v <= 1.0 for f in fid.values() for v in f.values())
+    assert fid["0"]["shape"] > 0.5  # the base model alone draws the asked-for shape most of the time
+    assert results["mean"]["1"]["f1"] >= 1.5 * results["mean"]["0"]["f1"], results["mean"]
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
     assert grid.width > 2 * 3 * 128 and grid.height > 8 * 128  # 12 guides: two groups of up to 8 rows
     assert (out / "fidelity.json").is_file()
+    # eval/guides holds exactly the evaluated guides with their prompts, ready for tools/evaluate_control.py
+    from library.control_eval import load_eval_set
+
+    again = load_eval_set(out / "eval" / "guides", sources=out / "eval" / "drawn")
+    assert sorted(str(i.guide) for i in again) == sorted({r["guide"] for r in results["per_item"]})
+    assert all(i.source.parent == out / "eval" / "drawn" for i in again)
 
 
 @pytest.mark.slow
 def test_full_demo_raises_edge_f1(tmp_path):
-    """The README's command. The issue aims at 2x the baseline; the bundled model reaches about 1.3x
-    (see the README), so this checks a clear gain rather than the aim."""
+    """The README's command. The issue aims at 2x the baseline; the README's run measured 2.04x and
+    another training seed 1.87x, so this asserts a margin below both."""
     results = demo.main(["--out", str(tmp_path / "demo")])
-    assert results["mean"]["1"]["f1"] >= 1.2 * results["mean"]["0"]["f1"], results["mean"]
+    assert results["mean"]["1"]["f1"] >= 1.6 * results["mean"]["0"]["f1"], results["mean"]
 
 
 def test_grid_puts_rows_in_side_by_side_groups(tmp_path):
