@@ -8,8 +8,9 @@
 
 With ``--sources photos/`` (the images the guides were made from) it also prints a reference row:
 img2img from each source at ``--reference_strength`` without the LLLite. That image has the guide's
-layout, so its F1 is about the most a well-controlled generation can score at this size and these
-settings; read the LLLite's F1 against it as well as against the baseline.
+layout, so its F1 shows what a generation with the right layout scores at this size and these
+settings (pixel-exact F1 stays far below 1); read the LLLite's F1 against it as well as against the
+baseline.
 """
 
 from __future__ import annotations
