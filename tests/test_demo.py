@@ -62,8 +62,8 @@ def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_raises_edge_f1(tmp_path):
-    """The README's command. The issue aims at 2x the baseline; the README's run measured 2.04x and
-    another training seed 1.87x, so this asserts a margin below both."""
+    """The README's command. The issue aims at 2x the baseline; the README's run measured 1.99x, and
+    runs with other image counts, timesteps and seeds 1.85-2.04x, so this asserts a margin below all."""
     results = demo.main(["--out", str(tmp_path / "demo")])
     assert results["mean"]["1"]["f1"] >= 1.6 * results["mean"]["0"]["f1"], results["mean"]
 
