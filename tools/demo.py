@@ -169,8 +169,9 @@ def make_grid(items, image_dir: Path, out: Path, size: int, rows_per_column: int
     grid.save(out)
 
 
-def prompt_fidelity(items, image_dir: Path, multipliers=("0", "1")) -> dict:
-    """Per multiplier, the share of outputs with the prompt's colour, shape and both.
+def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
+    """Per multiplier (as named in evaluate_control's results), the share of outputs with the prompt's
+    colour, shape and both.
 
     Edge F1 only says whether the outline follows the guide; an LLLite can raise it and still
     override what the prompt asks for. The shapes domain's procedural check measures that side.
@@ -252,7 +253,7 @@ def run_demo(args) -> dict:
     # 4. The grid and the numbers.
     grid = work / "grid.png"
     make_grid(items, work / "eval" / "generated", grid, max(args.size, 128))
-    results["prompt_fidelity"] = prompt_fidelity(items, work / "eval" / "generated")
+    results["prompt_fidelity"] = prompt_fidelity(items, work / "eval" / "generated", list(results["mean"]))
     write_json(results, work / "fidelity.json")
     print("\nControl fidelity on held-out canny guides (edge F1 against Canny of the output):")
     print(format_table(results))
