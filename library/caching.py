@@ -36,6 +36,7 @@ change a caption from epoch to epoch with text-encoder caching.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from library.atomic_io import atomic_path
+from library.cli import check_range
 from library.captions import dynamic_caption_options
 from library.dataset import ImageItem, LLLiteDataset, load_training_image, static_caption
 from library.dataset_config import DatasetConfig
@@ -66,6 +68,50 @@ TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 def _no_wait() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Who this process is among the training processes, for sharing the disk cache work."""
+
+    index: int = 0
+    count: int = 1
+    wait_for_everyone: Callable[[], None] = _no_wait
+    show_progress: bool = True
+
+
+SINGLE_PROCESS = Processes()
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("caching")
+    g.add_argument("--cache_latents", action="store_true", help="encode every image with the VAE once, before training")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call while caching")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, before training")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
+
+
+@dataclass(frozen=True)
+class CachingOptions:
+    latents: bool = False
+    latents_to_disk: bool = False
+    vae_batch_size: int = 1
+    text: bool = False
+    text_to_disk: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "CachingOptions":
+        check_range("vae_batch_size", args.vae_batch_size, low=1)
+        return cls(latents=args.cache_latents or args.cache_latents_to_disk, latents_to_disk=args.cache_latents_to_disk,
+                   vae_batch_size=args.vae_batch_size,
+                   text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
+                   text_to_disk=args.cache_text_encoder_outputs_to_disk)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -250,10 +296,7 @@ def cache_latents(
     to_disk: bool = False,
     batch_size: int = 1,
     dtype: torch.dtype = torch.float32,
-    process_index: int = 0,
-    num_processes: int = 1,
-    wait_for_everyone: Callable[[], None] = _no_wait,
-    show_progress: bool = True,
+    processes: Processes = SINGLE_PROCESS,
 ) -> None:
     """Encode every training image once (both orientations with flip_aug) and attach the cache to ``dataset``.
 
@@ -272,7 +315,7 @@ def cache_latents(
                 cache.tensors[index] = tensors
 
         jobs = [(t, f) for t in targets for f in sorted(t.flips)]
-        _encode_latents(jobs, encode_fn, batch_size, dtype, keep, show_progress)
+        _encode_latents(jobs, encode_fn, batch_size, dtype, keep, processes.show_progress)
         dataset.attach_latent_cache(cache)
         return
 
@@ -283,15 +326,15 @@ def cache_latents(
             shas[target.item.image_path] = _sha256(target.item.image_path)
         return target.metadata(shas[target.item.image_path], vae_id, dtype)
 
-    mine = [t for k, t in enumerate(targets) if k % num_processes == process_index]
+    mine = [t for k, t in enumerate(targets) if k % processes.count == processes.index]
     todo = [t for t in mine if not _latent_file_valid(t, expected(t))]
     logger.info("latent cache: %d of %d files up to date, %d to encode", len(mine) - len(todo), len(mine), len(todo))
 
     def write(target: _LatentTarget, tensors: dict[bool, torch.Tensor]) -> None:
         _write(target.path, {_latent_key(f): t for f, t in tensors.items()}, expected(target))
 
-    _encode_latents([(t, f) for t in todo for f in sorted(t.flips)], encode_fn, batch_size, dtype, write, show_progress)
-    wait_for_everyone()
+    _encode_latents([(t, f) for t in todo for f in sorted(t.flips)], encode_fn, batch_size, dtype, write, processes.show_progress)
+    processes.wait_for_everyone()
 
     bad = [str(t.path) for t in targets if not _latent_file_valid(t, expected(t))]
     if bad:
@@ -370,10 +413,7 @@ def cache_text_encoder_outputs(
     to_disk: bool = False,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
-    process_index: int = 0,
-    num_processes: int = 1,
-    wait_for_everyone: Callable[[], None] = _no_wait,
-    show_progress: bool = True,
+    processes: Processes = SINGLE_PROCESS,
 ) -> None:
     """Encode every caption once and attach the cache; batches then carry ``text_hidden``/``text_pooled``."""
     _check_id("te_id", te_id)
@@ -385,7 +425,7 @@ def cache_text_encoder_outputs(
         for item in dataset.items:
             cache.caption_of[item.index] = static_caption(item)
         unique = list(dict.fromkeys(cache.caption_of.values()))
-        for caption, hidden, pooled in _encode_texts(unique, encode_fn, batch_size, dtype, show_progress):
+        for caption, hidden, pooled in _encode_texts(unique, encode_fn, batch_size, dtype, processes.show_progress):
             cache.by_caption[caption] = (hidden, pooled)
         dataset.attach_text_cache(cache)
         return
@@ -398,16 +438,16 @@ def cache_text_encoder_outputs(
         return meta is not None and all(meta.get(k) == v for k, v in expected(caption).items())
 
     targets = _text_targets(dataset)
-    mine = [(p, c) for k, (p, (c, _)) in enumerate(targets.items()) if k % num_processes == process_index]
+    mine = [(p, c) for k, (p, (c, _)) in enumerate(targets.items()) if k % processes.count == processes.index]
     todo = [(p, c) for p, c in mine if not valid(p, c)]
     logger.info("text encoder cache: %d of %d files up to date, %d to encode", len(mine) - len(todo), len(mine), len(todo))
     paths_of: dict[str, list[Path]] = {}
     for path, caption in todo:
         paths_of.setdefault(caption, []).append(path)
-    for caption, hidden, pooled in _encode_texts(list(paths_of), encode_fn, batch_size, dtype, show_progress):
+    for caption, hidden, pooled in _encode_texts(list(paths_of), encode_fn, batch_size, dtype, processes.show_progress):
         for path in paths_of[caption]:
             _write(path, {"hidden": hidden, "pooled": pooled}, expected(caption))
-    wait_for_everyone()
+    processes.wait_for_everyone()
 
     bad = [str(p) for p, (c, _) in targets.items() if not valid(p, c)]
     if bad:

@@ -22,6 +22,7 @@ a typo here is an error.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -468,3 +469,46 @@ def build_dataset_configs(args: Any) -> list[DatasetConfig]:
             "set image_dir and conditioning_data_dir in the dataset TOML, or drop --dataset_config"
         )
     return load_dataset_config(dataset_config, dataset_options_from_args(args))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset options of the training command line (each also a [general]-level default for the TOML)."""
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--dataset_config", help="dataset TOML (see docs/dataset.md)")
+    g.add_argument("--train_data_dir", help="training images (when no --dataset_config)")
+    g.add_argument("--conditioning_data_dir", help="conditioning images (when no --dataset_config)")
+    g.add_argument("--resolution", help='training area, "1024" or "1024,1024"').joins_list = True
+    g.add_argument("--train_batch_size", type=int, default=None, help="batch size (when the dataset TOML gives none)")
+    g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt)")
+    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
+    g.add_argument("--keep_tokens", type=int, default=None, help="keep the first N tags in place when shuffling")
+    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
+    g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
+    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side")
+    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side")
+    g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this")
+    g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
+    g.add_argument("--caption_dropout_rate", type=float, default=None, help="drop the whole caption with this probability")
+    g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The checked dataset configs and how batches are loaded."""
+
+    datasets: tuple[DatasetConfig, ...]
+    num_workers: int = 0
+    persistent_workers: bool = False
+    debug_dataset: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataOptions":
+        if args.max_data_loader_n_workers < 0:
+            raise UserError(f"--max_data_loader_n_workers {args.max_data_loader_n_workers} is out of range: it must be >= 0")
+        return cls(datasets=tuple(build_dataset_configs(args)), num_workers=args.max_data_loader_n_workers,
+                   persistent_workers=args.persistent_data_loader_workers, debug_dataset=args.debug_dataset)

@@ -6,16 +6,38 @@ Short pure functions in the style of k-diffusion; the noise schedule itself is d
 
 from __future__ import annotations
 
+import argparse
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.cli import check_range
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("noise and loss")
+    g.add_argument("--noise_offset", type=float, default=None, help="per-channel noise offset (e.g. 0.0357)")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the schedule to zero terminal SNR (v-pred models)")
+    g.add_argument("--min_timestep", type=int, default=None, help="lowest training timestep, 0..999 (default 0)")
+    g.add_argument("--max_timestep", type=int, default=None, help="highest training timestep, exclusive, 1..1000 (default 1000)")
+    g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="weight the loss by 1/sqrt(SNR)")
+    g.add_argument("--loss_type", default="l2", choices=LOSS_TYPES, help="loss function")
+    g.add_argument("--huber_c", type=float, default=0.1, help="huber/smooth_l1 threshold")
+
 
 @dataclass(frozen=True)
 class LossOptions:
     v_parameterization: bool = False
+    zero_terminal_snr: bool = False
     noise_offset: float | None = None
     min_timestep: int | None = None
     max_timestep: int | None = None
@@ -23,6 +45,22 @@ class LossOptions:
     debiased_estimation: bool = False
     loss_type: str = "l2"
     huber_c: float = 0.1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LossOptions":
+        check_range("noise_offset", args.noise_offset, low=0)
+        check_range("min_timestep", args.min_timestep, low=0, high=999)
+        check_range("max_timestep", args.max_timestep, low=1, high=1000)
+        if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
+            raise UserError(f"--min_timestep {args.min_timestep} must be below --max_timestep {args.max_timestep}")
+        check_range("min_snr_gamma", args.min_snr_gamma, low=0, low_open=True)
+        check_range("huber_c", args.huber_c, low=0, low_open=True)
+        if args.zero_terminal_snr and not args.v_parameterization:
+            logger.warning("--zero_terminal_snr is meant for v-prediction; with epsilon prediction it rarely helps")
+        return cls(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr,
+                   noise_offset=args.noise_offset, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+                   min_snr_gamma=args.min_snr_gamma, debiased_estimation=args.debiased_estimation_loss,
+                   loss_type=args.loss_type, huber_c=args.huber_c)
 
 
 def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_terminal_snr: bool) -> DDPMScheduler:

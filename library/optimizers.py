@@ -2,32 +2,58 @@
 
 from __future__ import annotations
 
-import ast
+import argparse
 import logging
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from library.cli import check_choice, check_range, parse_key_values
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit", "Adafactor", "Prodigy"]
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
-def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:
-    """``["weight_decay=0.01", "betas=0.9,0.999"]`` -> ``{"weight_decay": 0.01, "betas": (0.9, 0.999)}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f'--optimizer_args item "{item}" must look like name=value, e.g. "weight_decay=0.01"')
-        key, raw = (s.strip() for s in item.split("=", 1))
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # plain strings such as "decouple=True" parse above; names stay strings
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
-    return out
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer_type", default="AdamW", help=f"one of {', '.join(OPTIMIZERS)} (case-insensitive)")
+    g.add_argument("--optimizer_args", nargs="*", default=[], help='extra optimizer arguments, e.g. "weight_decay=0.01"')
+    g.add_argument("--learning_rate", type=float, default=2e-4, help="learning rate (> 0)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    g.add_argument("--lr_scheduler", default="constant", help=f"one of {', '.join(LR_SCHEDULERS)}")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power for polynomial")
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    name: str = "AdamW"  # canonical spelling, one of OPTIMIZERS
+    args: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 2e-4
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "OptimizerOptions":
+        name = check_choice("optimizer_type", args.optimizer_type, OPTIMIZERS, case_sensitive=False)
+        check_range("learning_rate", args.learning_rate, low=0, low_open=True)
+        check_range("max_grad_norm", args.max_grad_norm, low=0, what="0 turns clipping off")
+        check_choice("lr_scheduler", args.lr_scheduler, LR_SCHEDULERS)
+        check_range("lr_warmup_steps", args.lr_warmup_steps, low=0)
+        check_range("lr_scheduler_num_cycles", args.lr_scheduler_num_cycles, low=1)
+        check_range("lr_scheduler_power", args.lr_scheduler_power, low=0, low_open=True)
+        return cls(name=name, args=parse_key_values("optimizer_args", args.optimizer_args),
+                   learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler,
+                   lr_warmup_steps=args.lr_warmup_steps, lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
+                   lr_scheduler_power=args.lr_scheduler_power)
 
 
 def _require(module: str, package: str, optimizer: str):

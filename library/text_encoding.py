@@ -100,6 +100,24 @@ def load_sdxl_tokenizers(path: str | None = None) -> tuple[Any, Any]:
     return tok1, tok2
 
 
+def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
+    """``--tokenizer_cache_dir``: the tokenizers saved in ``cache_dir``, which is filled first when empty.
+
+    sd-scripts downloads the tokenizers into this folder once and reads them from it afterwards, so
+    an offline machine can be given a copied folder. Here the bundled tokenizers are what gets
+    written, and a folder that already holds ``tokenizer``/``tokenizer_2`` is what gets used.
+    """
+    folders = (os.path.join(cache_dir, "tokenizer"), os.path.join(cache_dir, "tokenizer_2"))
+    if not all(os.path.isdir(f) for f in folders):
+        try:
+            for src, dst in zip(load_sdxl_tokenizers(None), folders):
+                src.save_pretrained(dst)
+        except OSError as e:
+            raise UserError(f"--tokenizer_cache_dir {cache_dir}: cannot write the tokenizers there ({e})") from None
+        logger.info("wrote the SDXL tokenizers to %s", cache_dir)
+    return load_sdxl_tokenizers(cache_dir)
+
+
 def clean_prompt_text(text: str) -> str:
     """CLIP's text cleanup that the transformers tokenizer leaves out: HTML unescape (twice) and whitespace.
 

@@ -1,420 +1,66 @@
-"""The LLLite training loop on accelerate: precision, caching, the step, saving and resuming.
+"""The LLLite training loop on accelerate: one step, the end of a step, the end of an epoch.
 
-Only the LLLite network trains; the U-Net, both text encoders and the VAE stay frozen. The loop
-reads top to bottom: prepare the models, cache what can be cached, then for each batch embed the
-conditioning image, add noise, run the U-Net with SDXL's conditioning, step the optimizer.
+Only the LLLite network trains; the U-Net, both text encoders and the VAE stay frozen. Each
+micro-batch embeds the conditioning image, adds noise, runs the U-Net with SDXL's conditioning
+and backpropagates; each optimizer step checks the loss once, steps, and hands over to the saver,
+the sample drawer and the trackers. Saving decisions live in ``library/saving.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from library import diffusion_loss as dl
-from library.atomic_io import atomic_write_text
+from library.cli import check_range
 from library.errors import UserError
 from library.model_loading import SDXLModels
-from library.optimizers import build_lr_scheduler, build_optimizer, parse_optimizer_args
+from library.optimizers import build_lr_scheduler, build_optimizer
+from library.saving import Progress, Saver, TrainingRNG, load_progress, run_metadata
+from library.text_encoding import encode_prompts
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.json"
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training length")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train (overrides --max_train_steps)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--seed", type=int, default=None, help="seed for data order, noise and initial weights")
 
 
-# ----------------------------------------------------------------------------------------------
-# Set-up
-# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    seed: int | None = None
 
-
-def create_accelerator(args: argparse.Namespace) -> Accelerator:
-    log_with = None
-    if args.log_with:
-        log_with = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
-        if not args.logging_dir:
-            raise UserError(f"--log_with {args.log_with} needs --logging_dir (where the logs go)")
-    # full_fp16 keeps fp16 weights, which accelerate's loss scaler refuses to unscale: run it without autocast.
-    mixed = "no" if args.full_fp16 else args.mixed_precision
-    try:
-        accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            mixed_precision=mixed,
-            log_with=log_with,
-            project_dir=args.logging_dir,
-        )
-    except (ValueError, ImportError) as e:
-        raise UserError(f"could not set up training (--mixed_precision {args.mixed_precision}, --log_with {args.log_with}): {e}") from None
-    return accelerator
-
-
-def weight_dtype(args: argparse.Namespace) -> torch.dtype:
-    """The dtype of the frozen models: half when mixed precision is on."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-
-
-def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}.get(
-        args.save_precision or "", None
-    )
-
-
-def set_attention(unet, args: argparse.Namespace) -> None:
-    """SDPA is diffusers' default; xformers when asked for and usable."""
-    if not args.xformers:
-        return
-    if not torch.cuda.is_available():
-        raise UserError("--xformers needs a CUDA GPU; without one, drop --xformers (SDPA is used and is as fast)")
-    try:
-        unet.enable_xformers_memory_efficient_attention()
-    except Exception as e:  # xformers raises several types when missing or mismatched
-        raise UserError(f"--xformers: xformers is not usable ({e}). Run `pip install xformers` matching your torch, or drop --xformers.") from None
-
-
-def fingerprint(module: torch.nn.Module, *extra: object) -> str:
-    """A short id of a model's weights for cache invalidation (a sample of every tensor, not all bytes)."""
-    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
-    for name, t in module.state_dict().items():
-        flat = t.detach().flatten()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def vae_encode_fn(models: SDXLModels, device: torch.device):
-    vae = models.vae
-    scale = vae.config.scaling_factor
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device=device, dtype=vae.dtype)
-        return (vae.encode(images).latent_dist.sample() * scale).float().cpu()
-
-    return encode
-
-
-def text_encode_fn(models: SDXLModels):
-    from library.text_encoding import encode_prompts
-
-    def encode(captions: list[str]):
-        hidden, pooled = encode_prompts(
-            models.text_encoder1, models.text_encoder2, models.tokenizer1, models.tokenizer2, list(captions)
-        )
-        return hidden, pooled
-
-    return encode
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving
-# ----------------------------------------------------------------------------------------------
-
-
-class TrainingRNG:
-    """The random stream of noise and timesteps, saved with the training state.
-
-    It is separate from torch's global generator, which data loaders and libraries also draw
-    from, so a resumed run draws exactly the noise the uninterrupted run would have.
-    """
-
-    def __init__(self, seed: int, process_index: int):
-        self.process_index = process_index
-        self.generator = torch.Generator().manual_seed(seed * 1000 + process_index)
-
-    def _file(self, folder: Path) -> Path:
-        return Path(folder) / f"noise_rng_{self.process_index}.pt"
-
-    def save(self, folder: Path) -> None:
-        """Each process saves its own stream (accelerate's custom objects are saved by the main process only)."""
-        torch.save(self.generator.get_state(), self._file(folder))
-
-    def load(self, folder: Path) -> None:
-        path = self._file(folder)
-        if not path.is_file():
-            raise UserError(f"--resume {folder}: {path.name} is missing; was the state written with another number of processes?")
-        self.generator.set_state(torch.load(path, weights_only=True))
-
-
-@dataclass
-class Progress:
-    global_step: int = 0  # optimizer steps done
-    epoch: int = 1  # current epoch, from 1
-    batches_in_epoch: int = 0  # data-loader batches consumed in the current epoch
-
-
-def training_metadata(args: argparse.Namespace, models: SDXLModels, network: ControlNetLLLite, progress: Progress) -> dict:
-    res = args.resolution or "1024"
-    w, _, h = str(res).replace(" ", "").partition(",")
-    return {
-        "modelspec.resolution": f"{w}x{h or w}",
-        "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_sd_model_name": models.name,
-        "ss_learning_rate": str(args.learning_rate),
-        "ss_optimizer": args.optimizer_type,
-        "ss_lr_scheduler": args.lr_scheduler,
-        "ss_mixed_precision": args.mixed_precision,
-        "ss_full_bf16": str(bool(args.full_bf16)),
-        "ss_network_dropout": str(args.network_dropout),
-        "ss_resolution": str(res),
-        "ss_steps": str(progress.global_step),
-        "ss_epoch": str(progress.epoch),
-        "ss_seed": str(args.seed),
-        "ss_noise_offset": str(args.noise_offset),
-        "ss_min_snr_gamma": str(args.min_snr_gamma),
-        "ss_v_parameterization": str(bool(args.v_parameterization)),
-        "ss_training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-class Saver:
-    """Names, writes and prunes LLLite files and training states (main process writes)."""
-
-    def __init__(self, args: argparse.Namespace, accelerator: Accelerator):
-        self.args = args
-        self.accelerator = accelerator
-        self.out = Path(args.output_dir)
-        self.ext = args.save_model_as
-
-    def model_path(self, tag: str | None) -> Path:
-        return self.out / (f"{self.args.output_name}-{tag}.{self.ext}" if tag else f"{self.args.output_name}.{self.ext}")
-
-    def save_model(self, network: ControlNetLLLite, tag: str | None, metadata: dict) -> Path | None:
-        path = self.model_path(tag)
-        if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(network)
-            unwrapped.save(path, dtype=save_dtype(self.args), metadata=metadata)
-            logger.info("saved %s", path)
-        return path
-
-    def prune_epochs(self, epoch: int) -> None:
-        keep = self.args.save_last_n_epochs
-        if not keep or not self.accelerator.is_main_process:
-            return
-        for old in range(1, epoch - keep + 1):
-            for path in (self.model_path(f"{old:06d}"), self.out / f"{self.args.output_name}-{old:06d}-state"):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-                else:
-                    continue
-                logger.info("removed %s (--save_last_n_epochs %d)", path, keep)
-
-    def save_state(self, tag: str | None, progress: Progress, rng: TrainingRNG) -> None:
-        """accelerate state (weights, optimizer, scheduler, RNG) + our position, renamed into place when complete."""
-        name = f"{self.args.output_name}-{tag}-state" if tag else f"{self.args.output_name}-state"
-        final = self.out / name
-        tmp = self.out / f".{name}.tmp"
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        rng.save(tmp)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            atomic_write_text(tmp / STATE_FILE, json.dumps(progress.__dict__))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            logger.info("saved training state %s", final)
-        self.accelerator.wait_for_everyone()
-
-
-def load_progress(state_dir: str) -> Progress:
-    path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"--resume {state_dir}: {STATE_FILE} is missing; this is not a complete state folder written by --save_state")
-    return Progress(**json.loads(path.read_text()))
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
-
-
-def sdxl_time_ids(batch: dict, device, dtype) -> torch.Tensor:
-    """[original_h, original_w, crop_top, crop_left, target_h, target_w] per sample."""
-    return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunOptions":
+        check_range("max_train_steps", args.max_train_steps, low=1)
+        check_range("max_train_epochs", args.max_train_epochs, low=1)
+        check_range("gradient_accumulation_steps", args.gradient_accumulation_steps, low=1)
+        check_range("seed", args.seed, low=0, high=2**32 - 1)
+        return cls(args.max_train_steps, args.max_train_epochs, args.gradient_accumulation_steps, args.seed)
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def train(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    models: SDXLModels,
-    network: ControlNetLLLite,
-    dataset,
-    dataloader,
-    sampler=None,
-) -> Path | None:
-    """Train ``network`` and return the path of the final LLLite file."""
-    device = accelerator.device
-    wdtype = weight_dtype(args)
-    unet = models.unet
-    caches_on = args.cache_latents and args.cache_text_encoder_outputs
-
-    # Frozen models: half precision when mixed precision is on; out of the GPU when caches make them idle.
-    unet.to(device, dtype=wdtype)
-    unet.requires_grad_(False)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.torch_compile:
-        # The LLLite hooks sit on linears inside the U-Net, so dynamo traces them with it.
-        unet = torch.compile(unet)
-    if not args.cache_latents:
-        models.vae.to(device)
-    if not args.cache_text_encoder_outputs:
-        models.text_encoder1.to(device, dtype=wdtype)
-        models.text_encoder2.to(device, dtype=wdtype)
-    if caches_on:
-        logger.info("latents and text-encoder outputs are cached: VAE and text encoders stay on the CPU")
-
-    if args.full_bf16 or args.full_fp16:
-        network.to(wdtype)
-    network.attach()
-    network.train()
-
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optimizer_type, params, args.learning_rate, parse_optimizer_args(args.optimizer_args))
-
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / max(1, steps_per_epoch))
-    lr_scheduler = build_lr_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        total_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_scheduler_num_cycles,
-        power=args.lr_scheduler_power,
-    )
-    network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
-    raw_network: ControlNetLLLite = accelerator.unwrap_model(network)
-
-    noise_scheduler = dl.training_noise_scheduler(models.scheduler_config, args.v_parameterization, args.zero_terminal_snr)
-    loss_opts = dl.LossOptions(
-        v_parameterization=args.v_parameterization,
-        noise_offset=args.noise_offset,
-        min_timestep=args.min_timestep,
-        max_timestep=args.max_timestep,
-        min_snr_gamma=args.min_snr_gamma,
-        debiased_estimation=args.debiased_estimation_loss,
-        loss_type=args.loss_type,
-        huber_c=args.huber_c,
-    )
-    saver = Saver(args, accelerator)
-    progress = Progress()
-    rng = TrainingRNG(args.seed or 0, accelerator.process_index)
-    if args.resume:
-        try:
-            accelerator.load_state(args.resume)
-        except RuntimeError as e:
-            if "state_dict" not in str(e):
-                raise
-            raise UserError(
-                f"--resume {args.resume}: the saved LLLite does not fit this run's network "
-                "(network_dim, cond_emb_dim and include_output_blocks must be as in the run that saved it): "
-                + str(e).splitlines()[0]
-            ) from None
-        rng.load(Path(args.resume))
-        progress = load_progress(args.resume)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, progress.global_step, progress.epoch, progress.batches_in_epoch)
-
-    if accelerator.is_main_process:
-        logger.info(
-            "training %d LLLite parameters: %d batches per epoch, %d epochs, %d steps, %d process(es)",
-            sum(p.numel() for p in params), len(dataloader), num_epochs, args.max_train_steps, accelerator.num_processes,
-        )
-        if args.log_with:
-            accelerator.init_trackers(args.log_prefix or "lllite", config={k: str(v) for k, v in vars(args).items()})
-
-    last_saved: Path | None = None
-    bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    if sampler is not None and args.sample_at_first and progress.global_step == 0:
-        sampler(raw_network, progress.global_step, progress.epoch)
-
-    while progress.global_step < args.max_train_steps and progress.epoch <= num_epochs:
-        # accelerate's loaders pass their own epoch counter to dataset.set_epoch when iterated,
-        # so the epoch is set through the loader (a resumed run's skipping loader included).
-        loader = dataloader
-        if progress.batches_in_epoch:
-            loader = accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
-        loader.set_epoch(progress.epoch)
-        for batch in loader:
-            progress.batches_in_epoch += 1
-            with accelerator.accumulate(network):
-                loss = compute_loss(batch, models, network, unet, noise_scheduler, loss_opts, rng.generator, device, wdtype)
-                check_finite(loss, accelerator, progress, last_saved)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            bar.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if args.log_with:
-                accelerator.log(logs, step=progress.global_step)
-            if args.save_every_n_steps and progress.global_step % args.save_every_n_steps == 0 and progress.global_step < args.max_train_steps:
-                tag = f"step{progress.global_step:08d}"
-                last_saved = saver.save_model(network, tag, training_metadata(args, models, raw_network, progress))
-                if args.save_state:
-                    saver.save_state(tag, progress, rng)
-            if sampler is not None and args.sample_every_n_steps and progress.global_step % args.sample_every_n_steps == 0:
-                sampler(raw_network, progress.global_step, progress.epoch)
-            if progress.global_step >= args.max_train_steps:
-                break
-        else:
-            # a whole epoch ended
-            epoch = progress.epoch
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-            if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs and progress.global_step < args.max_train_steps:
-                tag = f"{epoch:06d}"
-                last_saved = saver.save_model(network, tag, training_metadata(args, models, raw_network, progress))
-                if args.save_state:
-                    saver.save_state(tag, progress, rng)
-                saver.prune_epochs(epoch)
-            if sampler is not None and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
-                sampler(raw_network, progress.global_step, epoch)
-            continue
-        break
-    bar.close()
-
-    accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        # every process prints it: equal fingerprints show that the processes stayed in sync
-        print(f"process {accelerator.process_index}/{accelerator.num_processes}: final LLLite weights "
-              f"fingerprint {fingerprint(raw_network)}", flush=True)
-    final = saver.save_model(network, None, training_metadata(args, models, raw_network, progress))
-    if args.save_state:
-        saver.save_state(None, progress, rng)
-    sampled_now = bool(args.sample_every_n_steps and progress.global_step % args.sample_every_n_steps == 0)
-    if sampler is not None and (args.sample_every_n_steps or args.sample_every_n_epochs) and not sampled_now:
-        sampler(raw_network, progress.global_step, progress.epoch)
-    accelerator.end_training()
-    return final
+def sdxl_time_ids(batch: dict, device, dtype) -> torch.Tensor:
+    """[original_h, original_w, crop_top, crop_left, target_h, target_w] per sample."""
+    return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
 
 
 def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts: dl.LossOptions,
@@ -432,8 +78,6 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
     if "text_hidden" in batch:
         hidden, pooled = batch["text_hidden"].to(device), batch["text_pooled"].to(device)
     else:
-        from library.text_encoding import encode_prompts
-
         hidden, pooled = encode_prompts(
             models.text_encoder1, models.text_encoder2, models.tokenizer1, models.tokenizer2, list(batch["captions"])
         )
@@ -448,17 +92,207 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
     return dl.diffusion_loss(noise_scheduler, pred, latents, noise, timesteps, opts)
 
 
-def check_finite(loss: torch.Tensor, accelerator: Accelerator, progress: Progress, last_saved: Path | None) -> None:
-    """Stop every process together on a NaN/inf loss, before it reaches the weights."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        where = f"step {progress.global_step + 1} (epoch {progress.epoch})"
-        kept = f"The last good file is {last_saved}." if last_saved else "No LLLite file was written."
+SampleFn = Callable[[ControlNetLLLite, int, int], None]
+
+
+class Trainer:
+    """Everything one run needs, prepared once; ``run()`` trains and returns the final file."""
+
+    def __init__(self, options, accelerator, models: SDXLModels, unet: torch.nn.Module, network: ControlNetLLLite,
+                 dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None):
+        self.o = options
+        self.accelerator = accelerator
+        self.models = models
+        self.unet = unet
+        self.samples = samples
+        self.device = accelerator.device
+        self.wdtype = options.precision.weight_dtype
+        self.loss_opts: dl.LossOptions = options.loss
+
+        if options.precision.full_bf16 or options.precision.full_fp16:
+            network.to(self.wdtype)
+        network.attach()
+        network.train()
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        opt = options.optimizer
+        optimizer = build_optimizer(opt.name, self.params, opt.learning_rate, dict(opt.args))
+
+        run = options.run
+        n = accelerator.num_processes
+        self.steps_per_epoch = max(1, math.ceil(len(dataloader) / n / run.gradient_accumulation_steps))
+        self.max_steps = run.max_train_epochs * self.steps_per_epoch if run.max_train_epochs else run.max_train_steps
+        self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        lr_scheduler = build_lr_scheduler(opt.lr_scheduler, optimizer, warmup_steps=opt.lr_warmup_steps * n,
+                                          total_steps=self.max_steps * n, num_cycles=opt.lr_scheduler_num_cycles,
+                                          power=opt.lr_scheduler_power)
+        self.network, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+            network, optimizer, dataloader, lr_scheduler)
+        self.raw_network: ControlNetLLLite = accelerator.unwrap_model(self.network)
+        self.noise_scheduler = dl.training_noise_scheduler(models.scheduler_config, self.loss_opts.v_parameterization,
+                                                           self.loss_opts.zero_terminal_snr)
+        self.rng = TrainingRNG(run.seed or 0, accelerator.process_index)
+        self.progress = Progress()
+        self.saver = Saver(options.saving, accelerator, self.network, run_metadata(options, models, resolution),
+                           self.num_epochs, self.rng, uploader)
+        self._pending = _StepStats(self.device)
+        self._last_loss = float("nan")
+        self.bar = None
+
+    # -- the recipe ------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        self.resume()
+        self.log_plan()
+        self.bar = tqdm(total=self.max_steps, initial=self.progress.global_step, desc="steps",
+                        disable=not self.accelerator.is_local_main_process)
+        try:
+            if self.samples is not None and self.o.samples.at_first and self.progress.global_step == 0:
+                self.samples(self.raw_network, 0, self.progress.epoch)
+            while not self.finished:
+                self.run_epoch()
+        finally:
+            self.bar.close()  # before any error message, so the message is the last line
+        return self.finish()
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.global_step >= self.max_steps or self.progress.epoch > self.num_epochs
+
+    def run_epoch(self) -> None:
+        # accelerate's loaders pass their own epoch counter to dataset.set_epoch when iterated,
+        # so the epoch is set through the loader (a resumed run's skipping loader included).
+        loader = self.dataloader
+        if self.progress.batches_in_epoch:
+            loader = self.accelerator.skip_first_batches(self.dataloader, self.progress.batches_in_epoch)
+        loader.set_epoch(self.progress.epoch)
+        for batch in loader:
+            self.progress.batches_in_epoch += 1
+            self.micro_step(batch)
+            if self.accelerator.sync_gradients:
+                self.end_of_step()
+                if self.progress.global_step >= self.max_steps:
+                    return  # stopped inside the epoch: it has not ended
+        self.end_of_epoch()
+
+    def micro_step(self, batch: dict) -> None:
+        """Forward and backward of one batch; on the last batch of an accumulation, the optimizer step."""
+        acc = self.accelerator
+        with acc.accumulate(self.network):
+            self.raw_network.set_multiplier(float(batch["network_multipliers"][0]))
+            loss = compute_loss(batch, self.models, self.network, self.unet, self.noise_scheduler, self.loss_opts,
+                                self.rng.generator, self.device, self.wdtype)
+            self._pending.add(loss.detach())
+            acc.backward(loss)
+            if acc.sync_gradients:
+                self.check_finite()  # the one host synchronisation of the step, before any update
+                if self.o.optimizer.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, self.o.optimizer.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def end_of_step(self) -> None:
+        p = self.progress
+        p.global_step += 1
+        logs = {"loss": self._last_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        if self.o.tracking.trackers:
+            self.accelerator.log(logs, step=p.global_step)
+        self.saver.on_step_end(p, self.max_steps)
+        if self.samples is not None and self.o.samples.due_after_step(p.global_step):
+            self.samples(self.raw_network, p.global_step, p.epoch)
+
+    def end_of_epoch(self) -> None:
+        p = self.progress
+        epoch = p.epoch
+        p.epoch += 1
+        p.batches_in_epoch = 0
+        self.saver.on_epoch_end(epoch, p, self.max_steps)
+        if self.samples is not None and self.o.samples.due_after_epoch(epoch):
+            self.samples(self.raw_network, p.global_step, epoch)
+
+    def finish(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.num_processes > 1:
+            from library.training_caches import fingerprint
+
+            # Each process logs it: equal fingerprints show that the processes stayed in sync.
+            logging.getLogger("sdxl_train_control_net_lllite").warning(
+                "process %d/%d: final LLLite weights fingerprint %s", acc.process_index, acc.num_processes,
+                fingerprint(self.raw_network))
+        final = self.saver.on_train_end(self.progress)
+        drawn_now = self.o.samples.due_after_step(self.progress.global_step)
+        if self.samples is not None and self.o.samples.at_end and not drawn_now:
+            self.samples(self.raw_network, self.progress.global_step, self.progress.epoch)
+        acc.end_training()
+        return final
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        folder = self.o.saving.resume
+        if folder is None:
+            return
+        try:
+            self.accelerator.load_state(str(folder))
+        except RuntimeError as e:
+            if "state_dict" not in str(e):
+                raise
+            raise UserError(
+                f"--resume {folder}: the saved LLLite does not fit this run's network "
+                "(network_dim, cond_emb_dim and include_output_blocks must be as in the run that saved it): "
+                + str(e).splitlines()[0]
+            ) from None
+        self.rng.load(folder)
+        self.progress = load_progress(folder)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
+                    self.progress.epoch, self.progress.batches_in_epoch)
+
+    def log_plan(self) -> None:
+        if self.accelerator.is_main_process:
+            logger.info("training %d LLLite parameters: %d batches per epoch, %d epochs, %d steps, %d process(es)",
+                        sum(p.numel() for p in self.params), len(self.dataloader), self.num_epochs, self.max_steps,
+                        self.accelerator.num_processes)
+
+    def check_finite(self) -> None:
+        """Stop every process together on a NaN/inf loss, before it reaches the weights."""
+        bad, mean = self._pending.collect(self.accelerator)
+        self._last_loss = mean
+        if not bad:
+            return
+        p = self.progress
+        kept = f"The last good file is {self.saver.last_saved}." if self.saver.last_saved else "No LLLite file was written."
         raise NonFiniteLoss(
-            f"the loss became {loss.item()} at {where}; training stopped before the bad update, and nothing from this "
-            f"step was saved. {kept} Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, "
-            "or --no_half_vae."
+            f"the loss became {mean} at step {p.global_step + 1} (epoch {p.epoch}); training stopped before the bad "
+            f"update, and nothing from this step was saved. {kept} Try a lower --learning_rate, --mixed_precision bf16 "
+            "instead of fp16, or --no_half_vae."
         )
 
+
+class _StepStats:
+    """Loss of the micro-batches of one optimizer step, kept on the device until the step ends."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), device=self.device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total = self.total + loss.float()
+        self.nonfinite = self.nonfinite + (~torch.isfinite(loss)).float()
+        self.count += 1
+
+    def collect(self, accelerator) -> tuple[bool, float]:
+        """(any non-finite loss on any process, mean loss of this process) with one transfer to the host."""
+        stats = torch.stack([self.nonfinite, self.total / max(1, self.count)])
+        if accelerator.num_processes > 1:
+            stats[0] = accelerator.reduce(stats[0:1], reduction="sum")[0]
+        bad, mean = stats.tolist()
+        self.reset()
+        return bad > 0, mean

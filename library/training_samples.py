@@ -9,81 +9,125 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from accelerate import Accelerator
 
+from library.cli import check_range
 from library.errors import UserError
 from library.generation import GenerationRequest, check_image_readable, generate, request_from_prompt_spec, request_metadata
 from library.model_loading import SDXLModels
 from library.png_metadata import save_png
-from library.prompt_lines import load_prompt_file
-from library.samplers import normalize_sampler_name
+from library.prompt_lines import PromptSpec, load_prompt_file
+from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, normalize_sampler_name
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
 
-SampleFn = Callable[[ControlNetLLLite, int, int], None]
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sample images during training")
+    g.add_argument("--sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="draw the sample prompts every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="draw the sample prompts every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="draw the sample prompts before the first step")
+    g.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help="sampler for samples (names as in sdxl_gen_img.py)")
 
 
-def _default_size(args: argparse.Namespace) -> tuple[int, int]:
-    res = str(args.resolution or "1024").replace(" ", "")
-    w, _, h = res.partition(",")
-    return int(w), int(h or w)
+@dataclass(frozen=True)
+class SampleOptions:
+    prompts: tuple[PromptSpec, ...] = ()
+    prompt_file: str | None = None
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_first: bool = False
+    sampler: str = DEFAULT_SAMPLER
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SampleOptions":
+        check_range("sample_every_n_steps", args.sample_every_n_steps, low=1)
+        check_range("sample_every_n_epochs", args.sample_every_n_epochs, low=1)
+        try:
+            sampler = normalize_sampler_name(args.sample_sampler)
+        except (KeyError, ValueError, UserError):
+            raise UserError(f"--sample_sampler {args.sample_sampler!r} is not a sampler name; "
+                            f"use one of {', '.join(SAMPLER_NAMES)}") from None
+        cadence = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
+        if not args.sample_prompts:
+            if cadence:
+                raise UserError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts "
+                                "(a prompt file whose lines name their guide with --cn)")
+            return cls(sampler=sampler)
+        return cls(prompts=tuple(_read_prompts(args.sample_prompts)), prompt_file=args.sample_prompts,
+                   every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
+                   at_first=args.sample_at_first, sampler=sampler)
+
+    def due_after_step(self, step: int) -> bool:
+        return bool(self.prompts and self.every_n_steps and step % self.every_n_steps == 0)
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return bool(self.prompts and self.every_n_epochs and epoch % self.every_n_epochs == 0)
+
+    @property
+    def at_end(self) -> bool:
+        """A cadence was asked for, so the final network is drawn too."""
+        return bool(self.prompts and (self.every_n_steps or self.every_n_epochs))
 
 
-def make_sampler(args: argparse.Namespace, models: SDXLModels, accelerator: Accelerator) -> SampleFn | None:
-    """A callback ``sample(network, step, epoch)``, or None without ``--sample_prompts``.
-
-    Prompts and guide images are checked now, so a typo fails before training, not hours later.
-    """
-    if not args.sample_prompts:
-        return None
-    specs = load_prompt_file(args.sample_prompts)
+def _read_prompts(path: str) -> list[PromptSpec]:
+    """Prompts and guide images are checked now, so a typo fails before training, not hours later."""
+    specs = load_prompt_file(path)
     for i, spec in enumerate(specs):
         if not spec.guide_images:
             raise UserError(
-                f"{args.sample_prompts}: prompt {i + 1} ({spec.prompt[:40]!r}) has no --cn guide image; "
+                f"{path}: prompt {i + 1} ({spec.prompt[:40]!r}) has no --cn guide image; "
                 "an LLLite sample needs one, e.g. `a cat --cn guides/cat_canny.png`"
             )
         for g in spec.guide_images:
             check_image_readable(g, f"guide image of sample prompt {i + 1}")
-    width, height = _default_size(args)
-    defaults = GenerationRequest(width=width, height=height, steps=20, scale=7.0,
-                                 sampler=normalize_sampler_name(args.sample_sampler), seed=args.seed)
-    out_dir = Path(args.output_dir) / "sample"
-
-    def sample(network: ControlNetLLLite, step: int, epoch: int) -> None:
-        if accelerator.is_main_process:
-            _draw(models, network, specs, defaults, out_dir, args, accelerator, step, epoch)
-        accelerator.wait_for_everyone()
-
-    return sample
+    return specs
 
 
-def _draw(models, network, specs, defaults, out_dir: Path, args, accelerator, step: int, epoch: int) -> None:
-    device = accelerator.device
-    idle = [m for m in (models.vae, models.text_encoder1, models.text_encoder2) if m.device != device]
-    for m in idle:
-        m.to(device)
-    was_training = network.training
-    network.eval()
-    rng_state = torch.get_rng_state()  # sampling must not change the training run's random stream
-    try:
-        with torch.no_grad(), accelerator.autocast():
-            for i, spec in enumerate(specs):
-                request = request_from_prompt_spec(spec, defaults)
-                image = generate(models, [network], request, device=device, progress=False)[0]
-                seed = image.info.get("seed", request.seed)
-                meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
-                                        base_model=models.name, lllite=args.output_name)
-                path = out_dir / f"{args.output_name}_{step:06d}_{i:02d}_{seed}.png"
-                save_png(image, path, meta)
-        logger.info("wrote %d sample image(s) for step %d to %s", len(specs), step, out_dir)
-    finally:
-        torch.set_rng_state(rng_state)
-        network.train(was_training)
+class SampleDrawer:
+    """Draws the sample prompts with the network as it is now (main process; the others wait)."""
+
+    def __init__(self, opts: SampleOptions, models: SDXLModels, accelerator, out_dir: Path, name: str,
+                 size: tuple[int, int], seed: int | None):
+        self.opts = opts
+        self.models = models
+        self.accelerator = accelerator
+        self.out_dir = out_dir
+        self.name = name
+        self.defaults = GenerationRequest(width=size[0], height=size[1], steps=20, scale=7.0, sampler=opts.sampler, seed=seed)
+        self.last_step: int | None = None
+
+    def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
+        if self.accelerator.is_main_process:
+            self._draw(network, step, epoch)
+        self.last_step = step
+        self.accelerator.wait_for_everyone()
+
+    def _draw(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
+        models, device = self.models, self.accelerator.device
+        idle = [m for m in (models.vae, models.text_encoder1, models.text_encoder2) if m.device != device]
         for m in idle:
-            m.to("cpu")
+            m.to(device)
+        was_training = network.training
+        network.eval()
+        rng_state = torch.get_rng_state()  # sampling must not change the training run's random stream
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                for i, spec in enumerate(self.opts.prompts):
+                    request = request_from_prompt_spec(spec, self.defaults)
+                    image = generate(models, [network], request, device=device, progress=False)[0]
+                    seed = image.info.get("seed", request.seed)
+                    meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
+                                            base_model=models.name, lllite=self.name)
+                    save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta)
+            logger.info("wrote %d sample image(s) for step %d to %s", len(self.opts.prompts), step, self.out_dir)
+        finally:
+            torch.set_rng_state(rng_state)
+            network.train(was_training)
+            for m in idle:
+                m.to("cpu")

@@ -13,7 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 
 import library.caching as caching
-from library.caching import cache_latents, cache_text_encoder_outputs, validate_caching_options
+from library.caching import Processes, cache_latents, cache_text_encoder_outputs, validate_caching_options
+
+QUIET = Processes(show_progress=False)
 from library.dataset import LLLiteDataset, load_training_image
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
@@ -84,7 +86,7 @@ def cache_files(root: Path, pattern: str = "*_lllite.safetensors") -> list[Path]
 def test_disk_latents_are_reused_on_the_second_run(tmp_path):
     make_data(tmp_path)
     ds, vae = dataset(tmp_path), FakeVAE()
-    cache_latents(ds, vae, "vae-1", to_disk=True, batch_size=2, show_progress=False)
+    cache_latents(ds, vae, "vae-1", to_disk=True, batch_size=2, processes=QUIET)
     assert vae.images == 3 and vae.batch_sizes == [2, 1]  # one bucket, VAE batches of 2
     assert [p.name for p in cache_files(tmp_path)] == [f"{i}_80x48_lllite.safetensors" for i in range(3)]
     with safe_open(str(cache_files(tmp_path)[0]), framework="pt") as f:
@@ -98,7 +100,7 @@ def test_disk_latents_are_reused_on_the_second_run(tmp_path):
     assert torch.allclose(batch["latents"][0], expected_latent(ds, index, False))
 
     again, vae2 = dataset(tmp_path), FakeVAE()
-    cache_latents(again, vae2, "vae-1", to_disk=True, batch_size=2, show_progress=False)
+    cache_latents(again, vae2, "vae-1", to_disk=True, batch_size=2, processes=QUIET)
     assert vae2.calls == 0
     assert torch.equal(again[0]["latents"], ds[0]["latents"])
 
@@ -106,7 +108,7 @@ def test_disk_latents_are_reused_on_the_second_run(tmp_path):
 def test_memory_latents_make_no_files(tmp_path):
     make_data(tmp_path, n=2)
     ds, vae = dataset(tmp_path), FakeVAE()
-    cache_latents(ds, vae, "vae-1", batch_size=4, dtype=torch.float16, show_progress=False)
+    cache_latents(ds, vae, "vae-1", batch_size=4, dtype=torch.float16, processes=QUIET)
     assert vae.calls == 1 and cache_files(tmp_path) == []
     batch = ds[0]
     assert batch["latents"].dtype == torch.float16 and "images" not in batch
@@ -114,32 +116,32 @@ def test_memory_latents_make_no_files(tmp_path):
 
 def test_changed_image_vae_or_bucket_is_reencoded(tmp_path):
     make_data(tmp_path)
-    cache_latents(dataset(tmp_path), FakeVAE(), "vae-1", to_disk=True, show_progress=False)
+    cache_latents(dataset(tmp_path), FakeVAE(), "vae-1", to_disk=True, processes=QUIET)
 
     draw(tmp_path / "img" / "1.png", (96, 64), 50, 40)  # same size on disk, other content
     vae = FakeVAE()
     ds = dataset(tmp_path)
-    cache_latents(ds, vae, "vae-1", to_disk=True, show_progress=False)
+    cache_latents(ds, vae, "vae-1", to_disk=True, processes=QUIET)
     assert vae.images == 1
     assert torch.allclose(ds.latent_cache.get_latents(1, False), expected_latent(ds, 1, False))
 
     vae = FakeVAE()
-    cache_latents(dataset(tmp_path), vae, "vae-2", to_disk=True, show_progress=False)
+    cache_latents(dataset(tmp_path), vae, "vae-2", to_disk=True, processes=QUIET)
     assert vae.images == 3
 
     vae = FakeVAE()
-    cache_latents(dataset(tmp_path), vae, "vae-2", to_disk=True, dtype=torch.float16, show_progress=False)
+    cache_latents(dataset(tmp_path), vae, "vae-2", to_disk=True, dtype=torch.float16, processes=QUIET)
     assert vae.images == 3
 
     vae = FakeVAE()
-    cache_latents(dataset(tmp_path, resolution=(32, 32)), vae, "vae-2", to_disk=True, show_progress=False)
+    cache_latents(dataset(tmp_path, resolution=(32, 32)), vae, "vae-2", to_disk=True, processes=QUIET)
     assert vae.images == 3 and len(cache_files(tmp_path)) == 6  # another bucket, another file
 
 
 def test_flip_aug_caches_both_orientations(tmp_path):
     make_data(tmp_path)
     ds, vae = dataset(tmp_path, flip_aug=True, num_repeats=4), FakeVAE()
-    cache_latents(ds, vae, "vae-1", to_disk=True, batch_size=8, show_progress=False)
+    cache_latents(ds, vae, "vae-1", to_disk=True, batch_size=8, processes=QUIET)
     assert vae.images == 6
     with safe_open(str(cache_files(tmp_path)[0]), framework="pt") as f:
         assert set(f.keys()) == {"latents", "latents_flipped"}
@@ -154,7 +156,7 @@ def test_flip_aug_caches_both_orientations(tmp_path):
     assert seen == {False, True}
 
     vae = FakeVAE()  # a file with both orientations also serves a run without flip_aug
-    cache_latents(dataset(tmp_path), vae, "vae-1", to_disk=True, show_progress=False)
+    cache_latents(dataset(tmp_path), vae, "vae-1", to_disk=True, processes=QUIET)
     assert vae.calls == 0
 
 
@@ -163,7 +165,7 @@ def test_latent_cache_refuses_per_epoch_pixel_options(tmp_path, option):
     make_data(tmp_path, n=1)
     ds = dataset(tmp_path, **{option: True})
     with pytest.raises(UserError, match=f"cache_latents cannot be combined with {option}"):
-        cache_latents(ds, FakeVAE(), "vae-1", show_progress=False)
+        cache_latents(ds, FakeVAE(), "vae-1", processes=QUIET)
 
 
 def run_ranks(root: Path, monkeypatch, work) -> dict[str, list[Path]]:
@@ -203,8 +205,7 @@ def test_two_ranks_write_disjoint_latent_files(tmp_path, monkeypatch):
     vaes = [FakeVAE(), FakeVAE()]
 
     def work(ds, rank, wait):
-        cache_latents(ds, vaes[rank], "vae-1", to_disk=True, process_index=rank, num_processes=2,
-                      wait_for_everyone=wait, show_progress=False)
+        cache_latents(ds, vaes[rank], "vae-1", to_disk=True, processes=Processes(rank, 2, wait, show_progress=False))
         assert "latents" in ds[0]
 
     written = run_ranks(tmp_path, monkeypatch, work)
@@ -220,7 +221,7 @@ def test_two_ranks_write_disjoint_latent_files(tmp_path, monkeypatch):
 def test_text_cache_reuse_and_invalidation(tmp_path):
     make_data(tmp_path)
     ds, te = dataset(tmp_path, caption_prefix="sks"), FakeTE()
-    cache_text_encoder_outputs(ds, te, "te-1", to_disk=True, batch_size=2, show_progress=False)
+    cache_text_encoder_outputs(ds, te, "te-1", to_disk=True, batch_size=2, processes=QUIET)
     assert sorted(te.captions) == ["sks, caption 0", "sks, caption 1", "sks, caption 2"]
     assert len(cache_files(tmp_path, "*_lllite_te.safetensors")) == 3
     batch = ds[0]
@@ -228,23 +229,23 @@ def test_text_cache_reuse_and_invalidation(tmp_path):
     assert batch["text_hidden"][0, 0, 0].item() == len(batch["captions"][0])
 
     te = FakeTE()
-    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, show_progress=False)
+    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, processes=QUIET)
     assert te.captions == []
 
     (tmp_path / "img" / "2.txt").write_text("a new caption", encoding="utf-8")
     te = FakeTE()
-    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, show_progress=False)
+    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, processes=QUIET)
     assert te.captions == ["sks, a new caption"]
 
     te = FakeTE()
-    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-2", to_disk=True, show_progress=False)
+    cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-2", to_disk=True, processes=QUIET)
     assert len(te.captions) == 3
 
 
 def test_memory_text_cache_encodes_each_caption_once(tmp_path):
     make_data(tmp_path, n=3, caption="same words")
     ds, te = dataset(tmp_path), FakeTE()
-    cache_text_encoder_outputs(ds, te, "te-1", show_progress=False)
+    cache_text_encoder_outputs(ds, te, "te-1", processes=QUIET)
     assert te.captions == ["same words"]
     assert cache_files(tmp_path, "*_lllite_te*.safetensors") == []
     assert "text_hidden" in ds[0] and ds[0]["captions"][0] == "same words"
@@ -258,7 +259,7 @@ def test_text_cache_refuses_changing_captions(tmp_path, options):
     make_data(tmp_path, n=1)
     (name,) = options
     with pytest.raises(UserError, match=f"cache_text_encoder_outputs cannot be combined with {name}"):
-        cache_text_encoder_outputs(dataset(tmp_path, **options), FakeTE(), "te-1", show_progress=False)
+        cache_text_encoder_outputs(dataset(tmp_path, **options), FakeTE(), "te-1", processes=QUIET)
     validate_caching_options(dataset(tmp_path, **options).configs, cache_latents=True)  # latents are fine
 
 
@@ -266,8 +267,8 @@ def test_two_ranks_write_disjoint_text_files(tmp_path, monkeypatch):
     make_data(tmp_path, n=4)
 
     def work(ds, rank, wait):
-        cache_text_encoder_outputs(ds, FakeTE(), "te-1", to_disk=True, process_index=rank, num_processes=2,
-                                   wait_for_everyone=wait, show_progress=False)
+        cache_text_encoder_outputs(ds, FakeTE(), "te-1", to_disk=True,
+                                   processes=Processes(rank, 2, wait, show_progress=False))
 
     written = run_ranks(tmp_path, monkeypatch, work)
     assert len(written["rank0"]) == len(written["rank1"]) == 2

@@ -1,0 +1,180 @@
+"""Precision and multi-process training: the options that shape accelerate's ``Accelerator``.
+
+Data-parallel training runs with ``accelerate launch --multi_gpu`` (or several machines, see
+docs/training.md); DeepSpeed runs through accelerate's DeepSpeed plugin. Only the LLLite network is
+prepared by accelerate, so DDP and DeepSpeed hold and synchronise the LLLite weights alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from library.cli import check_range
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("precision")
+    g.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION, help="compute precision of the frozen U-Net")
+    g.add_argument("--full_fp16", action="store_true", help="LLLite weights in fp16 too (no loss scaling)")
+    g.add_argument("--full_bf16", action="store_true", help="LLLite weights in bf16 too")
+
+    g = parser.add_argument_group("multi-GPU (DDP)")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a silent process fails the run (default: accelerate's, 30)")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradients as views of its buckets (less memory)")
+    g.add_argument("--ddp_static_graph", action="store_true", help="tell DDP the graph is the same every step (faster)")
+
+    g = parser.add_argument_group("DeepSpeed (pip install deepspeed)")
+    g.add_argument("--deepspeed", action="store_true", help="train through accelerate's DeepSpeed plugin")
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage (default 2)")
+    g.add_argument("--offload_optimizer_device", default=None, choices=OFFLOAD_DEVICES,
+                   help="offload optimizer states to cpu or nvme (ZeRO 2 and 3)")
+    g.add_argument("--offload_optimizer_nvme_path", default=None, help="NVMe folder for optimizer offload (ZeRO 3)")
+    g.add_argument("--offload_param_device", default=None, choices=OFFLOAD_DEVICES, help="offload parameters to cpu or nvme (ZeRO 3)")
+    g.add_argument("--offload_param_nvme_path", default=None, help="NVMe folder for parameter offload (ZeRO 3)")
+    g.add_argument("--zero3_init_flag", action="store_true", help="build models under deepspeed.zero.Init (ZeRO 3)")
+    g.add_argument("--zero3_save_16bit_model", action="store_true", help="gather 16-bit weights when saving (ZeRO 3)")
+    g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
+                   help="fp16 master weights and gradients (DeepSpeed ZeRO 2 with CPU optimizer offload only)")
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PrecisionOptions":
+        if args.full_bf16 and args.mixed_precision != "bf16":
+            raise UserError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}")
+        if args.full_fp16 and args.mixed_precision != "fp16":
+            raise UserError(f"--full_fp16 needs --mixed_precision fp16, got --mixed_precision {args.mixed_precision}")
+        return cls(args.mixed_precision, args.full_fp16, args.full_bf16)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the frozen models: half when mixed precision is on."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    zero_stage: int = 2
+    offload_optimizer_device: str | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_device: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    ddp_timeout_minutes: int | None = None
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
+    deepspeed: DeepSpeedOptions | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DistributedOptions":
+        check_range("ddp_timeout", args.ddp_timeout, low=1, what="minutes")
+        ds_names = ["zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+                    "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients"]
+        ds_defaults = DeepSpeedOptions()
+        set_without = [n for n in ds_names if getattr(args, n) not in (getattr(ds_defaults, n), None)]
+        if not args.deepspeed:
+            if set_without:
+                raise UserError(f"--{set_without[0]} is a DeepSpeed option: add --deepspeed, or drop it")
+            ds = None
+        else:
+            ds = DeepSpeedOptions(**{n: getattr(args, n) for n in ds_names})
+            _check_deepspeed(ds)
+        return cls(args.ddp_timeout, args.ddp_gradient_as_bucket_view, args.ddp_static_graph, ds)
+
+
+def _check_deepspeed(ds: DeepSpeedOptions) -> None:
+    for kind in ("optimizer", "param"):
+        device, path = getattr(ds, f"offload_{kind}_device"), getattr(ds, f"offload_{kind}_nvme_path")
+        if device == "nvme" and not path:
+            raise UserError(f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path (a folder on the NVMe drive)")
+        if path and device != "nvme":
+            raise UserError(f"--offload_{kind}_nvme_path {path} only applies with --offload_{kind}_device nvme")
+    if ds.offload_param_device not in (None, "none") and ds.zero_stage != 3:
+        raise UserError(f"--offload_param_device {ds.offload_param_device} needs --zero_stage 3, got {ds.zero_stage}")
+    if ds.offload_optimizer_device not in (None, "none") and ds.zero_stage < 2:
+        raise UserError(f"--offload_optimizer_device {ds.offload_optimizer_device} needs --zero_stage 2 or 3, got {ds.zero_stage}")
+    for flag in ("zero3_init_flag", "zero3_save_16bit_model"):
+        if getattr(ds, flag) and ds.zero_stage != 3:
+            raise UserError(f"--{flag} applies to ZeRO stage 3 only; got --zero_stage {ds.zero_stage}")
+
+
+def deepspeed_plugin(ds: DeepSpeedOptions, precision: PrecisionOptions, *, batch_size: int,
+                     gradient_accumulation_steps: int, max_grad_norm: float):
+    """accelerate's DeepSpeed plugin for these options, or a clear error when deepspeed is missing."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError("--deepspeed needs the deepspeed package: run `DS_BUILD_OPS=0 pip install deepspeed` "
+                        "(Linux with a CUDA GPU), or drop --deepspeed") from None
+    from accelerate import DeepSpeedPlugin
+
+    offload = {k: (v if v != "none" else None) for k, v in
+               (("offload_optimizer_device", ds.offload_optimizer_device), ("offload_param_device", ds.offload_param_device))}
+    plugin = DeepSpeedPlugin(
+        zero_stage=ds.zero_stage, gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_clipping=max_grad_norm or None, offload_optimizer_nvme_path=ds.offload_optimizer_nvme_path,
+        offload_param_nvme_path=ds.offload_param_nvme_path, zero3_init_flag=ds.zero3_init_flag,
+        zero3_save_16bit_model=ds.zero3_save_16bit_model, **offload,
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    plugin.deepspeed_config["train_batch_size"] = batch_size * gradient_accumulation_steps * world
+    plugin.set_mixed_precision(precision.mixed_precision)
+    if precision.mixed_precision == "fp16":
+        plugin.deepspeed_config["fp16"]["initial_scale_power"] = 0  # start at scale 1: LLLite's first steps overflow otherwise
+    if precision.full_fp16 or ds.fp16_master_weights_and_gradients:
+        if ds.offload_optimizer_device == "cpu" and ds.zero_stage == 2:
+            plugin.deepspeed_config["fp16"]["fp16_master_weights_and_grads"] = True
+        else:
+            raise UserError("--fp16_master_weights_and_gradients (and --full_fp16 with --deepspeed) works only with "
+                            "--zero_stage 2 and --offload_optimizer_device cpu")
+    return plugin
+
+
+def create_accelerator(precision: PrecisionOptions, distributed: DistributedOptions, *, gradient_accumulation_steps: int,
+                       log_with: list[str] | None, project_dir: str | None, batch_size: int = 1,
+                       max_grad_norm: float = 0.0) -> Accelerator:
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = []
+    if distributed.ddp_timeout_minutes:
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=distributed.ddp_timeout_minutes)))
+    if distributed.ddp_gradient_as_bucket_view or distributed.ddp_static_graph:
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=distributed.ddp_gradient_as_bucket_view,
+                                                      static_graph=distributed.ddp_static_graph))
+    plugin = None
+    if distributed.deepspeed is not None:
+        plugin = deepspeed_plugin(distributed.deepspeed, precision, batch_size=batch_size,
+                                  gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
+    # full_fp16 keeps fp16 weights, which accelerate's loss scaler refuses to unscale: run it without autocast.
+    mixed = "no" if precision.full_fp16 and plugin is None else precision.mixed_precision
+    try:
+        return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed,
+                           log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"could not set up training (--mixed_precision {precision.mixed_precision}, "
+                        f"--log_with {','.join(log_with or []) or 'none'}): {e}") from None

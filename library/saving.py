@@ -1,0 +1,360 @@
+"""LLLite files and training states on disk: when to save, names, metadata, pruning and resuming.
+
+Every decision about saving lives in ``Saver``: the loop tells it that a step or an epoch ended
+and it writes, prunes and uploads what the options ask for. Files and states are written to a
+temporary name and renamed into place, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import mimetypes
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from library.atomic_io import atomic_write_text
+from library.cli import check_range
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --metadata_<name> -> modelspec.<name>
+METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                   "trigger_phrase", "preprocessor", "is_negative_embedding")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("saving")
+    g.add_argument("--output_dir", default="output", help="where LLLite files, states and samples go")
+    g.add_argument("--output_name", default="lllite", help="file name stem of the saved LLLite files")
+    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format of saved LLLite files")
+    g.add_argument("--save_precision", default=None, choices=list(SAVE_PRECISIONS),
+                   help="dtype of saved files (default: as trained, fp32)")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save an LLLite file every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save an LLLite file every N steps")
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                   help="save at least N files over the run, evenly spaced by epochs (instead of --save_every_n_epochs)")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N files saved by epoch")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                   help="keep only the last N states saved by epoch (default: --save_last_n_epochs)")
+    g.add_argument("--save_last_n_steps", type=int, default=None,
+                   help="keep the files saved by step during the last N steps, remove older ones")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None,
+                   help="as --save_last_n_steps, for states (default: --save_last_n_steps)")
+    g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state with each file, to resume from")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="save a state at the end of training (to continue it later)")
+    g.add_argument("--resume", help="a state folder written with --save_state or --save_state_on_train_end")
+
+    g = parser.add_argument_group("file metadata (modelspec)")
+    for name in METADATA_FIELDS:
+        extra = {"title": " (default: --output_name)", "tags": " (comma-separated)",
+                 "thumbnail": " (an image file, stored as a data URL, or a data: URL)"}.get(name, "")
+        g.add_argument(f"--metadata_{name}", default=None, help=f"modelspec.{name} of the saved file{extra}")
+
+
+@dataclass(frozen=True)
+class SavingOptions:
+    output_dir: Path = Path("output")
+    output_name: str = "lllite"
+    extension: str = "safetensors"
+    dtype: torch.dtype | None = None
+    every_n_epochs: int | None = None
+    epoch_ratio: int | None = None
+    every_n_steps: int | None = None
+    last_n_epochs: int | None = None
+    last_n_epochs_state: int | None = None
+    last_n_steps: int | None = None
+    last_n_steps_state: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    resume: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # modelspec.* given by the user
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SavingOptions":
+        name = args.output_name
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise UserError(f"--output_name {name!r} must be a plain file name stem without folders (folders go in --output_dir)")
+        for opt in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+                    "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state"):
+            check_range(opt, getattr(args, opt), low=1)
+        _check_combinations(args)
+        resume = Path(args.resume) if args.resume else None
+        if resume is not None:
+            check_state_folder(resume)
+        return cls(
+            output_dir=Path(args.output_dir), output_name=name, extension=args.save_model_as,
+            dtype=SAVE_PRECISIONS.get(args.save_precision or ""), every_n_epochs=args.save_every_n_epochs,
+            epoch_ratio=args.save_n_epoch_ratio, every_n_steps=args.save_every_n_steps,
+            last_n_epochs=args.save_last_n_epochs, last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
+            last_n_steps=args.save_last_n_steps, last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
+            save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=resume,
+            metadata=_user_metadata(args),
+        )
+
+    def epoch_interval(self, num_epochs: int) -> int | None:
+        """Epochs between saves: ``--save_every_n_epochs``, or spread by ``--save_n_epoch_ratio``."""
+        if self.epoch_ratio:
+            return max(1, num_epochs // self.epoch_ratio)
+        return self.every_n_epochs
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    if args.save_n_epoch_ratio and args.save_every_n_epochs:
+        raise UserError(f"--save_n_epoch_ratio {args.save_n_epoch_ratio} and --save_every_n_epochs "
+                        f"{args.save_every_n_epochs} both set the epoch interval: keep one")
+    needs = {"save_last_n_epochs": ("save_every_n_epochs", "save_n_epoch_ratio"),
+             "save_last_n_epochs_state": ("save_every_n_epochs", "save_n_epoch_ratio"),
+             "save_last_n_steps": ("save_every_n_steps",), "save_last_n_steps_state": ("save_every_n_steps",)}
+    for opt, required in needs.items():
+        if getattr(args, opt) and not any(getattr(args, r) for r in required):
+            raise UserError(f"--{opt} {getattr(args, opt)} prunes files saved by "
+                            f"{' or '.join('--' + r for r in required)}: add one of them, or drop --{opt}")
+    for opt in ("save_last_n_epochs_state", "save_last_n_steps_state"):
+        if getattr(args, opt) and not args.save_state:
+            raise UserError(f"--{opt} {getattr(args, opt)} prunes states, which only --save_state writes: add --save_state")
+
+
+def _user_metadata(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for name in METADATA_FIELDS:
+        value = getattr(args, f"metadata_{name}")
+        if value is None:
+            continue
+        if name == "thumbnail" and not str(value).startswith("data:"):
+            value = _data_url(Path(value))
+        out[f"modelspec.{name}"] = str(value)
+    return out
+
+
+def _data_url(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"--metadata_thumbnail {path}: no such file (give an image file or a data: URL)")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def check_state_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state or --save_state_on_train_end)")
+    if not (folder / STATE_FILE).is_file():
+        raise UserError(f"--resume {folder}: {STATE_FILE} is missing; this is not a complete state folder written by --save_state")
+
+
+def prepare_output_dir(folder: Path, option: str = "--output_dir") -> None:
+    """Create ``folder`` and prove it writable, so a bad path fails now and not after training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{option} {folder}: cannot create or write this folder ({e.strerror or e}); "
+                        "choose a folder you can write to") from None
+
+
+# ---------------------------------------------------------------------------------------------- run state
+
+
+@dataclass
+class Progress:
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 1  # current epoch, from 1
+    batches_in_epoch: int = 0  # data-loader batches consumed in the current epoch
+
+
+class TrainingRNG:
+    """The random stream of noise and timesteps, saved with the training state.
+
+    It is separate from torch's global generator, which data loaders and libraries also draw
+    from, so a resumed run draws exactly the noise the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int, process_index: int):
+        self.process_index = process_index
+        self.generator = torch.Generator().manual_seed(seed * 1000 + process_index)
+
+    def _file(self, folder: Path) -> Path:
+        return Path(folder) / f"noise_rng_{self.process_index}.pt"
+
+    def save(self, folder: Path) -> None:
+        """Each process saves its own stream (accelerate's custom objects are saved by the main process only)."""
+        torch.save(self.generator.get_state(), self._file(folder))
+
+    def load(self, folder: Path) -> None:
+        path = self._file(folder)
+        if not path.is_file():
+            raise UserError(f"--resume {folder}: {path.name} is missing; was the state written with another number of processes?")
+        self.generator.set_state(torch.load(path, weights_only=True))
+
+
+def load_progress(state_dir: Path) -> Progress:
+    check_state_folder(state_dir)
+    return Progress(**json.loads((state_dir / STATE_FILE).read_text()))
+
+
+class Uploader(Protocol):
+    def upload(self, local: Path) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------- the saver
+
+
+class Saver:
+    """Names, writes, prunes and uploads LLLite files and training states (the main process writes)."""
+
+    def __init__(self, opts: SavingOptions, accelerator, network, run_metadata: dict[str, str], num_epochs: int,
+                 rng: TrainingRNG, uploader: Uploader | None = None):
+        self.opts = opts
+        self.accelerator = accelerator
+        self.network = network
+        self.run_metadata = run_metadata
+        self.epoch_interval = opts.epoch_interval(num_epochs)
+        self.num_epochs = num_epochs
+        self.rng = rng
+        self.uploader = uploader
+        self.last_saved: Path | None = None
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def model_path(self, tag: str | None) -> Path:
+        stem = f"{self.opts.output_name}-{tag}" if tag else self.opts.output_name
+        return self.opts.output_dir / f"{stem}.{self.opts.extension}"
+
+    def state_path(self, tag: str | None) -> Path:
+        return self.opts.output_dir / (f"{self.opts.output_name}-{tag}-state" if tag else f"{self.opts.output_name}-state")
+
+    # -- events from the loop ----------------------------------------------------------------------
+
+    def on_step_end(self, progress: Progress, max_steps: int) -> None:
+        every = self.opts.every_n_steps
+        step = progress.global_step
+        if not every or step % every or step >= max_steps:
+            return
+        tag = f"step{step:08d}"
+        self.save_model(tag, progress)
+        if self.opts.save_state:
+            self.save_state(tag, progress)
+        self._prune_steps(step)
+
+    def on_epoch_end(self, epoch: int, progress: Progress, max_steps: int) -> None:
+        every = self.epoch_interval
+        if not every or epoch % every or epoch >= self.num_epochs or progress.global_step >= max_steps:
+            return
+        tag = f"{epoch:06d}"
+        self.save_model(tag, progress)
+        if self.opts.save_state:
+            self.save_state(tag, progress)
+        self._prune_epochs(epoch)
+
+    def on_train_end(self, progress: Progress) -> Path:
+        final = self.save_model(None, progress)
+        if self.opts.save_state or self.opts.save_state_on_train_end:
+            self.save_state(None, progress)
+        return final
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def metadata(self, progress: Progress) -> dict[str, str]:
+        meta = {**self.run_metadata, "ss_steps": str(progress.global_step), "ss_epoch": str(progress.epoch),
+                "ss_training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta.setdefault("modelspec.title", self.opts.output_name)
+        meta.update(self.opts.metadata)
+        return meta
+
+    def save_model(self, tag: str | None, progress: Progress) -> Path:
+        path = self.model_path(tag)
+        if self.accelerator.is_main_process:
+            unwrapped = self.accelerator.unwrap_model(self.network)
+            unwrapped.save(path, dtype=self.opts.dtype, metadata=self.metadata(progress))
+            logger.info("saved %s", path)
+            if self.uploader is not None:
+                self.uploader.upload(path)
+        self.last_saved = path
+        return path
+
+    def save_state(self, tag: str | None, progress: Progress) -> None:
+        """accelerate state (weights, optimizer, scheduler, RNG) + our position, renamed into place when complete."""
+        final = self.state_path(tag)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.rng.save(tmp)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            atomic_write_text(tmp / STATE_FILE, json.dumps(progress.__dict__))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            logger.info("saved training state %s", final)
+            if self.uploader is not None:
+                self.uploader.upload(final)
+        self.accelerator.wait_for_everyone()
+
+    # -- pruning ---------------------------------------------------------------------------------
+
+    def _prune_epochs(self, epoch: int) -> None:
+        """Keep the last N epoch saves: saves are ``epoch_interval`` apart, so older numbers go."""
+        every = self.epoch_interval or 1
+        self._remove(epoch - every * self.opts.last_n_epochs if self.opts.last_n_epochs else None,
+                     epoch - every * self.opts.last_n_epochs_state if self.opts.last_n_epochs_state else None,
+                     lambda n: f"{n:06d}", every)
+
+    def _prune_steps(self, step: int) -> None:
+        """Keep the saves of the last N steps (N counted in steps, as in sd-scripts)."""
+        every = self.opts.every_n_steps or 1
+        self._remove(step - self.opts.last_n_steps if self.opts.last_n_steps else None,
+                     step - self.opts.last_n_steps_state if self.opts.last_n_steps_state else None,
+                     lambda n: f"step{n:08d}", every)
+
+    def _remove(self, model_upto: int | None, state_upto: int | None, tag_of, every: int) -> None:
+        """Remove model files numbered <= ``model_upto`` and states numbered <= ``state_upto``."""
+        if not self.accelerator.is_main_process:
+            return
+        for upto, path_of in ((model_upto, self.model_path), (state_upto, self.state_path)):
+            if upto is None:
+                continue
+            for n in range(every, upto + 1, every):
+                path = path_of(tag_of(n))
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                logger.info("removed %s (older than the last saves kept)", path)
+
+
+def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict[str, str]:
+    """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file."""
+    o = options
+    return {
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.prediction_type": "v" if o.loss.v_parameterization else "epsilon",
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_sd_model_name": models.name,
+        "ss_learning_rate": str(o.optimizer.learning_rate),
+        "ss_optimizer": o.optimizer.name,
+        "ss_lr_scheduler": o.optimizer.lr_scheduler,
+        "ss_mixed_precision": o.precision.mixed_precision,
+        "ss_full_bf16": str(bool(o.precision.full_bf16)),
+        "ss_network_dropout": str(o.network.dropout),
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_seed": str(o.run.seed),
+        "ss_noise_offset": str(o.loss.noise_offset),
+        "ss_min_snr_gamma": str(o.loss.min_snr_gamma),
+        "ss_v_parameterization": str(bool(o.loss.v_parameterization)),
+    }

@@ -1,0 +1,245 @@
+"""The models a training run works on: the frozen SDXL base and the LLLite network that trains.
+
+Options: the base model and how it is held in memory (``ModelOptions``), attention and compilation
+(``AttentionOptions``), and the LLLite network (``NetworkOptions``). Each is declared here, next to
+the code that uses it, and resolved once from the parsed options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from library.cli import add_refused, check_choice, check_range
+from library.errors import UserError
+from library.model_loading import SDXLModels, load_sdxl
+from library.text_encoding import tokenizers_via_cache_dir
+from networks.control_net_lllite import ControlNetLLLite
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "mem_eff")
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensorrt", "aot_torchxla_trace_once", "torchxla_trace_once", "ipex", "tvm")
+NETWORK_MODULE = "networks.control_net_lllite"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", help="SDXL .safetensors/.ckpt file, diffusers folder or hub id")
+    g.add_argument("--vae", help="VAE file or folder that replaces the checkpoint's VAE")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction training (set for v-pred checkpoints)")
+    g.add_argument("--tokenizer_cache_dir",
+                   help="folder for the two CLIP tokenizers: loaded from it when it holds them, else the bundled "
+                        "ones are written there (for offline use elsewhere)")
+    g.add_argument("--lowram", action="store_true",
+                   help="load the checkpoint straight onto the GPU instead of host RAM (for machines with more VRAM than RAM)")
+    g.add_argument("--highvram", action="store_true",
+                   help="keep the VAE and text encoders on the GPU after caching instead of freeing VRAM")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="read .safetensors files in one go instead of memory-mapping them (faster on WSL and network drives)")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the frozen U-Net's linear and conv weights in float8 (e4m3fn), computed in the "
+                        "mixed-precision dtype: about half the U-Net's memory")
+    add_refused(g, "v2", "SDXL has no v2 variant; v2 is for Stable Diffusion 2.x. "
+                "Drop it (for a v-prediction SDXL checkpoint use --v_parameterization)", flag=True)
+
+    g = parser.add_argument_group("attention and compilation")
+    g.add_argument("--xformers", action="store_true",
+                   help="xformers attention; falls back to SDPA with a warning where xformers or a GPU is missing")
+    g.add_argument("--sdpa", action="store_true",
+                   help="PyTorch scaled-dot-product attention even where xformers is installed (the default picks "
+                        "xformers when installed with a GPU, SDPA otherwise)")
+    g.add_argument("--mem_eff_attn", action="store_true",
+                   help="sliced attention: the lowest peak memory, slower")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute U-Net activations in the backward pass (much less memory)")
+    g.add_argument("--torch_compile", action="store_true", help="compile the U-Net (with its LLLite hooks) with torch.compile")
+    g.add_argument("--dynamo_backend", default="inductor",
+                   help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
+
+    g = parser.add_argument_group("network (LLLite)")
+    g.add_argument("--cond_emb_dim", type=int, default=32, help="conditioning embedding channels C (default 32)")
+    g.add_argument("--network_dim", type=int, default=64, help="LLLite rank R (default 64)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0..1")
+    g.add_argument("--include_output_blocks", action="store_true",
+                   help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
+                        "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
+    g.add_argument("--network_weights", help="initial LLLite weights, to continue training a file")
+    g.add_argument("--network_module", default=NETWORK_MODULE,
+                   help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    path: str
+    vae: str | None = None
+    no_half_vae: bool = False
+    v_parameterization: bool = False
+    tokenizer_cache_dir: str | None = None
+    lowram: bool = False
+    highvram: bool = False
+    disable_mmap: bool = False
+    fp8_base: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
+        if not args.pretrained_model_name_or_path:
+            raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
+        return cls(path=args.pretrained_model_name_or_path, vae=args.vae, no_half_vae=args.no_half_vae,
+                   v_parameterization=args.v_parameterization, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                   lowram=args.lowram, highvram=args.highvram, disable_mmap=args.disable_mmap_load_safetensors,
+                   fp8_base=args.fp8_base)
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    attention: str = "auto"  # one of ATTENTION_CHOICES
+    gradient_checkpointing: bool = False
+    compile_backend: str | None = None  # torch.compile backend, None = no compilation
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AttentionOptions":
+        # The reference's precedence: memory-efficient attention, then xformers, then SDPA.
+        attention = "mem_eff" if args.mem_eff_attn else "xformers" if args.xformers else "sdpa" if args.sdpa else "auto"
+        backend = check_choice("dynamo_backend", args.dynamo_backend, DYNAMO_BACKENDS, case_sensitive=False)
+        if not args.torch_compile and backend != "inductor":
+            raise UserError(f"--dynamo_backend {args.dynamo_backend} only applies with --torch_compile: "
+                            "add --torch_compile, or drop --dynamo_backend")
+        return cls(attention=attention, gradient_checkpointing=args.gradient_checkpointing,
+                   compile_backend=backend.lower() if args.torch_compile else None)
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    cond_emb_dim: int = 32
+    network_dim: int = 64
+    dropout: float = 0.0
+    include_output_blocks: bool = False
+    weights: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "NetworkOptions":
+        if args.network_module != NETWORK_MODULE:
+            raise UserError(f"--network_module {args.network_module}: this trainer trains ControlNet-LLLite only "
+                            f"({NETWORK_MODULE}); drop the option, or use sd-scripts' train_network.py for LoRA")
+        if args.cond_emb_dim < 2 or args.cond_emb_dim % 2:
+            raise UserError(f"--cond_emb_dim {args.cond_emb_dim} is not allowed: it must be an even number >= 2 (published files use 32)")
+        check_range("network_dim", args.network_dim, low=1, what="the LLLite rank; published files use 64")
+        check_range("network_dropout", args.network_dropout, low=0, high=1, high_open=True, what="a probability")
+        if args.network_weights and not Path(args.network_weights).is_file():
+            raise UserError(f"--network_weights {args.network_weights}: no such file (an LLLite .safetensors/.pt/.ckpt to continue from)")
+        return cls(cond_emb_dim=args.cond_emb_dim, network_dim=args.network_dim, dropout=args.network_dropout or 0.0,
+                   include_output_blocks=args.include_output_blocks, weights=args.network_weights)
+
+
+# ---------------------------------------------------------------------------------------------- the base model
+
+
+def load_base_model(opts: ModelOptions, weight_dtype: torch.dtype, device: torch.device) -> SDXLModels:
+    """The frozen SDXL models; the VAE in fp32 where fp16 would overflow or when asked."""
+    vae_dtype = torch.float32 if opts.no_half_vae or weight_dtype == torch.float16 else weight_dtype
+    models = load_sdxl(opts.path, vae=opts.vae, dtype=torch.float32, vae_dtype=vae_dtype)
+    if opts.tokenizer_cache_dir:
+        models.tokenizer1, models.tokenizer2 = tokenizers_via_cache_dir(opts.tokenizer_cache_dir)
+    for m in (models.unet, models.vae, models.text_encoder1, models.text_encoder2):
+        m.requires_grad_(False)
+    return models
+
+
+def set_attention(unet: torch.nn.Module, attention: str) -> str:
+    """Pick the U-Net's attention processor; returns what is in use, for the log."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    if attention == "mem_eff":
+        # Sliced attention is diffusers' memory-efficient attention: one slice of heads at a time.
+        unet.set_attn_processor(SlicedAttnProcessor(slice_size=1))
+        return "sliced attention (--mem_eff_attn)"
+    if attention in ("xformers", "auto"):
+        why = _xformers_unusable()
+        if why is None:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        if attention == "xformers":
+            logger.warning("--xformers: %s; using PyTorch SDPA instead (as fast on recent GPUs)", why)
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "PyTorch SDPA"
+
+
+def _xformers_unusable() -> str | None:
+    if not torch.cuda.is_available():
+        return "xformers needs a CUDA GPU and none is available"
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as e:  # a build for another torch fails in several ways
+        return f"xformers is not usable ({e}); `pip install xformers` matching your torch"
+    return None
+
+
+class _Upcast(torch.nn.Module):
+    """Parametrization: a weight stored in float8, handed to the layer in the compute dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+
+def store_weights_in_fp8(unet: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """``--fp8_base``: keep every Linear/Conv2d weight of the frozen U-Net in float8_e4m3fn.
+
+    A parametrization casts each weight to ``compute_dtype`` when its layer runs, so only one
+    layer's weight exists in the compute dtype at a time. Norms, biases and embeddings stay in the
+    compute dtype (they are a small share and the most sensitive to rounding). Returns the number
+    of weights converted.
+    """
+    converted = 0
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not parametrize.is_parametrized(module, "weight"):
+            with torch.no_grad():
+                module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
+            parametrize.register_parametrization(module, "weight", _Upcast(compute_dtype), unsafe=True)
+            converted += 1
+    return converted
+
+
+def prepare_unet(models: SDXLModels, model: ModelOptions, attention: AttentionOptions,
+                 weight_dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The frozen U-Net on the device, with its attention, fp8 storage, checkpointing and compilation.
+
+    Returns the module to call: the compiled wrapper with ``--torch_compile``, the U-Net otherwise.
+    """
+    unet = models.unet
+    logger.info("attention: %s", set_attention(unet, attention.attention))
+    unet.to(device, dtype=weight_dtype)
+    if model.fp8_base:
+        n = store_weights_in_fp8(unet, weight_dtype)
+        logger.info("--fp8_base: %d U-Net weights stored in float8_e4m3fn, computed in %s", n, weight_dtype)
+    if attention.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if attention.compile_backend:
+        # accelerate compiles only what is passed to prepare(), which here is the LLLite network;
+        # the U-Net is compiled directly with the same backend. The LLLite hooks sit on its linears,
+        # so dynamo traces them with it.
+        return torch.compile(unet, backend=attention.compile_backend)
+    return unet
+
+
+def create_network(opts: NetworkOptions, unet: torch.nn.Module) -> ControlNetLLLite:
+    """A fresh LLLite, or one continued from ``--network_weights``."""
+    if opts.weights:
+        network = ControlNetLLLite.from_file(unet, opts.weights, dropout=opts.dropout)
+        if opts.include_output_blocks and not network.has_output_blocks:
+            raise UserError(f"--network_weights {opts.weights} has no output-block modules, so it cannot "
+                            "continue with --include_output_blocks; drop the option or start a fresh LLLite")
+        return network
+    return ControlNetLLLite(unet, opts.cond_emb_dim, opts.network_dim, dropout=opts.dropout,
+                            include_output_blocks=opts.include_output_blocks)
