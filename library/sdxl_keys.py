@@ -18,6 +18,13 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
+COMPONENT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, TE1_PREFIX, TE2_PREFIX)
+# The SDXL refiner's only text encoder (OpenCLIP bigG) sits where the base model has CLIP ViT-L.
+REFINER_TE_PREFIX = "conditioner.embedders.0.model."
+
+# Top-level keys that v-prediction fine-tunes carry as markers (empty tensors).
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
 
 # SDXL conventions that shapes cannot tell: attention heads are 64 wide, GroupNorm uses 32 groups,
 # size conditioning uses 256-dim sinusoids, and this VAE scale.
@@ -360,3 +367,115 @@ def infer_te2_config(sd: Mapping[str, torch.Tensor]) -> dict:
         act="gelu",
         cls="CLIPTextModelWithProjection",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout variants of single-file checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_position_ids(key: str) -> bool:
+    return key.endswith("embeddings.position_ids")
+
+
+def normalize_sgm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Bring a single-file SDXL state dict to the plain sgm layout, in place (no tensor is copied).
+
+    - Text encoder 1 keys without the ``text_model.`` level (what tools on transformers 5 write)
+      get it back.
+    - Keys that are not weights of the four models are dropped: ``position_ids`` (a constant
+      buffer), OpenCLIP's ``logit_scale`` (only used for image-text similarity), and everything
+      outside the four model prefixes: EMA copies (``model_ema.*``), ``denoiser.sigmas``, marker keys
+      such as ``v_pred``/``ztsnr`` (read them first), training-time constants.
+
+    Returns what was dropped, grouped by reason, for the log.
+    """
+    dropped: dict[str, list[str]] = {}
+    for key in list(sd):
+        if key.startswith(TE1_PREFIX):
+            rest = key[len(TE1_PREFIX) :]
+            if _is_position_ids(rest):
+                dropped.setdefault("position_ids", []).append(key)
+                del sd[key]
+            elif not rest.startswith("text_model."):
+                sd[TE1_PREFIX + "text_model." + rest] = sd.pop(key)
+        elif key.startswith(TE2_PREFIX):
+            rest = key[len(TE2_PREFIX) :]
+            if rest == "logit_scale" or _is_position_ids(rest):
+                dropped.setdefault(rest.rsplit(".", 1)[-1], []).append(key)
+                del sd[key]
+        elif not key.startswith(COMPONENT_PREFIXES):
+            reason = "EMA copies" if key.startswith("model_ema.") else "not model weights"
+            dropped.setdefault(reason, []).append(key)
+            del sd[key]
+    return dropped
+
+
+def attention_depths(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Number of transformer blocks in each U-Net attention block, e.g. ``{"input_blocks.4.1": 2}``."""
+    rx = re.compile(re.escape(UNET_PREFIX) + r"((?:input_blocks|output_blocks)\.\d+\.1|middle_block\.1)\.transformer_blocks\.(\d+)\.")
+    depths: dict[str, int] = {}
+    for key in sd:
+        if m := rx.match(key):
+            depths[m.group(1)] = max(depths.get(m.group(1), 0), int(m.group(2)) + 1)
+    return depths
+
+
+def _uneven_attention_levels(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Where the attention blocks of one U-Net level differ in depth (SDXL's are equal per level), else None."""
+    keys = [k[len(UNET_PREFIX) :] for k in sd if k.startswith(UNET_PREFIX)]
+    ops = sorted(int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
+    lpb = ops[0] - 1 if ops else _count(keys, r"input_blocks\.(\d+)\.") - 1
+    if lpb < 1:
+        return None
+    levels: dict[tuple[str, int], dict[str, int]] = {}
+    for block, depth in attention_depths(sd).items():
+        kind, index = block.split(".")[0], int(block.split(".")[1])
+        if kind == "input_blocks":
+            levels.setdefault(("down", (index - 1) // (lpb + 1)), {})[block] = depth
+        elif kind == "output_blocks":
+            levels.setdefault(("up", index // (lpb + 1)), {})[block] = depth
+    for _, blocks in sorted(levels.items()):
+        if len(set(blocks.values())) > 1:
+            return ", ".join(f"{b}: {d}" for b, d in sorted(blocks.items(), key=lambda kv: int(kv[0].split(".")[1])))
+    return None
+
+
+def is_scaled_fp8(sd: Mapping[str, torch.Tensor]) -> bool:
+    """ComfyUI's "scaled fp8" files: float8 weights that must be multiplied by per-layer ``scale_weight`` keys."""
+    return "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd)
+
+
+def describe_non_base_sdxl(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """What an SDXL-family single file is when it is not the SDXL base model or a fine-tune of it; None when it is.
+
+    Checked on the raw file (before ``normalize_sgm_state_dict``): marker keys tell some variants apart.
+    diffusers' ``infer_diffusers_model_type`` keys on layer numbers of the full-size models
+    (``resblocks.9``), which the small test models lack, so these checks look at prefixes and shapes.
+    """
+    if any(k.startswith(REFINER_TE_PREFIX) for k in sd) and not any(k.startswith(TE2_PREFIX) for k in sd):
+        detail = ""
+        if (w := sd.get(UNET_PREFIX + "input_blocks.0.0.weight")) is not None:
+            detail = f" and a {int(w.shape[0])}-channel U-Net"
+        return (
+            "an SDXL refiner (its only text encoder is OpenCLIP at conditioner.embedders.0" + detail + "); the "
+            "refiner only polishes the base model's output at low noise"
+        )
+    conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != 4:
+        channels = int(conv_in.shape[1])
+        what = {
+            9: "an SDXL inpainting model (its U-Net takes 9 input channels: latents, mask and masked-image latents)",
+            8: "an SDXL InstructPix2Pix-style edit model (its U-Net takes 8 input channels: latents and the input image's latents)",
+        }
+        return what.get(channels, f"a model whose U-Net takes {channels} input channels (SDXL takes 4)")
+    if "edm_mean" in sd or "edm_std" in sd:
+        return "Playground v2.5 or another EDM-formulation model (it has edm_mean/edm_std latent statistics)"
+    if any(k.startswith("edm_vpred.") for k in sd):
+        return "an EDM v-prediction model such as CosXL (it has edm_vpred.* sigma keys)"
+    if uneven := _uneven_attention_levels(sd):
+        return (
+            "a distilled or pruned SDXL U-Net such as SSD-1B or Segmind Vega (the attention blocks of one level "
+            f"have different numbers of transformer blocks: {uneven}; SDXL's are equal per level)"
+        )
+    return None
