@@ -29,24 +29,27 @@ def str2bool(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, nargs: str | None = None) -> None:
+def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type: Any = None,
+                reference_default: Any = None) -> None:
     """Declare an option of the reference tool that cannot apply here.
 
-    It parses (so configs and launch scripts that mention it with its default still run) and
-    ``check_refused`` stops with ``reason`` when a user actually sets it.
+    It parses, and so does the reference tool's default value (configs written by GUIs list every
+    option with its default), but ``check_refused`` stops with ``reason`` when a user sets it.
     """
     if flag:
         action = group.add_argument(f"--{name}", action="store_true", help=f"refused: {reason}")
     else:
-        action = group.add_argument(f"--{name}", default=None, nargs=nargs, help=f"refused: {reason}")
+        action = group.add_argument(f"--{name}", default=None, type=type, help=f"refused: {reason}")
     action.refusal = reason
+    action.reference_default = reference_default
 
 
 def check_refused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for action in parser._actions:
         reason = getattr(action, "refusal", None)
-        if reason is not None and getattr(args, action.dest) not in (None, False):
-            raise UserError(f"--{action.dest} {_show(getattr(args, action.dest))}: {reason}")
+        value = getattr(args, action.dest, None)
+        if reason is not None and value not in (None, False, action.reference_default):
+            raise UserError(f"--{action.dest} {_show(value)}: {reason}")
 
 
 def _show(value: Any) -> str:
