@@ -23,7 +23,8 @@ TRACKERS = ("tensorboard", "wandb", "all")
 DEFAULT_PROJECT = "lllite_control_net_train"
 # Never sent to a tracker with --log_config: secrets, and paths that may reveal private names.
 _NOT_LOGGED = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
-               "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir"}
+               "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir",
+               "config_file", "output_config"}  # where the options came from is not an option of the run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
