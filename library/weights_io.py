@@ -190,6 +190,10 @@ def read_weights(
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
+            if dev != "cpu" and "device" in str(e).lower():
+                raise UserError(
+                    f"cannot read {what} {path} straight onto {dev}: {e}. Load it without lowram, or onto another device."
+                ) from None
             raise _damaged(path, what, e) from None
     if ext in TORCH_EXTS:
         # mmap works for zip-format files only (torch.save's default since 1.6), not legacy pickles.

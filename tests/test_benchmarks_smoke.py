@@ -45,3 +45,16 @@ def test_startup(capsys):
     res = bench_startup.main(["--tiny"])
     assert "lllite_load_attach" in capsys.readouterr().out
     assert res["times"]["load_checkpoint"]["median_s"] > 0
+
+
+def test_load(capsys, tmp_path):
+    import bench_load
+
+    from library.tiny_sdxl import build_random_models
+
+    res = bench_load.main(["--tiny", "--work_dir", str(tmp_path), "--te1_layouts", "no_text_model", "--dtypes", "bf16"])
+    assert "peak anon rise GB" in capsys.readouterr().out
+    (case,) = res["cases"]
+    assert case["parameters"] == sum(p.numel() for m in build_random_models() for p in m.parameters())
+    assert case["tensors"] == 535 and case["samples"] > 0 and case["peak_anon_rise_bytes"] > 0
+    assert not list(tmp_path.glob("*.safetensors"))  # the written checkpoint is deleted

@@ -498,7 +498,10 @@ def test_lowram_reads_straight_onto_the_device(plain_sd, tmp_path, tiny_checkpoi
         module = getattr(models, name)
         assert {t.device.type for t in module.state_dict().values()} == {"meta"}, name
     assert models.unet.config.block_out_channels == tiny_models[0].config.block_out_channels
-    # safetensors cannot map onto meta; on the CPU the device still reaches it.
+    # safetensors cannot read onto meta: the error says so instead of calling the file damaged.
+    with pytest.raises(UserError, match=r"tiny_sdxl\.safetensors straight onto meta.*without lowram"):
+        load_sdxl(str(tiny_checkpoint), lowram=True, device="meta")
+    # On the CPU the device still reaches safetensors.
     assert_models_equal(load_sdxl(str(tiny_checkpoint), lowram=True, device="cpu"), tiny_models)
     assert safe_open_calls[-1].get("device") == "cpu"
 
