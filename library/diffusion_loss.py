@@ -8,30 +8,73 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.cli import check_range
+from library.cli import check_choice, check_range
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-LOSS_TYPES = ("l2", "huber", "smooth_l1")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("noise and loss")
-    g.add_argument("--noise_offset", type=float, default=None, help="per-channel noise offset (e.g. 0.0357)")
+    g.add_argument("--noise_offset", type=float, default=None,
+                   help="offset noise: adds noise_offset * N(0,1) per image and channel, constant over the image, so the "
+                        "model can learn very dark and very bright images (e.g. 0.0357; >= 0, 0 or unset is off)")
+    g.add_argument("--noise_offset_random_strength", action="store_true",
+                   help="draw the offset strength uniformly from 0..noise_offset at each step (one value per batch, "
+                        "as in sd-scripts); needs --noise_offset")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="adds adaptive_noise_scale * |mean of each latent channel| to the offset strength, per image and "
+                        "channel (clamped at 0, so negative values can only lower it); needs --noise_offset, as in sd-scripts")
+    g.add_argument("--multires_noise_iterations", type=int, default=None,
+                   help="multi-resolution (pyramid) noise: adds this many levels of upsampled coarser noise, each level "
+                        "1/2..1/4 the size of the previous one and weighted by multires_noise_discount^level, then "
+                        "rescales the sum to unit standard deviation (6-10 is typical; >= 0, 0 or unset is off). "
+                        "Applied after the noise offset, as in sd-scripts")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3,
+                   help="weight factor per coarser level of multires noise, 0..1 (used only with --multires_noise_iterations)")
+    g.add_argument("--ip_noise_gamma", type=float, default=None,
+                   help="input perturbation (arxiv.org/abs/2301.11706): the U-Net input is noised with "
+                        "noise + ip_noise_gamma * N(0,1) while the target keeps the unperturbed noise (~0.1; >= 0)")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                   help="draw the perturbation strength uniformly from 0..ip_noise_gamma at each step (one value per "
+                        "batch); needs --ip_noise_gamma")
     g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the schedule to zero terminal SNR (v-pred models)")
     g.add_argument("--min_timestep", type=int, default=None, help="lowest training timestep, 0..999 (default 0)")
     g.add_argument("--max_timestep", type=int, default=None, help="highest training timestep, exclusive, 1..1000 (default 1000)")
-    g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
-    g.add_argument("--debiased_estimation_loss", action="store_true", help="weight the loss by 1/sqrt(SNR)")
-    g.add_argument("--loss_type", default="l2", choices=LOSS_TYPES, help="loss function")
-    g.add_argument("--huber_c", type=float, default=0.1, help="huber/smooth_l1 threshold")
+    g.add_argument("--min_snr_gamma", type=float, default=None,
+                   help="min-SNR-gamma loss weighting: min(SNR, gamma)/SNR, or min(SNR, gamma)/(SNR+1) with "
+                        "v-prediction (> 0, e.g. 5)")
+    g.add_argument("--debiased_estimation_loss", action="store_true",
+                   help="weight the loss by 1/sqrt(SNR), or 1/(SNR+1) with v-prediction, SNR capped at 1000 (as in sd-scripts)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="v-prediction only: multiply the loss by SNR/(SNR+1) (SNR capped at 1000), which gives it the "
+                        "per-timestep scale of a noise-prediction loss")
+    g.add_argument("--v_pred_like_loss", type=float, default=None,
+                   help="noise prediction only: add v_pred_like_loss * loss * (SNR+1)/SNR (SNR capped at 1000), a "
+                        "v-prediction-like term that weights high-noise timesteps more (>= 0, 0 or unset is off; "
+                        "cannot be combined with --zero_terminal_snr, where SNR reaches 0)")
+    g.add_argument("--loss_type", default="l2",
+                   help="loss function: l2 (squared error), l1, huber (2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+                        "(2(sqrt(d^2+c^2)-c)), with d = prediction - target and c the per-timestep threshold of "
+                        "--huber_schedule (sd-scripts' definitions)")
+    g.add_argument("--huber_schedule", default="snr",
+                   help="threshold c of the huber/smooth_l1 loss per timestep t: snr = (1-huber_c)/(1+sigma_t)^2 + "
+                        "huber_c with sigma_t = sqrt((1-alphabar_t)/alphabar_t) (huber_scale is not used, as in "
+                        "sd-scripts); exponential = huber_scale * huber_c^(t/1000); constant = huber_scale * huber_c. "
+                        "One of snr, exponential, constant; the default snr is sd-scripts' default")
+    g.add_argument("--huber_c", type=float, default=0.1, help="huber/smooth_l1 threshold parameter (> 0), see --huber_schedule")
+    g.add_argument("--huber_scale", type=float, default=1.0,
+                   help="scale of the huber/smooth_l1 threshold for the exponential and constant schedules (> 0)")
 
 
 @dataclass(frozen=True)
@@ -39,28 +82,75 @@ class LossOptions:
     v_parameterization: bool = False
     zero_terminal_snr: bool = False
     noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
     min_timestep: int | None = None
     max_timestep: int | None = None
     min_snr_gamma: float | None = None
     debiased_estimation: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
     loss_type: str = "l2"
+    huber_schedule: str = "snr"
     huber_c: float = 0.1
+    huber_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Here rather than in from_args: a v-prediction checkpoint turns v_parameterization on after loading.
+        if self.v_pred_like_loss and self.v_parameterization:
+            raise UserError(f"--v_pred_like_loss {self.v_pred_like_loss} adds a v-prediction-like term to a "
+                            "noise-prediction loss; it cannot apply to v-prediction training (--v_parameterization or "
+                            "a v-prediction checkpoint). Drop --v_pred_like_loss")
+        if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
+            raise UserError("--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization "
+                            "(for a v-prediction checkpoint) or drop it")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LossOptions":
         check_range("noise_offset", args.noise_offset, low=0)
+        if args.adaptive_noise_scale is not None and args.noise_offset is None:
+            raise UserError(f"--adaptive_noise_scale {args.adaptive_noise_scale} adds to the noise offset: it needs "
+                            "--noise_offset (e.g. 0.0357), as in sd-scripts")
+        if args.noise_offset_random_strength and not args.noise_offset:
+            logger.warning("--noise_offset_random_strength has no effect without --noise_offset")
+        check_range("multires_noise_iterations", args.multires_noise_iterations, low=0, what="0 or unset is off")
+        check_range("multires_noise_discount", args.multires_noise_discount, low=0, high=1)
+        check_range("ip_noise_gamma", args.ip_noise_gamma, low=0, what="0 or unset is off")
+        if args.ip_noise_gamma_random_strength and not args.ip_noise_gamma:
+            logger.warning("--ip_noise_gamma_random_strength has no effect without --ip_noise_gamma")
         check_range("min_timestep", args.min_timestep, low=0, high=999)
         check_range("max_timestep", args.max_timestep, low=1, high=1000)
         if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
             raise UserError(f"--min_timestep {args.min_timestep} must be below --max_timestep {args.max_timestep}")
         check_range("min_snr_gamma", args.min_snr_gamma, low=0, low_open=True)
+        check_range("v_pred_like_loss", args.v_pred_like_loss, low=0, what="0 or unset is off")
+        if args.v_pred_like_loss and args.zero_terminal_snr:
+            raise UserError(f"--v_pred_like_loss {args.v_pred_like_loss} divides by the SNR, which --zero_terminal_snr "
+                            "makes 0 at the last timestep (the loss would be infinite): use one of the two")
+        loss_type = check_choice("loss_type", args.loss_type, LOSS_TYPES)
+        huber_schedule = check_choice("huber_schedule", args.huber_schedule, HUBER_SCHEDULES)
         check_range("huber_c", args.huber_c, low=0, low_open=True)
+        check_range("huber_scale", args.huber_scale, low=0, low_open=True)
+        if args.huber_scale != 1.0 and (loss_type not in ("huber", "smooth_l1") or huber_schedule == "snr"):
+            logger.warning("--huber_scale %g has no effect: it scales the threshold of --loss_type huber/smooth_l1 "
+                           "with --huber_schedule exponential or constant", args.huber_scale)
         if args.zero_terminal_snr and not args.v_parameterization:
             logger.warning("--zero_terminal_snr is meant for v-prediction; with epsilon prediction it rarely helps")
         return cls(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr,
-                   noise_offset=args.noise_offset, min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+                   noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
+                   adaptive_noise_scale=args.adaptive_noise_scale,
+                   multires_noise_iterations=args.multires_noise_iterations,
+                   multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
+                   ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
+                   min_timestep=args.min_timestep, max_timestep=args.max_timestep,
                    min_snr_gamma=args.min_snr_gamma, debiased_estimation=args.debiased_estimation_loss,
-                   loss_type=args.loss_type, huber_c=args.huber_c)
+                   scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
+                   v_pred_like_loss=args.v_pred_like_loss, loss_type=loss_type, huber_schedule=huber_schedule,
+                   huber_c=args.huber_c, huber_scale=args.huber_scale)
 
 
 def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_terminal_snr: bool) -> DDPMScheduler:
@@ -74,13 +164,66 @@ def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_te
     )
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gaussian noise like ``latents``, drawn on the generator's device (the CPU) for reproducibility."""
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        # A per-channel constant lets the model learn very dark and very bright images.
-        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-    return noise.to(device=latents.device, dtype=latents.dtype)
+def sample_noise(latents: torch.Tensor, opts: LossOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The noise the model learns to predict: Gaussian, then offset noise, then multires noise (sd-scripts' order).
+
+    Drawn from ``generator`` (on the CPU) for reproducibility, combined on the latents' device.
+    """
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if opts.noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(latents.device)
+        noise = noise + offset_strength(latents, opts, generator) * offset
+    if opts.multires_noise_iterations:
+        noise = multires_noise(noise, opts.multires_noise_iterations, opts.multires_noise_discount, generator)
+    return noise.to(dtype=latents.dtype)
+
+
+def offset_strength(latents: torch.Tensor, opts: LossOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Strength of the per-channel offset noise: a scalar, or (B, C, 1, 1) with --adaptive_noise_scale."""
+    strength = torch.tensor(float(opts.noise_offset), device=latents.device)
+    if opts.noise_offset_random_strength:
+        strength = strength * torch.rand((), generator=generator).to(latents.device)
+    if opts.adaptive_noise_scale is not None:
+        # Images whose channels are far from zero on average get more offset (never less than 0).
+        channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs()
+        strength = (strength + opts.adaptive_noise_scale * channel_mean).clamp(min=0)
+    return strength
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pyramid noise: ``noise`` plus upsampled coarser Gaussian levels weighted by ``discount**level``, at unit std.
+
+    Written here because torch and diffusers have no pyramid noise. As in sd-scripts, level ``i`` is
+    ``1/r**i`` of the full size with ``r`` drawn from [2, 4) at each level, it stops once a side reaches
+    1, and the sum is divided by its standard deviation over the whole batch. ``r`` comes from
+    ``generator`` instead of Python's global random, so a seeded run repeats.
+    """
+    b, c, h, w = noise.shape
+    out = noise
+    for level in range(iterations):
+        r = 2 + 2 * torch.rand((), generator=generator).item()
+        hn, wn = max(1, int(h / r**level)), max(1, int(w / r**level))
+        coarse = torch.randn((b, c, hn, wn), generator=generator).to(noise.device, noise.dtype)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**level
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+def noisy_latents(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  opts: LossOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The U-Net input: ``latents`` noised to ``timesteps``.
+
+    With --ip_noise_gamma the noise put into the input is perturbed by ``gamma * N(0, 1)``; the
+    target stays ``noise`` (input perturbation, arxiv.org/abs/2301.11706).
+    """
+    if opts.ip_noise_gamma:
+        strength = opts.ip_noise_gamma
+        if opts.ip_noise_gamma_random_strength:
+            strength = strength * torch.rand((), generator=generator).item()
+        noise = noise + strength * torch.randn(latents.shape, generator=generator).to(noise)
+    return scheduler.add_noise(latents, noise, timesteps)
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, opts: LossOptions,
@@ -100,38 +243,108 @@ def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Ten
     return scheduler.get_velocity(latents, noise, timesteps) if v_parameterization else noise
 
 
-def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
-    """Per-sample weights for min-SNR-gamma and debiased estimation, or None."""
-    if not opts.min_snr_gamma and not opts.debiased_estimation:
+def capped_snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR capped at 1000 (timestep 0's SNR is about 1175 for SDXL), as sd-scripts uses it for the weights below."""
+    return snr(scheduler, timesteps).clamp(max=1000)
+
+
+# Per-sample loss weights, one signature: (scheduler, timesteps, opts) -> weights of shape (B,), or None when off.
+
+
+def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
+    if not opts.min_snr_gamma:
         return None
     s = snr(scheduler, timesteps)
-    w = torch.ones_like(s)
-    if opts.min_snr_gamma:
-        clipped = torch.minimum(s, torch.full_like(s, opts.min_snr_gamma))
-        w = w * (clipped / (s + 1) if opts.v_parameterization else clipped / s.clamp(min=1e-8))
-    if opts.debiased_estimation:
-        denom = (s + 1) if opts.v_parameterization else s
-        w = w * torch.clamp(1 / denom.clamp(min=1e-8).sqrt(), max=1000)
+    clipped = torch.minimum(s, torch.full_like(s, opts.min_snr_gamma))
+    return clipped / (s + 1) if opts.v_parameterization else clipped / s.clamp(min=1e-8)
+
+
+def v_pred_noise_scale_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
+    """--scale_v_pred_loss_like_noise_pred: SNR/(SNR+1)."""
+    if not opts.scale_v_pred_loss_like_noise_pred:
+        return None
+    s = capped_snr(scheduler, timesteps)
+    return s / (s + 1)
+
+
+def v_pred_like_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
+    """--v_pred_like_loss v: the loss plus v * loss * (SNR+1)/SNR, as the factor 1 + v * (SNR+1)/SNR."""
+    if not opts.v_pred_like_loss:
+        return None
+    s = capped_snr(scheduler, timesteps)
+    return 1 + opts.v_pred_like_loss * (s + 1) / s
+
+
+def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
+    """--debiased_estimation_loss: 1/sqrt(SNR), or 1/(SNR+1) with v-prediction."""
+    if not opts.debiased_estimation:
+        return None
+    s = capped_snr(scheduler, timesteps)
+    return 1 / (s + 1) if opts.v_parameterization else 1 / s.clamp(min=1e-8).sqrt()
+
+
+LOSS_WEIGHTS = (min_snr_weight, v_pred_noise_scale_weight, v_pred_like_weight, debiased_weight)
+
+
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor | None:
+    """The product of the active per-sample weights, or None when none is active.
+
+    sd-scripts applies them one after another to the per-sample loss; each (the added
+    v-prediction-like term included) multiplies it, so the product is the same.
+    """
+    w = None
+    for weight in LOSS_WEIGHTS:
+        factor = weight(scheduler, timesteps, opts)
+        if factor is not None:
+            w = factor if w is None else w * factor
     return w
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def huber_threshold(scheduler: DDPMScheduler, timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """The huber/smooth_l1 threshold c per sample, by --huber_schedule (sd-scripts' definitions)."""
+    if opts.huber_schedule == "snr":
+        ac = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigma = ((1 - ac) / ac).sqrt()
+        return (1 - opts.huber_c) / (1 + sigma) ** 2 + opts.huber_c
+    if opts.huber_schedule == "exponential":
+        # huber_scale at t=0, falling to huber_scale * huber_c at t=num_train_timesteps.
+        rate = math.log(opts.huber_c) / scheduler.config.num_train_timesteps
+        return opts.huber_scale * torch.exp(rate * timesteps.float())
+    return torch.full(timesteps.shape, opts.huber_c * opts.huber_scale, device=timesteps.device)
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions,
+                    huber_c: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss per sample; ``huber_c`` is the per-sample threshold (default: huber_c * huber_scale).
+
+    ``mask`` (``alpha_mask``): weights [B,1,h,w] in [0, 1] that multiply the loss of each latent pixel
+    before the mean over all pixels, as sd-scripts does (a half-masked image weighs half).
+    """
     pred, target = pred.float(), target.float()
     if opts.loss_type == "l2":
         loss = F.mse_loss(pred, target, reduction="none")
-    elif opts.loss_type == "huber":
-        c = opts.huber_c
-        loss = 2 * c * (torch.sqrt((pred - target) ** 2 + c * c) - c)
-    elif opts.loss_type == "smooth_l1":
-        loss = F.smooth_l1_loss(pred, target, reduction="none", beta=opts.huber_c)
+    elif opts.loss_type == "l1":
+        loss = F.l1_loss(pred, target, reduction="none")
+    elif opts.loss_type in ("huber", "smooth_l1"):
+        # sd-scripts' pseudo-Huber forms, with a threshold per sample: torch's piecewise huber/smooth_l1 losses
+        # are other functions and take one float threshold.
+        c = torch.as_tensor(opts.huber_c * opts.huber_scale if huber_c is None else huber_c, device=pred.device)
+        c = c.float().reshape(-1, *([1] * (pred.ndim - 1)))
+        loss = 2 * (torch.sqrt((pred - target) ** 2 + c * c) - c)
+        if opts.loss_type == "huber":
+            loss = c * loss  # sd-scripts' smooth_l1 is its huber divided by c
     else:
         raise ValueError(f"unknown loss_type {opts.loss_type}")
+    if mask is not None:
+        loss = loss * mask.to(loss.device, loss.dtype)
     return loss.mean(dim=list(range(1, loss.ndim)))
 
 
 def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    loss = per_sample_loss(pred, target_for(scheduler, latents, noise, timesteps, opts.v_parameterization), opts)
+                   timesteps: torch.Tensor, opts: LossOptions, mask: torch.Tensor | None = None) -> torch.Tensor:
+    huber_c = huber_threshold(scheduler, timesteps, opts) if opts.loss_type in ("huber", "smooth_l1") else None
+    loss = per_sample_loss(pred, target_for(scheduler, latents, noise, timesteps, opts.v_parameterization), opts, huber_c,
+                           mask=mask)
     w = loss_weights(scheduler, timesteps, opts)
     if w is not None:
         loss = loss * w

@@ -83,9 +83,9 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
         )
         hidden, pooled = hidden.to(device), pooled.to(device)
 
-    noise = dl.sample_noise(latents, opts.noise_offset, generator)
+    noise = dl.sample_noise(latents, opts, generator)
     timesteps = dl.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, opts, generator).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = dl.noisy_latents(noise_scheduler, latents, noise, timesteps, opts, generator)
     added = {"text_embeds": pooled.to(wdtype), "time_ids": sdxl_time_ids(batch, device, wdtype)}
     cond = batch["conditioning_images"].to(device)
     pred = network(cond, unet, noisy.to(wdtype), timesteps, encoder_hidden_states=hidden.to(wdtype), added_cond_kwargs=added).sample

@@ -48,5 +48,5 @@ def test_loss_options():
     pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
     huber = dl.per_sample_loss(pred, target, dl.LossOptions(loss_type="huber", huber_c=0.1))
     assert torch.allclose(huber, torch.full((2,), 2 * 0.1 * ((1 + 0.01) ** 0.5 - 0.1)))
-    noise = dl.sample_noise(torch.zeros(3, 4, 8, 8), 0.1, torch.Generator().manual_seed(1))
+    noise = dl.sample_noise(torch.zeros(3, 4, 8, 8), dl.LossOptions(noise_offset=0.1), torch.Generator().manual_seed(1))
     assert noise.shape == (3, 4, 8, 8)
