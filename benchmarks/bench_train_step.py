@@ -91,7 +91,7 @@ def run_case(args: argparse.Namespace) -> dict:
     half = wdtype if wdtype != torch.float32 else None
     network_call = _Autocast(network, device.type, half)
     if args.torch_compile:
-        unet = torch.compile(unet)
+        unet = torch.compile(unet, backend=args.dynamo_backend)  # as the trainer's --torch_compile --dynamo_backend
 
     g = torch.Generator().manual_seed(0)
     b, res = args.batch, args.resolution
@@ -125,6 +125,7 @@ def run_case(args: argparse.Namespace) -> dict:
     times = [timed(step, device) for _ in range(args.repeats)]
     out = {
         "model": args.model, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype,
+        "compile": args.dynamo_backend if args.torch_compile else None,
         "step": summary(times), "trainable_parameters": n_trainable,
     }
     if cuda:
@@ -146,7 +147,9 @@ def run_case(args: argparse.Namespace) -> dict:
 def case_list(args: argparse.Namespace) -> list[dict]:
     gcs = [False, True] if args.sweep else [args.gradient_checkpointing]
     dtypes = args.sweep_dtypes or [args.dtype]
-    return [{"model": m, "gradient_checkpointing": gc, "dtype": d} for d in dtypes for gc in gcs for m in args.models]
+    compiles = [False, True] if args.sweep_compile else [args.torch_compile]
+    return [{"model": m, "gradient_checkpointing": gc, "dtype": d, "compile": c}
+            for d in dtypes for gc in gcs for m in args.models for c in compiles]
 
 
 def main(argv=None) -> dict:
@@ -164,9 +167,12 @@ def main(argv=None) -> dict:
                    help="the device's peak for MFU (default 790: H100, bf16 dense, as our targets use)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--dynamo_backend", default="inductor", help="torch.compile backend (as the trainer's --dynamo_backend)")
+    p.add_argument("--sweep_compile", action="store_true", help="run each case with and without --torch_compile")
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)  # one case, in a child process
     p.add_argument("--_case_out", help=argparse.SUPPRESS)
     p.add_argument("--_gc", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--_compile", type=int, help=argparse.SUPPRESS)
     p.add_argument("--in_process", action="store_true",
                    help="run every case in this process (fast start; peak memory is then not per case)")
     args = p.parse_args(argv)
@@ -176,6 +182,8 @@ def main(argv=None) -> dict:
 
     if args.model:  # child: one case
         args.gradient_checkpointing = bool(args._gc)
+        if args._compile is not None:
+            args.torch_compile = bool(args._compile)
         write_json(args._case_out, run_case(args))
         return {}
 
@@ -184,6 +192,7 @@ def main(argv=None) -> dict:
         if args.in_process:
             sub = argparse.Namespace(**vars(args))
             sub.model, sub.gradient_checkpointing, sub.dtype = c["model"], c["gradient_checkpointing"], c["dtype"]
+            sub.torch_compile = c["compile"]
             resolve_common(sub)
             cases.append(run_case(sub))
             continue
@@ -192,7 +201,7 @@ def main(argv=None) -> dict:
             # the child parses the same options; the ones after them pick its case (last one wins)
             child = list(argv if argv is not None else sys.argv[1:])
             child += ["--model", c["model"], "--dtype", c["dtype"], "--_gc", str(int(c["gradient_checkpointing"])),
-                      "--_case_out", out]
+                      "--_compile", str(int(c["compile"])), "--_case_out", out]
             subprocess.run([sys.executable, os.path.abspath(__file__), *child], check=True)
             with open(out) as f:
                 cases.append(json.load(f))
@@ -205,7 +214,7 @@ def main(argv=None) -> dict:
     }
     cuda = args.torch_device.type == "cuda"
     mem_label = "peak GPU memory GiB (max_memory_allocated)" if cuda else "CPU peak RSS rise GiB (VmHWM - VmRSS after set-up)"
-    headers = ["model", "grad ckpt", "dtype", "median s/step", "min-max s", mem_label]
+    headers = ["model", "grad ckpt", "dtype", "compiled", "median s/step", "min-max s", mem_label]
     if cuda and args.config == "sdxl":
         headers.append(f"MFU ({TRAIN_STEP_TFLOP_1024:g} TFLOP/step at 1024², peak {args.peak_tflops:g} TFLOP/s)")
     rows = []
@@ -213,7 +222,7 @@ def main(argv=None) -> dict:
         s = c["step"]
         mem = c.get("peak_gpu_memory_gib") if cuda else c.get("cpu_peak_rss_rise_gib")
         row = [c["model"] if c["model"] == "unet" else "unet+lllite", "on" if c["gradient_checkpointing"] else "off",
-               c["dtype"], f"{s['median_s']:.3f}", f"{s['min_s']:.3f}-{s['max_s']:.3f}",
+               c["dtype"], c.get("compile") or "no", f"{s['median_s']:.3f}", f"{s['min_s']:.3f}-{s['max_s']:.3f}",
                "n/a" if mem is None else f"{mem:.2f}"]
         if "mfu" in c:
             row.append(f"{c['mfu'] * 100:.1f} %")
@@ -223,12 +232,16 @@ def main(argv=None) -> dict:
           f"{', full_bf16' if args.full_bf16 else ''}, median of {args.repeats} after {args.warmup} warm-up, "
           f"{'all cases in one process' if args.in_process else 'one process per case'}")
     print_table(headers, rows)
-    by = {(c["model"], c["gradient_checkpointing"], c["dtype"]): c for c in cases}
-    for (m, gc, d), c in by.items():
-        base = by.get(("unet", gc, d))
+    by = {(c["model"], c["gradient_checkpointing"], c["dtype"], bool(c.get("compile"))): c for c in cases}
+    for (m, gc, d, comp), c in by.items():
+        base = by.get(("unet", gc, d, comp))
         if m == "lllite" and base:
             print(f"LLLite adds {(c['step']['median_s'] / base['step']['median_s'] - 1) * 100:+.1f} % to the step "
-                  f"(grad ckpt {'on' if gc else 'off'}, {d})")
+                  f"(grad ckpt {'on' if gc else 'off'}, {d}{', compiled' if comp else ''})")
+        plain = by.get((m, gc, d, False))
+        if comp and plain:
+            print(f"torch.compile ({args.dynamo_backend}): {plain['step']['median_s'] / c['step']['median_s']:.2f}x the "
+                  f"speed of the plain step ({m}, grad ckpt {'on' if gc else 'off'}, {d})")
     write_json(args.json, results)
     return results
 

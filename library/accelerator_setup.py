@@ -122,14 +122,20 @@ def _check_deepspeed(ds: DeepSpeedOptions) -> None:
             raise UserError(f"--{flag} applies to ZeRO stage 3 only; got --zero_stage {ds.zero_stage}")
 
 
-def deepspeed_plugin(ds: DeepSpeedOptions, precision: PrecisionOptions, *, batch_size: int,
-                     gradient_accumulation_steps: int, max_grad_norm: float):
-    """accelerate's DeepSpeed plugin for these options, or a clear error when deepspeed is missing."""
+def check_deepspeed_installed(distributed: DistributedOptions) -> None:
+    """With --deepspeed, name the missing package before any work starts."""
+    if distributed.deepspeed is None:
+        return
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         raise UserError("--deepspeed needs the deepspeed package: run `DS_BUILD_OPS=0 pip install deepspeed` "
                         "(Linux with a CUDA GPU), or drop --deepspeed") from None
+
+
+def deepspeed_plugin(ds: DeepSpeedOptions, precision: PrecisionOptions, *, batch_size: int,
+                     gradient_accumulation_steps: int, max_grad_norm: float):
+    """accelerate's DeepSpeed plugin for these options."""
     from accelerate import DeepSpeedPlugin
 
     offload = {k: (v if v != "none" else None) for k, v in

@@ -216,12 +216,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.num_processes > 1:
-            from library.training_caches import fingerprint
-
-            # Each process logs it: equal fingerprints show that the processes stayed in sync.
-            logging.getLogger("sdxl_train_control_net_lllite").warning(
-                "process %d/%d: final LLLite weights fingerprint %s", acc.process_index, acc.num_processes,
-                fingerprint(self.raw_network))
+            self.check_in_sync()
         final = self.saver.on_train_end(self.progress)
         drawn_now = self.o.samples.due_after_step(self.progress.global_step)
         if self.samples is not None and self.o.samples.at_end and not drawn_now:
@@ -255,6 +250,19 @@ class Trainer:
             logger.info("training %d LLLite parameters: %d batches per epoch, %d epochs, %d steps, %d process(es)",
                         sum(p.numel() for p in self.params), len(self.dataloader), self.num_epochs, self.max_steps,
                         self.accelerator.num_processes)
+
+    def check_in_sync(self) -> None:
+        """Data-parallel processes must end with the same weights; the main process compares them."""
+        from accelerate.utils import gather_object
+
+        from library.training_caches import fingerprint
+
+        prints = gather_object([fingerprint(self.raw_network)])
+        if self.accelerator.is_main_process:
+            if len(set(prints)) > 1:
+                logger.warning("the processes ended with different LLLite weights (fingerprints %s)", ", ".join(prints))
+            else:
+                logger.info("final LLLite weights fingerprint %s, equal on all %d processes", prints[0], len(prints))
 
     def check_finite(self) -> None:
         """Stop every process together on a NaN/inf loss, before it reaches the weights."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from library import tracking
+from library import accelerator_setup, tracking
 from library.cli import check_refused
 from library.errors import UserError
 from library.train_config import build_parser, parse_args, resolve
@@ -162,7 +162,7 @@ VALUES: dict[str, tuple] = {
     "resize_interpolation": ("lanczos", {}),
     "resolution": ("512", {}),
     "resume": ("@state", {}),
-    "resume_from_huggingface": (True, {**HF, "resume": "me/lllite/lllite-state:main:model"}),
+    "resume_from_huggingface": (True, {}),  # its --resume is in ALONG: without the flag it is a missing folder
     "sample_at_first": (True, {"sample_prompts": "@prompts.txt"}),
     "sample_every_n_epochs": (1, {"sample_prompts": "@prompts.txt"}),
     "sample_every_n_steps": (5, {"sample_prompts": "@prompts.txt"}),
@@ -179,7 +179,7 @@ VALUES: dict[str, tuple] = {
     "save_precision": ("fp16", {}),
     "save_state": (True, {}),
     "save_state_on_train_end": (True, {}),
-    "save_state_to_huggingface": (True, HF),
+    "save_state_to_huggingface": (True, {**HF, "save_state": True}),
     "scale_v_pred_loss_like_noise_pred": (True, {"v_parameterization": True}),
     "sdpa": (True, {}),
     "secondary_separator": (";;;", {}),
@@ -211,6 +211,7 @@ VALUES: dict[str, tuple] = {
 
 # Options that go with the option itself, not into the comparison's baseline (None removes one).
 ALONG = {
+    "resume_from_huggingface": {"resume": "me/lllite/lllite-state:main:model"},
     "dataset_config": {"train_data_dir": None, "conditioning_data_dir": None},
     "offload_optimizer_nvme_path": {"offload_optimizer_device": "nvme"},
     "offload_param_nvme_path": {"offload_param_device": "nvme"},
@@ -257,7 +258,9 @@ def files(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
 def fixed_clock(monkeypatch):
     # Each resolution names a new tracker run folder by the time; keep it fixed so two resolutions compare.
     monkeypatch.setattr(tracking.time, "strftime", lambda *a, **k: "20260101000000")
+    # Optional packages (wandb, deepspeed) need not be installed to check what the options resolve to.
     monkeypatch.setattr(tracking, "check_tracker_packages", lambda opts: None)
+    monkeypatch.setattr(accelerator_setup, "check_deepspeed_installed", lambda opts: None)
 
 
 def _value(v, files):
