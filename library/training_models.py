@@ -145,7 +145,9 @@ class NetworkOptions:
 def load_base_model(opts: ModelOptions, weight_dtype: torch.dtype, device: torch.device) -> SDXLModels:
     """The frozen SDXL models; the VAE in fp32 where fp16 would overflow or when asked."""
     vae_dtype = torch.float32 if opts.no_half_vae or weight_dtype == torch.float16 else weight_dtype
-    models = load_sdxl(opts.path, vae=opts.vae, dtype=torch.float32, vae_dtype=vae_dtype)
+    # Loaded straight in the weight dtype: half the host memory of fp32 under mixed precision.
+    models = load_sdxl(opts.path, vae=opts.vae, dtype=weight_dtype, vae_dtype=vae_dtype, lowram=opts.lowram,
+                       device=device if opts.lowram else None, disable_mmap=opts.disable_mmap)
     if opts.tokenizer_cache_dir:
         models.tokenizer1, models.tokenizer2 = tokenizers_via_cache_dir(opts.tokenizer_cache_dir)
     for m in (models.unet, models.vae, models.text_encoder1, models.text_encoder2):
