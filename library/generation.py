@@ -2,29 +2,34 @@
 
 :func:`generate` draws images with models that are already in memory (the trainer calls it for
 sample images), so it loads nothing and leaves every model as it found it (device, dtype, train/eval
-mode, LLLite multiplier/active state). The loop is the plain diffusers recipe::
+mode, LLLite multiplier/active state, no hooks left). The loop is the plain diffusers recipe::
 
     scheduler from the model's config -> set_timesteps -> seeded latents (CPU generators)
     -> per step: switch each LLLite on/off for its window, one CFG-batched U-Net call, scheduler.step
-    -> VAE decode (in fp32 where the fp16 SDXL VAE would overflow)
+    -> VAE decode (in fp32 where the fp16 SDXL VAE would overflow; in strips with vae_slices)
 
-Options on top: img2img (``init_image`` + ``strength``), latent-blend inpainting (``mask``),
-a two-pass highres fix, per-model LLLite multipliers and step windows.
+Options on top: img2img (``init_image`` + ``strength``), latent-blend inpainting (``mask``), a
+two-pass highres fix with a choice of upscalers (``library/upscalers.py``), Deep Shrink
+(``library/deep_shrink.py``), Gradual Latent (``library/gradual_latent.py``), per-model LLLite
+multipliers and step windows. What a request is and its rules: ``library/generation_settings.py``.
 
 Definitions used here (also in docs/generation.md):
 
 * CFG: ``eps = uncond + scale * (cond - uncond)``, where uncond is the negative prompt.
   With ``negative_scale`` the batch has three parts, an empty prompt ``e``, the prompt ``c`` and
-  the negative prompt ``n``: ``eps = e + scale * (c - e) - negative_scale * (n - e)``, so the push
-  away from the negative prompt has its own strength.
+  the negative prompt ``n``: ``eps = e + scale * (c - e) - negative_scale * (n - e)``.
 * LLLite windows: denoising step ``s`` (0-based) of ``n`` steps run in a pass is controlled by a model
   when ``start <= s / n < ratio``. Second-order samplers (heun, dpm_2) evaluate the U-Net twice per
   step; both evaluations belong to the same step.
 * Inpainting (standard 4-channel U-Net): white mask pixels are regenerated. After every step the
   unmasked part of the latents is replaced by the original latents noised to the next timestep.
-* Highres fix: pass 1 at ``highres_fix_scale`` of the final size with ``highres_fix_steps`` steps,
-  then upscale (pixels, re-encoded; or latents) and run img2img at the final size with ``steps``
-  steps and ``highres_fix_strength``. Guide images are resized for each pass.
+* Highres fix (as sd-scripts): pass 1 at ``highres_fix_scale`` of the final size with
+  ``highres_fix_steps`` steps (img2img at ``highres_fix_strength`` when there is an init image),
+  then upscale and run img2img at the final size with ``steps`` steps and ``strength``. Guide images
+  are resized for each pass; explicit original sizes and crops are scaled for pass 1.
+* SDXL size conditioning: ``time_ids = [original_h, original_w, crop_top, crop_left, target_h, target_w]``;
+  the uncond part (negative prompt, and the empty prompt with ``negative_scale``) takes
+  ``original_*_negative`` when given.
 """
 
 from __future__ import annotations
@@ -32,136 +37,47 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from library.deep_shrink import deep_shrink
 from library.errors import UserError
+from library.generation_settings import (  # noqa: F401  (re-exported: the public API of generation)
+    DEFAULT_STRENGTH,
+    LATENT_FACTOR,
+    PER_IMAGE_FIELDS,
+    DeepShrink,
+    GenerationRequest,
+    GradualLatent,
+    ImageLike,
+    Unsharp,
+    batch_key,
+    checked_size,
+    control_settings,
+    first_pass_size,
+    request_from_prompt_spec,
+    validate_request,
+)
+from library.generation_vae import VaeRunner
+from library.gradual_latent import GradualLatentRun
 from library.model_loading import SDXLModels
-from library.prompt_lines import PromptSpec
-from library.samplers import DEFAULT_SAMPLER, build_scheduler, normalize_sampler_name, step_accepts_generator
+from library.samplers import build_scheduler, step_accepts_generator
 from library.text_encoding import encode_prompts
+from library.upscalers import upscale
 
 logger = logging.getLogger(__name__)
 
-ImageLike = Union[str, os.PathLike, Image.Image]
-LATENT_FACTOR = 8  # SDXL's VAE downsamples by 8
-DEFAULT_STRENGTH = 0.8  # img2img / inpainting strength when none is given
-
-
-@dataclass
-class GenerationRequest:
-    """One image to draw (a batch is a list of requests that agree on everything but per-image fields).
-
-    Per-image fields: prompt, negative_prompt, seed, guide_images, init_image, mask, original size, crop.
-    Guide images are given one per LLLite model, in the order of the ``lllites`` list.
-    """
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 28
-    scale: float = 7.0
-    negative_scale: float | None = None
-    seed: int | None = None  # None: a random seed (stored in the image's info["seed"])
-    sampler: str = DEFAULT_SAMPLER
-    # LLLite, one entry per model
-    guide_images: list[ImageLike | None] = field(default_factory=list)
-    control_multipliers: list[float] | None = None  # default 1.0 each
-    control_starts: list[float] | None = None  # fraction of the steps before the model switches on (default 0)
-    control_ratios: list[float] | None = None  # fraction of the steps, from the start, it stays on (default 1)
-    # img2img / inpainting
-    init_image: ImageLike | None = None
-    strength: float | None = None  # default DEFAULT_STRENGTH
-    mask: ImageLike | None = None  # white = regenerate
-    # SDXL size conditioning; None: the final image size / 0
-    original_width: int | None = None
-    original_height: int | None = None
-    crop_top: int = 0
-    crop_left: int = 0
-    # text
-    clip_skip: int | None = None
-    max_embeddings_multiples: int = 1
-    # highres fix
-    highres_fix_scale: float | None = None
-    highres_fix_steps: int = 28
-    highres_fix_strength: float = 0.7
-    highres_fix_disable_control_net: bool = False
-    highres_fix_latents_upscaling: bool = False
-    # LoRA multipliers from a prompt line's --am; applied by whoever merged the LoRAs (the CLI)
-    network_multipliers: list[float] | None = None
-
-
-# Fields that may differ between the images of one batch.
-PER_IMAGE_FIELDS = frozenset(
-    {"prompt", "negative_prompt", "seed", "guide_images", "init_image", "mask", "original_width",
-     "original_height", "crop_top", "crop_left"}
-)
-
-
-def batch_key(request: GenerationRequest) -> tuple:
-    """Requests with equal keys can be drawn in one batch."""
-    shared = tuple(
-        (f.name, _hashable(getattr(request, f.name))) for f in dataclasses.fields(request) if f.name not in PER_IMAGE_FIELDS
-    )
-    return shared + (
-        ("n_guides", len(request.guide_images)),
-        ("img2img", request.init_image is not None),
-        ("mask", request.mask is not None),
-    )
-
-
-def _hashable(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
-
-
-def request_from_prompt_spec(spec: PromptSpec, defaults: GenerationRequest) -> GenerationRequest:
-    """``defaults`` with every option that a prompt line (or sample-prompt entry) gives applied.
-
-    ``--d`` gives the seed (the first one when it is a list), ``--cn`` the guide images (one per model),
-    ``--ss`` the sampler, ``--am`` the LoRA multipliers. Unset options keep the defaults.
-    """
-    changes: dict[str, Any] = {"prompt": spec.prompt}
-    for spec_field, req_field in (
-        ("negative_prompt", "negative_prompt"), ("width", "width"), ("height", "height"), ("steps", "steps"),
-        ("scale", "scale"), ("negative_scale", "negative_scale"), ("strength", "strength"),
-        ("original_width", "original_width"), ("original_height", "original_height"),
-        ("crop_top", "crop_top"), ("crop_left", "crop_left"), ("network_multipliers", "network_multipliers"),
-    ):
-        value = getattr(spec, spec_field)
-        if value is not None:
-            changes[req_field] = value
-    if spec.seeds:
-        changes["seed"] = spec.seeds[0]
-    if spec.sampler is not None:
-        changes["sampler"] = normalize_sampler_name(spec.sampler)
-    if spec.guide_images:
-        changes["guide_images"] = list(spec.guide_images)
-    return dataclasses.replace(defaults, **changes)
-
 
 # ----------------------------------------------------------------------------------------------
-# Sizes and images
+# Images
 # ----------------------------------------------------------------------------------------------
-
-
-def round_size(width: int, height: int, what: str = "size") -> tuple[int, int]:
-    """Round a size down to multiples of 8 (what the VAE needs), with a warning when it changes."""
-    w, h = max(LATENT_FACTOR, int(width) // LATENT_FACTOR * LATENT_FACTOR), max(
-        LATENT_FACTOR, int(height) // LATENT_FACTOR * LATENT_FACTOR
-    )
-    if (w, h) != (int(width), int(height)):
-        logger.warning("%s %dx%d is not a multiple of 8: using %dx%d", what, width, height, w, h)
-    return w, h
 
 
 def open_image(image: ImageLike, what: str = "image") -> Image.Image:
@@ -205,6 +121,11 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def round_size(width: int, height: int, n_models: int = 0) -> tuple[int, int]:
+    """A size rounded down to multiples of 8 (a warning names the value that changed); too small: UserError."""
+    return checked_size("width", int(width), n_models), checked_size("height", int(height), n_models)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model state
 # ----------------------------------------------------------------------------------------------
@@ -238,54 +159,8 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-class _Vae:
-    """Encode/decode with the model's VAE, in fp32 where fp16 would overflow (SDXL's original VAE)."""
-
-    def __init__(self, vae, batch_size: int | None):
-        self.vae = vae
-        self.batch_size = batch_size
-        self.scaling = float(vae.config.scaling_factor)
-        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-    @contextlib.contextmanager
-    def _precision(self, upcast: bool) -> Iterator[torch.dtype]:
-        dtype = _module_dtype(self.vae)
-        if upcast and dtype == torch.float16:
-            self.vae.to(torch.float32)
-            try:
-                yield torch.float32
-            finally:
-                self.vae.to(dtype)
-        else:
-            yield dtype
-
-    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        wanted = bool(getattr(self.vae.config, "force_upcast", False))
-        out = self._batched(fn, x, wanted)
-        if not torch.isfinite(out).all() and _module_dtype(self.vae) == torch.float16 and not wanted:
-            logger.warning("the VAE gave NaN/inf in fp16: running it again in fp32 (use --no_half_vae to skip this)")
-            out = self._batched(fn, x, True)
-        return out
-
-    def _batched(self, fn, x: torch.Tensor, upcast: bool) -> torch.Tensor:
-        n = self.batch_size or x.shape[0]
-        with self._precision(upcast) as dtype:
-            device = _module_device(self.vae)
-            return torch.cat([fn(x[i : i + n].to(device, dtype)).float() for i in range(0, x.shape[0], n)])
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._run(lambda z: self.vae.decode(z / self.scaling + self.shift).sample, latents)
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run(lambda x: (self.vae.encode(x).latent_dist.mean - self.shift) * self.scaling, pixels)
-
-
 # ----------------------------------------------------------------------------------------------
-# Generation
+# One generation call
 # ----------------------------------------------------------------------------------------------
 
 
@@ -296,6 +171,7 @@ class _Pass:
     steps: int
     strength: float | None  # None: txt2img from pure noise
     control: bool
+    size_scale: float = 1.0  # explicit original sizes and crops are scaled by this (highres pass 1)
 
 
 @dataclass
@@ -305,40 +181,44 @@ class _Conditioning:
     parts: int
 
 
-def _check_requests(requests: list[GenerationRequest], n_models: int) -> None:
-    if not requests:
-        raise ValueError("generate() needs at least one request")
-    keys = {batch_key(r) for r in requests}
-    if len(keys) > 1:
-        raise ValueError("the requests of one batch must agree on everything but per-image fields (see batch_key)")
-    r = requests[0]
-    normalize_sampler_name(r.sampler)
-    if r.steps < 1:
-        raise UserError(f"steps must be at least 1, got {r.steps}")
-    if r.mask is not None and r.init_image is None:
-        raise UserError("a mask (--mask_path) needs the image to inpaint (--image_path)")
-    if r.strength is not None and not 0.0 < r.strength <= 1.0:
-        raise UserError(f"strength must be in (0, 1], got {r.strength}")
-    if r.highres_fix_scale is not None and not 0.0 < r.highres_fix_scale < 1.0:
-        raise UserError(f"highres_fix_scale is the first pass's fraction of the final size: use 0 < scale < 1, got {r.highres_fix_scale}")
-    for name in ("control_multipliers", "control_starts", "control_ratios"):
-        values = getattr(r, name)
-        if values is not None and n_models and len(values) not in (1, n_models):
-            raise UserError(f"{name} has {len(values)} values for {n_models} LLLite models: give one per model")
-        if values is not None and name != "control_multipliers" and any(not 0.0 <= v <= 1.0 for v in values):
-            raise UserError(f"{name} are fractions of the steps: use values from 0 to 1, got {values}")
-    for req in requests:
-        if n_models and (len(req.guide_images) < n_models or any(g is None for g in req.guide_images[:n_models])):
-            raise UserError(
-                f"{n_models} LLLite model(s) but {len([g for g in req.guide_images if g is not None])} guide image(s) "
-                f"for prompt {req.prompt[:40]!r}: give one guide image per model (--guide_image_path / --cn)"
-            )
+@dataclass
+class _Run:
+    """Everything one :func:`generate` call shares between its passes and steps."""
+
+    models: SDXLModels
+    requests: list[GenerationRequest]
+    lllites: list[Any]
+    device: torch.device
+    dtype: torch.dtype
+    unet_dtype: torch.dtype
+    generators: list[torch.Generator]
+    windows: list[tuple[float, float]]  # (start, ratio) per LLLite model
+    cond: _Conditioning | None = None
+    n_passes: int = 1
+    progress: bool = True
+    on_step: Callable[[int, int, int], None] | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.requests[0]
+
+    def autocast(self) -> ContextManager:
+        if self.dtype == self.unet_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def _per_model(values: list[float] | None, n: int, default: float) -> list[float]:
-    if not values:
-        return [default] * n
-    return list(values) * n if len(values) == 1 else list(values)[:n]
+def _passes(r: GenerationRequest) -> list[_Pass]:
+    img2img = r.init_image is not None
+    strength = (r.strength or DEFAULT_STRENGTH) if img2img else None
+    if not r.highres_fix_scale:
+        return [_Pass(r.width, r.height, r.steps, strength, True)]
+    first = first_pass_size(r)
+    first_strength = (r.highres_fix_strength or strength) if img2img else None
+    return [
+        _Pass(first[0], first[1], r.highres_fix_steps, first_strength, True, r.highres_fix_scale),
+        _Pass(r.width, r.height, r.steps, r.strength or DEFAULT_STRENGTH, not r.highres_fix_disable_control_net),
+    ]
 
 
 def _encode_text(models: SDXLModels, requests: list[GenerationRequest], device, dtype) -> _Conditioning:
@@ -359,12 +239,22 @@ def _encode_text(models: SDXLModels, requests: list[GenerationRequest], device, 
     return _Conditioning(hidden.to(device, dtype), pooled.to(device, dtype), len(groups))
 
 
-def _time_ids(requests: list[GenerationRequest], p: _Pass, parts: int, device, dtype) -> torch.Tensor:
-    rows = [
-        [q.original_height or q.height, q.original_width or q.width, q.crop_top, q.crop_left, p.height, p.width]
-        for q in requests
-    ]
-    return torch.tensor(rows * parts, device=device, dtype=dtype)
+def _time_ids(run: _Run, p: _Pass) -> torch.Tensor:
+    """SDXL's added time ids per CFG part; the parts other than the prompt's take the negative original size."""
+
+    def scaled(v: int | None) -> int | None:
+        return None if v is None else int(v * p.size_scale + 0.5)
+
+    def row(q: GenerationRequest, negative: bool) -> list[int]:
+        oh, ow = scaled(q.original_height) or p.height, scaled(q.original_width) or p.width
+        if negative:
+            oh, ow = scaled(q.original_height_negative) or oh, scaled(q.original_width_negative) or ow
+        return [oh, ow, scaled(q.crop_top) or 0, scaled(q.crop_left) or 0, p.height, p.width]
+
+    parts = run.cond.parts
+    cond_part = 1 if parts > 1 else 0  # CFG order: (negative, prompt) or (empty, prompt, negative)
+    rows = [row(q, part != cond_part) for part in range(parts) for q in run.requests]
+    return torch.tensor(rows, device=run.device, dtype=run.dtype)
 
 
 def _combine(out: torch.Tensor, r: GenerationRequest, parts: int) -> torch.Tensor:
@@ -382,57 +272,62 @@ def _noise(generators: list[torch.Generator], width: int, height: int, channels:
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def _denoise(
-    ctx: dict, p: _Pass, pass_index: int, clean: torch.Tensor | None, keep: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    generators: list[torch.Generator], on_step: Callable[[int, int, int], None] | None, progress: bool,
-) -> torch.Tensor:
-    """One sampling pass from ``clean`` (img2img) or noise; returns the denoised latents (fp32).
-
-    With a mask, the unmasked region is taken from ``keep`` (the init image), noised to each next step.
-    """
-    models: SDXLModels = ctx["models"]
-    r: GenerationRequest = ctx["requests"][0]
-    device, dtype, cond = ctx["device"], ctx["dtype"], ctx["cond"]
-    unet = models.unet
-
-    scheduler = build_scheduler(r.sampler, models.scheduler_config)
-    scheduler.set_timesteps(p.steps, device=device)
+def _first_latents(run: _Run, scheduler, p: _Pass, clean: torch.Tensor | None):
+    """(latents, timesteps, steps run, noise): pure noise, or ``clean`` noised to the strength's timestep."""
     timesteps = scheduler.timesteps
-    noise = _noise(generators, p.width, p.height, unet.config.in_channels).to(device)
+    noise = _noise(run.generators, p.width, p.height, run.models.unet.config.in_channels).to(run.device)
     if clean is not None and p.strength is not None and p.strength < 1.0:
         n_run = min(p.steps, max(1, int(p.steps * p.strength)))
         begin = (p.steps - n_run) * scheduler.order
         timesteps = timesteps[begin:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
-        latents = scheduler.add_noise(clean, noise, timesteps[:1])
-    else:
-        n_run = p.steps
-        latents = noise * scheduler.init_noise_sigma
+        return scheduler.add_noise(clean, noise, timesteps[:1]), timesteps, n_run, noise
+    return noise * scheduler.init_noise_sigma, timesteps, p.steps, noise
 
-    time_ids = _time_ids(ctx["requests"], p, cond.parts, device, dtype)
-    added = {"text_embeds": cond.pooled, "time_ids": time_ids}
-    windows = ctx["windows"]
-    step_kwargs = {"generator": generators} if step_accepts_generator(scheduler) else {}
-    bar = tqdm(timesteps, desc=f"pass {pass_index + 1}" if ctx["n_passes"] > 1 else "sampling", disable=not progress,
-               leave=False)
-    for i, t in enumerate(bar):
+
+def _unet_eps(run: _Run, scheduler, latents: torch.Tensor, t, added: dict) -> torch.Tensor:
+    """The CFG-combined noise prediction for ``latents`` at timestep ``t``."""
+    cond = run.cond
+    x = scheduler.scale_model_input(torch.cat([latents] * cond.parts), t)
+    with run.autocast():
+        out = run.models.unet(x.to(run.dtype), t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added).sample
+    return _combine(out.float(), run.request, cond.parts)
+
+
+def _denoise(run: _Run, p: _Pass, pass_index: int, clean: torch.Tensor | None, keep: torch.Tensor | None,
+             mask: torch.Tensor | None) -> torch.Tensor:
+    """One sampling pass from ``clean`` (img2img) or noise; returns the denoised latents (fp32).
+
+    With a mask, the unmasked region is taken from ``keep`` (the init image), noised to each next step.
+    """
+    r = run.request
+    scheduler = build_scheduler(r.sampler, run.models.scheduler_config)
+    scheduler.set_timesteps(p.steps, device=run.device)
+    latents, timesteps, n_run, noise = _first_latents(run, scheduler, p, clean)
+    growth = GradualLatentRun(r.gradual_latent, latents.shape[-2:]) if r.gradual_latent.enabled else None
+    if growth is not None:
+        latents = growth.start(latents)
+    added = {"text_embeds": run.cond.pooled, "time_ids": _time_ids(run, p)}
+    step_kwargs = {"generator": run.generators} if step_accepts_generator(scheduler) else {}
+    desc = f"pass {pass_index + 1}" if run.n_passes > 1 else "sampling"
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not run.progress, leave=False)):
         step = min(n_run - 1, i * n_run // len(timesteps))
-        for net, (start, end) in zip(ctx["lllites"], windows):
+        for net, (start, end) in zip(run.lllites, run.windows):
             net.set_active(p.control and start <= step / n_run < end)
-        if on_step is not None:
-            on_step(pass_index, step, i)
-        x = scheduler.scale_model_input(torch.cat([latents] * cond.parts), t)
-        with ctx["autocast"]():
-            out = unet(x.to(dtype), t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added).sample
-        latents = scheduler.step(_combine(out.float(), r, cond.parts), t, latents, **step_kwargs).prev_sample
+        if run.on_step is not None:
+            run.on_step(pass_index, step, i)
+        eps = _unet_eps(run, scheduler, latents, t, added)
+        if growth is not None:
+            latents = growth.step(scheduler, eps, t, latents, growth.growth_before_step(float(t)), run.generators)
+        else:
+            latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if mask is not None and keep is not None:
             original = keep
             if i < len(timesteps) - 1:
-                original = scheduler.add_noise(keep, noise, timesteps[i + 1 : i + 2])
+                original = scheduler.add_noise(keep, noise, timesteps[i + 1: i + 2])
             latents = (1.0 - mask) * original + mask * latents
-    return latents
+    return growth.finish(latents) if growth is not None else latents
 
 
 def _set_guides(lllites: Sequence[Any], requests: list[GenerationRequest], width: int, height: int, device) -> None:
@@ -440,6 +335,37 @@ def _set_guides(lllites: Sequence[Any], requests: list[GenerationRequest], width
     for m, net in enumerate(lllites):
         batch = torch.stack([image_to_tensor(q.guide_images[m], width, height, "guide image") for q in requests])
         net.set_cond_image(batch.to(device))
+
+
+def _pass_inputs(run: _Run, p: _Pass, latents: torch.Tensor | None, vae: VaeRunner):
+    """(start latents, init latents, mask) of a pass: the init image's, or the upscaled previous pass's."""
+    r, requests, device = run.request, run.requests, run.device
+    init = None  # the init image's latents at this pass's size
+    if r.init_image is not None:
+        pixels = torch.stack([image_to_tensor(q.init_image, p.width, p.height, "init image") for q in requests])
+        init = vae.encode(pixels).to(device)
+    start = init
+    if latents is not None:  # highres fix: the second pass starts from the upscaled first one
+        name = r.highres_fix_upscaler or ("latent_bilinear" if r.highres_fix_latents_upscaling else None)
+        start = upscale(name, r.highres_fix_upscaler_args, latents, (p.height, p.width), vae).to(device)
+    mask = None
+    if r.mask is not None:
+        mask = torch.stack([mask_to_latent(q.mask, p.width, p.height) for q in requests]).to(device)
+    return start, init, mask
+
+
+def _draw_passes(run: _Run, vae: VaeRunner, first_pass: Callable[[list[Image.Image]], None] | None) -> torch.Tensor:
+    passes = _passes(run.request)
+    run.n_passes = len(passes)
+    latents = None
+    for index, p in enumerate(passes):
+        start, init, mask = _pass_inputs(run, p, latents, vae)
+        if p.control and run.lllites:
+            _set_guides(run.lllites, run.requests, p.width, p.height, run.device)
+        latents = _denoise(run, p, index, start, init, mask)
+        if first_pass is not None and index == 0 and len(passes) > 1:
+            first_pass(tensor_to_images(vae.decode(latents)))
+    return latents
 
 
 def generate(
@@ -450,8 +376,10 @@ def generate(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-    vae_batch_size: int | None = None,
+    vae_batch_size: float | None = None,
+    vae_slices: int | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    first_pass: Callable[[list[Image.Image]], None] | None = None,
 ) -> list[Image.Image]:
     """Draw one image per request, as one batch, with the models and LLLite networks already in memory.
 
@@ -462,118 +390,91 @@ def generate(
         device: where inputs go; default the U-Net's device. Nothing is moved to it.
         dtype: compute dtype; default the U-Net's. A different one runs the U-Net under autocast.
         progress: show a tqdm bar per pass.
-        vae_batch_size: images per VAE decode call (default: all).
+        vae_batch_size: images per VAE call (default: all); below 1, that share of the batch.
+        vae_slices: decode and encode each image in this many horizontal strips (less VAE memory).
         on_step: called as ``on_step(pass_index, step, evaluation_index)`` before every U-Net call,
             after the LLLite windows are applied (for progress reports and tests).
+        first_pass: with the highres fix, called with the first pass's decoded images.
 
     Returns:
         PIL images; ``image.info["seed"]`` holds the seed used.
     """
     requests = [request] if isinstance(request, GenerationRequest) else list(request)
+    if not requests:
+        raise ValueError("generate() needs at least one request")
+    if len({batch_key(r) for r in requests}) > 1:
+        raise ValueError("the requests of one batch must agree on everything but per-image fields (see batch_key)")
     lllites = list(lllites)
-    _check_requests(requests, len(lllites))
+    for q in requests:
+        validate_request(q, len(lllites))
+        _check_guides(q, len(lllites))
     r = requests[0]
-    width, height = round_size(r.width, r.height)
-    if (width, height) != (r.width, r.height):
-        requests = [dataclasses.replace(q, width=width, height=height) for q in requests]
-        r = requests[0]
-    unet_dtype = _module_dtype(models.unet)
-    device = torch.device(device) if device is not None else _module_device(models.unet)
-    dtype = dtype or unet_dtype
-
-    def autocast():
-        if dtype == unet_dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
+    width, height = round_size(r.width, r.height, len(lllites))
+    requests = [dataclasses.replace(q, width=width, height=height) for q in requests]
     seeds = [q.seed if q.seed is not None else random.randint(0, 2**32 - 1) for q in requests]
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-    init_strength = (r.strength or DEFAULT_STRENGTH) if r.init_image is not None else None
-    if r.highres_fix_scale:
-        first = round_size(width * r.highres_fix_scale, height * r.highres_fix_scale, "highres fix first pass size")
-        passes = [
-            _Pass(first[0], first[1], r.highres_fix_steps, init_strength, True),
-            _Pass(width, height, r.steps, r.highres_fix_strength, not r.highres_fix_disable_control_net),
-        ]
-    else:
-        passes = [_Pass(width, height, r.steps, init_strength, True)]
-
-    n = len(lllites)
-    starts = _per_model(r.control_starts, n, 0.0)
-    ratios = _per_model(r.control_ratios, n, 1.0)
-    multipliers = _per_model(r.control_multipliers, n, 1.0)
-    vae = _Vae(models.vae, vae_batch_size)
-
-    with _inference_state(models, lllites):
-        for net, mult in zip(lllites, multipliers):
+    _, starts, ratios = control_settings(r, len(lllites))
+    unet_dtype = _module_dtype(models.unet)
+    run = _Run(models, requests, lllites, torch.device(device) if device is not None else next(models.unet.parameters()).device,
+               dtype or unet_dtype, unet_dtype, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+               list(zip(starts, ratios)), progress=progress, on_step=on_step)
+    vae = VaeRunner(models.vae, vae_batch_size, vae_slices)
+    with _inference_state(models, lllites), deep_shrink(models.unet, r.deep_shrink):
+        for net, mult in zip(lllites, control_settings(r, len(lllites))[0]):
             net.set_multiplier(mult)
-        ctx = {
-            "models": models, "requests": requests, "device": device, "dtype": dtype, "autocast": autocast,
-            "cond": _encode_text(models, requests, device, dtype), "lllites": lllites,
-            "windows": list(zip(starts, ratios)), "n_passes": len(passes),
-        }
-        latents = None
-        for index, p in enumerate(passes):
-            init = None  # the init image's latents at this pass's size
-            if r.init_image is not None:
-                pixels = torch.stack([image_to_tensor(q.init_image, p.width, p.height, "init image") for q in requests])
-                init = vae.encode(pixels).to(device)
-            start = init
-            if latents is not None:  # highres fix: the second pass starts from the upscaled first one
-                if r.highres_fix_latents_upscaling:
-                    size = (p.height // LATENT_FACTOR, p.width // LATENT_FACTOR)
-                    start = F.interpolate(latents, size=size, mode="bilinear", align_corners=False)
-                else:
-                    pixels = F.interpolate(vae.decode(latents), size=(p.height, p.width), mode="bicubic",
-                                           align_corners=False).clamp(-1, 1)
-                    start = vae.encode(pixels).to(device)
-            mask = None
-            if r.mask is not None:
-                mask = torch.stack([mask_to_latent(q.mask, p.width, p.height) for q in requests]).to(device)
-            if p.control and lllites:
-                _set_guides(lllites, requests, p.width, p.height, device)
-            latents = _denoise(ctx, p, index, start, init, mask, generators, on_step, progress)
-        images = tensor_to_images(vae.decode(latents))
+        run.cond = _encode_text(models, requests, run.device, run.dtype)
+        images = tensor_to_images(vae.decode(_draw_passes(run, vae, first_pass)))
     for im, seed in zip(images, seeds):
         im.info["seed"] = seed
     return images
 
 
-def request_metadata(request: GenerationRequest, seed: int | None = None, **extra: Any) -> dict[str, Any]:
-    """The parameters of a request as a flat dict for PNG metadata (see library.png_metadata)."""
-    r = request
+def _check_guides(q: GenerationRequest, n_models: int) -> None:
+    if n_models and (len(q.guide_images) < n_models or any(g is None for g in q.guide_images[:n_models])):
+        raise UserError(
+            f"{n_models} LLLite model(s) but {len([g for g in q.guide_images if g is not None])} guide image(s) "
+            f"for prompt {q.prompt[:40]!r}: give one guide image per model (--guide_image_path / --cn)"
+        )
 
-    def name(x):
-        return None if x is None else (f"<{type(x).__name__}>" if isinstance(x, Image.Image) else str(x))
 
-    meta: dict[str, Any] = {
-        "prompt": r.prompt,
-        "negative_prompt": r.negative_prompt,
-        "steps": r.steps,
-        "sampler": r.sampler,
-        "scale": r.scale,
-        "negative_scale": r.negative_scale,
-        "seed": seed if seed is not None else r.seed,
-        "size": f"{r.width}x{r.height}",
-        "width": r.width,
-        "height": r.height,
-        "clip_skip": r.clip_skip,
-        "max_embeddings_multiples": r.max_embeddings_multiples,
-        "strength": (r.strength or DEFAULT_STRENGTH) if r.init_image is not None else None,
-        "init_image": name(r.init_image),
-        "mask": name(r.mask),
-        "original_size": f"{r.original_width}x{r.original_height}" if r.original_width or r.original_height else None,
-        "crop": f"{r.crop_top},{r.crop_left}" if r.crop_top or r.crop_left else None,
-        "guide_images": [name(g) for g in r.guide_images],
-        "lllite_multipliers": r.control_multipliers,
-        "lllite_starts": r.control_starts,
-        "lllite_ratios": r.control_ratios,
-        "network_multipliers": r.network_multipliers,
-    }
+def _name(x: Any) -> str | None:
+    return None if x is None else (f"<{type(x).__name__}>" if isinstance(x, Image.Image) else str(x))
+
+
+def _feature_metadata(r: GenerationRequest) -> dict[str, Any]:
+    """The highres fix, Deep Shrink and Gradual Latent settings in use, for the PNG."""
+    meta: dict[str, Any] = {}
     if r.highres_fix_scale:
         meta.update(highres_fix_scale=r.highres_fix_scale, highres_fix_steps=r.highres_fix_steps,
                     highres_fix_strength=r.highres_fix_strength,
-                    highres_fix_disable_control_net=r.highres_fix_disable_control_net)
+                    highres_fix_upscaler=r.highres_fix_upscaler or ("latent_bilinear" if r.highres_fix_latents_upscaling
+                                                                    else None),
+                    highres_fix_upscaler_args=dict(r.highres_fix_upscaler_args) or None,
+                    highres_fix_disable_control_net=r.highres_fix_disable_control_net or None)
+    if r.deep_shrink.enabled:
+        meta["deep_shrink"] = dataclasses.asdict(r.deep_shrink)
+    if r.gradual_latent.enabled:
+        meta["gradual_latent"] = dataclasses.asdict(r.gradual_latent)
+    return meta
+
+
+def request_metadata(request: GenerationRequest, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """The parameters of a request as a flat dict for PNG metadata (see library.png_metadata)."""
+    r = request
+    negative_size = (r.original_width_negative, r.original_height_negative)
+    meta: dict[str, Any] = {
+        "prompt": r.prompt, "negative_prompt": r.negative_prompt, "clip_prompt": r.clip_prompt, "steps": r.steps,
+        "sampler": r.sampler, "scale": r.scale, "negative_scale": r.negative_scale,
+        "seed": seed if seed is not None else r.seed, "size": f"{r.width}x{r.height}", "width": r.width,
+        "height": r.height, "clip_skip": r.clip_skip, "max_embeddings_multiples": r.max_embeddings_multiples,
+        "strength": (r.strength or DEFAULT_STRENGTH) if r.init_image is not None or r.highres_fix_scale else None,
+        "init_image": _name(r.init_image), "mask": _name(r.mask),
+        "original_size": f"{r.original_width}x{r.original_height}" if r.original_width or r.original_height else None,
+        "original_size_negative": "{}x{}".format(*negative_size) if any(negative_size) else None,
+        "crop": f"{r.crop_top},{r.crop_left}" if r.crop_top or r.crop_left else None,
+        "guide_images": [_name(g) for g in r.guide_images], "lllite_multipliers": r.control_multipliers,
+        "lllite_starts": r.control_starts, "lllite_ratios": r.control_ratios,
+        "network_multipliers": r.network_multipliers,
+    }
+    meta.update(_feature_metadata(r))
     meta.update(extra)
     return {k: v for k, v in meta.items() if v is not None}

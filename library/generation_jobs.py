@@ -1,18 +1,20 @@
-"""From ``sdxl_gen_img.py``'s options to images on disk: inputs, planned jobs, batches and PNG files.
+"""From ``sdxl_gen_img.py``'s checked options to images on disk: inputs, planned jobs, batches and PNG files.
 
 * inputs: prompt lines (``--prompt``, ``--from_file``, ``--interactive``), guide/init/mask images
-  (files or folders), every option a user can get wrong checked before the models load;
+  (files or folders), each file checked readable when it is read;
 * planning: prompts x ``images_per_prompt`` x ``n_iter`` become :class:`Job` s with seeds, guide image
-  groups, init images and masks (each cycling by image number);
+  groups, init images and masks (each cycling by image number); every job's request is checked
+  with the same rules :func:`library.generation.generate` applies, before any model loads;
 * batching: consecutive jobs that can share a U-Net call;
-* writing: file names (time stamp, sequential, original name) and PNG parameters metadata.
+* writing: file names (time stamp, sequential, original name), PNG parameters, the highres fix's
+  first pass, and the interactive preview.
 
-Heavy libraries are imported inside the functions so that ``--help`` and option errors stay fast.
+Everything here reads the frozen options of ``library/generation_options.py``; nothing changes them.
+Heavy libraries are imported inside the functions so that option errors stay fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import random
@@ -20,14 +22,21 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from library.errors import UserError
+from library.generation_options import GenOptions, InputOptions, LoraSpec, OutputOptions
+from library.generation_settings import (
+    GenerationRequest,
+    checked_size,
+    control_settings,
+    request_from_prompt_spec,
+    validate_request,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from library.generation import GenerationRequest
     from library.prompt_lines import PromptSpec
 
 logger = logging.getLogger(__name__)
@@ -40,27 +49,15 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # ----------------------------------------------------------------------------------------------
 
 
-def check_sizes(args: argparse.Namespace) -> None:
-    """Rounds ``--W``/``--H`` down to multiples of 8 and checks the counts are at least 1."""
-    from library.generation import round_size
-
-    args.W, args.H = round_size(args.W, args.H)
-    for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps", "max_embeddings_multiples"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-
-
-def read_prompt_specs(args: argparse.Namespace) -> list[PromptSpec]:
+def read_prompt_specs(inputs: InputOptions) -> list[PromptSpec]:
     """The prompt lines of ``--prompt`` and ``--from_file`` (interactive lines are read later)."""
     from library.prompt_lines import load_prompt_file, parse_prompt_line
 
-    if not (args.prompt or args.from_file or args.interactive):
-        raise UserError("nothing to draw: give --prompt, --from_file or --interactive")
     specs = []
-    if args.prompt:
-        specs.append(parse_prompt_line(args.prompt, "--prompt"))
-    if args.from_file:
-        specs += load_prompt_file(args.from_file)
+    if inputs.prompt:
+        specs.append(parse_prompt_line(inputs.prompt, "--prompt"))
+    if inputs.from_file:
+        specs += load_prompt_file(inputs.from_file)
     return specs
 
 
@@ -96,19 +93,15 @@ def expand_images(paths: Iterable[str], what: str) -> list[str]:
 
 def guide_groups(guides: list[str], n_models: int) -> list[list[str]]:
     """Guide images in groups of one per model: [[g0, g1], [g2, g3], ...] for two models."""
-    if not n_models:
-        if guides:
-            logger.warning("--guide_image_path given without --control_net_lllite_models: the guide images are ignored")
-        return []
     if len(guides) < n_models:
         raise UserError(
             f"{n_models} LLLite models but only {len(guides)} guide image(s): give at least one guide image per "
             "model with --guide_image_path (in model order), or --cn in every prompt line"
         )
     if len(guides) % n_models:
-        logger.warning("%d guide images for %d models: the last %d image(s) do not fill a group and are ignored",
-                       len(guides), n_models, len(guides) % n_models)
-    return [guides[i : i + n_models] for i in range(0, len(guides) - n_models + 1, n_models)]
+        raise UserError(f"--guide_image_path: {len(guides)} guide images for {n_models} LLLite models: the last "
+                        f"{len(guides) % n_models} would fill no group; give a multiple of {n_models} images")
+    return [guides[i: i + n_models] for i in range(0, len(guides), n_models)]
 
 
 @dataclass
@@ -121,60 +114,16 @@ class ImageInputs:
     masks: list[str] = field(default_factory=list)
 
 
-def collect_images(args: argparse.Namespace, specs: list[PromptSpec]) -> ImageInputs:
+def collect_images(inputs: InputOptions, specs: list[PromptSpec]) -> ImageInputs:
     """Expands and checks ``--guide_image_path``, ``--image_path`` and ``--mask_path``."""
-    n_models = len(args.control_net_lllite_models)
-    guides = expand_images(args.guide_image_path, "guide image")
+    n_models = len(inputs.lllite_models)
+    guides = expand_images(inputs.guide_paths, "guide image")
     groups: list[list[str]] = []
-    if guides or (n_models and specs and not all(s.guide_images for s in specs)):
+    if guides or (n_models and (inputs.interactive or not all(s.guide_images for s in specs))):
         groups = guide_groups(guides, n_models)  # raises when there are fewer guide images than models
-    inits = expand_images([args.image_path], "init image (--image_path)") if args.image_path else []
-    masks = expand_images([args.mask_path], "mask image (--mask_path)") if args.mask_path else []
-    if masks and not inits:
-        raise UserError("--mask_path needs --image_path (the image to inpaint)")
+    inits = expand_images([inputs.image_path], "init image (--image_path)") if inputs.image_path else []
+    masks = expand_images([inputs.mask_path], "mask image (--mask_path)") if inputs.mask_path else []
     return ImageInputs(n_models, groups, inits, masks)
-
-
-def check_control_options(args: argparse.Namespace) -> None:
-    """``--control_net_multipliers/ratios/starts``: one value, or one per LLLite model; windows within 0..1."""
-    n_models = len(args.control_net_lllite_models)
-    for name in ("control_net_multipliers", "control_net_ratios", "control_net_starts"):
-        values = getattr(args, name)
-        if values is not None and len(values) not in (1, n_models):
-            raise UserError(f"--{name} has {len(values)} values for {n_models} LLLite model(s): give one per model")
-        if values is not None and name != "control_net_multipliers" and any(not 0.0 <= v <= 1.0 for v in values):
-            raise UserError(f"--{name} are fractions of the steps: use values from 0 to 1, got {values}")
-
-
-def fill_control_options(args: argparse.Namespace) -> None:
-    """One explicit value per LLLite model for each control option, so that the PNG metadata records them."""
-    n_models = len(args.control_net_lllite_models)
-    if not n_models:
-        return
-    args.control_net_multipliers = args.control_net_multipliers or [1.0]
-    args.control_net_starts = args.control_net_starts or [0.0]
-    args.control_net_ratios = args.control_net_ratios or [1.0]
-    for name in ("control_net_multipliers", "control_net_starts", "control_net_ratios"):
-        values = getattr(args, name)
-        setattr(args, name, values * n_models if len(values) == 1 else values)
-
-
-def default_request(args: argparse.Namespace) -> GenerationRequest:
-    """The request every prompt line starts from: the script's sampling, control and highres options."""
-    from library.generation import GenerationRequest
-
-    return GenerationRequest(
-        negative_prompt=args.negative_prompt, width=args.W, height=args.H, steps=args.steps, scale=args.scale,
-        negative_scale=args.negative_scale, sampler=args.sampler,
-        control_multipliers=args.control_net_multipliers, control_starts=args.control_net_starts,
-        control_ratios=args.control_net_ratios, strength=args.strength,
-        original_width=args.original_width, original_height=args.original_height,
-        crop_top=args.crop_top, crop_left=args.crop_left, clip_skip=args.clip_skip,
-        max_embeddings_multiples=args.max_embeddings_multiples, highres_fix_scale=args.highres_fix_scale,
-        highres_fix_steps=args.highres_fix_steps, highres_fix_strength=args.highres_fix_strength,
-        highres_fix_disable_control_net=args.highres_fix_disable_control_net,
-        highres_fix_latents_upscaling=args.highres_fix_latents_upscaling,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,64 +139,101 @@ class Job:
     index: int  # running image number in this run
 
 
+def lora_multipliers(loras: tuple[LoraSpec, ...], line: list[float] | None) -> list[float]:
+    """Each LoRA's multiplier for a batch: a line's ``--am`` (its last value repeats, as sd-scripts), else ``--network_mul``."""
+    if not line:
+        return [spec.multiplier for spec in loras]
+    return [line[i] if i < len(line) else line[-1] for i in range(len(loras))]
+
+
 class Planner:
-    """Turns prompt specs into requests: seeds, guide image groups, init images and masks cycle by image."""
+    """Turns prompt specs into checked requests: seeds, guide image groups, init images and masks cycle by image."""
 
-    def __init__(self, args: argparse.Namespace, defaults: GenerationRequest, images: ImageInputs):
-        self.args = args
-        self.defaults = defaults
-        self.groups = images.groups
-        self.inits = images.inits
-        self.masks = images.masks
+    def __init__(self, opts: GenOptions, images: ImageInputs):
+        self.inputs = opts.inputs
+        self.loras = opts.loras
+        self.defaults = opts.defaults
+        self.images = images
         self.n_models = images.n_models
-        self.rng = random.Random(args.seed)
+        self.rng = random.Random(opts.inputs.seed)
         self.index = 0
-        self.same_seeds: dict[tuple[int, int], int] = {}
+        self.iteration_seeds: dict[int, int] = {}
 
-    def _seed(self, spec: PromptSpec, prompt_no: int, k: int, position: int) -> int:
+    def _seed(self, spec: PromptSpec, k: int, iteration: int) -> int:
         if spec.seeds:  # a line's --d: one seed per image; past the list's end, count up from its last seed
             return spec.seeds[k] if k < len(spec.seeds) else spec.seeds[-1] + k - len(spec.seeds) + 1
-        if self.args.seed is not None:
-            return self.args.seed + (position if self.args.iter_same_seed else self.index)
-        if self.args.iter_same_seed:
-            return self.same_seeds.setdefault((prompt_no, k), self.rng.randint(0, 2**32 - 1))
-        return self.rng.randint(0, 2**32 - 1)
+        seed = self.inputs.seed
+        if self.inputs.iter_same_seed:  # one seed for every image of an iteration
+            if iteration not in self.iteration_seeds:
+                self.iteration_seeds[iteration] = seed + iteration if seed is not None else self.rng.randint(0, 2**32 - 1)
+            return self.iteration_seeds[iteration]
+        return seed + self.index if seed is not None else self.rng.randint(0, 2**32 - 1)
 
-    def jobs(self, specs: list[PromptSpec]) -> list[Job]:
-        """One iteration over ``specs``: ``images_per_prompt`` requests per prompt."""
-        from library.generation import check_image_readable, request_from_prompt_spec
+    def _line_request(self, spec: PromptSpec) -> GenerationRequest:
+        """The line's request, with its size rounded and one control value per model (for the metadata)."""
+        from library.generation import check_image_readable
 
+        where = f"{spec.where}: "
+        base = request_from_prompt_spec(spec, self.defaults)
+        changes: dict[str, Any] = {}
+        for label, name in (("--w", "width"), ("--h", "height")):
+            if getattr(spec, name) is not None:
+                changes[name] = checked_size(label, getattr(spec, name), self.n_models, where)
+        for g in spec.guide_images or []:
+            check_image_readable(g, f"{where}guide image (--cn)")
+        if spec.network_multipliers is not None:
+            changes["network_multipliers"] = self._checked_am(spec.network_multipliers, where)
+        if self.n_models:
+            multipliers, starts, ratios = control_settings(base, self.n_models)
+            changes.update(control_multipliers=multipliers, control_starts=starts, control_ratios=ratios)
+        return replace(base, **changes)
+
+    def _checked_am(self, values: list[float], where: str) -> list[float]:
+        if not self.loras:
+            raise UserError(f"{where}--am {','.join(f'{v:g}' for v in values)} does nothing without --network_weights")
+        if len(values) > len(self.loras):
+            raise UserError(f"{where}--am has {len(values)} multipliers for {len(self.loras)} LoRA file(s)")
+        for spec, value in zip(self.loras, lora_multipliers(self.loras, values)):
+            if spec.mode == "merged" and value != spec.multiplier:
+                raise UserError(f"{where}--am {value:g} for {spec.path}, which is merged for good with multiplier "
+                                f"{spec.multiplier:g} (--network_merge...): use --network_pre_calc to change it per line")
+        return values
+
+    def jobs(self, specs: list[PromptSpec], iteration: int = 0) -> list[Job]:
+        """One iteration over ``specs``: ``images_per_prompt`` checked requests per prompt."""
         out = []
-        position = 0  # image number within this iteration (for --iter_same_seed)
-        for prompt_no, spec in enumerate(specs):
-            base = request_from_prompt_spec(spec, self.defaults)
-            for g in spec.guide_images or []:
-                check_image_readable(g, "guide image (--cn)")
-            for k in range(self.args.images_per_prompt):
-                changes = {"seed": self._seed(spec, prompt_no, k, position)}
+        for spec in specs:
+            base = self._line_request(spec)
+            for k in range(self.inputs.images_per_prompt):
+                changes = {"seed": self._seed(spec, k, iteration)}
+                img = self.images
                 if self.n_models and not spec.guide_images:
-                    changes["guide_images"] = list(self.groups[self.index % len(self.groups)]) if self.groups else []
-                if self.inits:
-                    changes["init_image"] = self.inits[self.index % len(self.inits)]
-                if self.masks:
-                    changes["mask"] = self.masks[self.index % len(self.masks)]
-                req = replace(base, **changes)
-                if self.n_models and len(req.guide_images) < self.n_models:
-                    raise UserError(
-                        f"prompt {spec.prompt[:40]!r}: {self.n_models} LLLite models but {len(req.guide_images)} guide "
-                        "image(s): give one per model (--guide_image_path, or --cn in the prompt line)"
-                    )
-                out.append(Job(req, self.index))
+                    changes["guide_images"] = list(img.groups[self.index % len(img.groups)])
+                if img.inits:
+                    changes["init_image"] = img.inits[self.index % len(img.inits)]
+                if img.masks:
+                    changes["mask"] = img.masks[self.index % len(img.masks)]
+                request = replace(base, **changes)
+                validate_request(request, self.n_models, f"{spec.where}: ")
+                if self.n_models and len(request.guide_images) < self.n_models:
+                    raise UserError(f"{spec.where}: {self.n_models} LLLite models but {len(request.guide_images)} "
+                                    "guide image(s): give one per model (--guide_image_path, or --cn in the line)")
+                out.append(Job(request, self.index))
                 self.index += 1
-                position += 1
         return out
 
     def plan(self, specs: list[PromptSpec]) -> list[Job]:
         """Every image of ``--n_iter`` iterations over ``specs``, planned before any is drawn."""
-        jobs = []
-        for _ in range(self.args.n_iter):
-            jobs += self.jobs(specs)
-        return jobs
+        return [job for iteration in range(self.inputs.n_iter) for job in self.jobs(specs, iteration)]
+
+
+def check_waiting_settings(opts: GenOptions, jobs: list[Job]) -> None:
+    """Refuse Deep Shrink / Gradual Latent settings that no planned line switched on (they would do nothing)."""
+    if opts.inputs.interactive:
+        return  # lines typed later may switch them on
+    for feature, option, switch in opts.waiting_for_lines:
+        if not any(getattr(job.request, feature).enabled for job in jobs):
+            raise UserError(f"{option} does nothing without {switch}")
 
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
@@ -257,39 +243,35 @@ def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     for _, group in itertools.groupby(jobs, key=lambda j: batch_key(j.request)):
         group = list(group)
         for i in range(0, len(group), size):
-            yield group[i : i + size]
+            yield group[i: i + size]
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing: file names and PNG metadata
+# Writing: file names, PNG metadata, preview
 # ----------------------------------------------------------------------------------------------
-
-
-def run_metadata(args: argparse.Namespace) -> dict[str, Any]:
-    """What every PNG of this run records besides its request: model, VAE, LLLite and LoRA file names."""
-    return {
-        "model": Path(args.ckpt).name, "vae": Path(args.vae).name if args.vae else None,
-        "lllite_models": [Path(p).name for p in args.control_net_lllite_models] or None,
-        "networks": [Path(p).name for p in args.network_weights] or None,
-    }
 
 
 class Writer:
-    """Saves drawn images into ``--outdir`` under their file names, with their parameters in the PNG."""
+    """Saves drawn images into ``--outdir`` (already created) with their parameters in the PNG."""
 
-    def __init__(self, args: argparse.Namespace, metadata: dict[str, Any]):
-        self.outdir = Path(args.outdir)
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        self.sequential = args.sequential_file_name
-        self.original = args.use_original_file_name
+    def __init__(self, out: OutputOptions, metadata: dict[str, Any]):
+        self.outdir = out.outdir
+        self.sequential = out.sequential
+        self.original = out.original_name
+        self.preview = out.preview
+        self.save_first = out.save_first_pass
         self.stamp = time.strftime("%Y%m%d%H%M%S")
         self.metadata = metadata
         self.next_number = 1 + max(
             (int(f.stem[3:]) for f in self.outdir.glob("im_*.png") if f.stem[3:].isdigit()), default=0
         )
+        self.stems: dict[int, str] = {}  # job index -> file stem, shared by the first pass's file
+        self.viewer_missing = False
 
-    def name(self, job: Job, seed: int) -> Path:
-        """The file for ``job``: ``[original_]im_<stamp>_<index>_<seed>.png`` or ``[original_]im_<number>.png``."""
+    def stem(self, job: Job, seed: int) -> str:
+        """``[original_]im_<stamp>_<index>_<seed>`` or ``[original_]im_<number>``, fixed per job."""
+        if job.index in self.stems:
+            return self.stems[job.index]
         r = job.request
         prefix = ""
         if self.original:
@@ -297,11 +279,12 @@ class Writer:
             if isinstance(source, (str, Path)):
                 prefix = Path(source).stem + "_"
         if self.sequential:
-            name = f"{prefix}im_{self.next_number:06d}.png"
+            stem = f"{prefix}im_{self.next_number:06d}"
             self.next_number += 1
         else:
-            name = f"{prefix}im_{self.stamp}_{job.index:04d}_{seed}.png"
-        return self.outdir / name
+            stem = f"{prefix}im_{self.stamp}_{job.index:04d}_{seed}"
+        self.stems[job.index] = stem
+        return stem
 
     def save(self, job: Job, image: Image.Image) -> Path:
         """Writes ``image`` with its request's parameters; returns the file's path."""
@@ -309,7 +292,42 @@ class Writer:
         from library.png_metadata import save_png
 
         seed = image.info.get("seed", job.request.seed)
-        path = self.name(job, seed)
+        path = self.outdir / f"{self.stem(job, seed)}.png"
         save_png(image, path, request_metadata(job.request, seed, **self.metadata))
         logger.info("saved %s", path)
+        if self.preview:
+            self._show(image, path)
         return path
+
+    def save_first_pass(self, job: Job, image: Image.Image) -> Path:
+        """The highres fix's first pass as ``<stem>_1st.png``, with its own size in the metadata."""
+        from library.generation import first_pass_size, request_metadata
+        from library.png_metadata import save_png
+
+        width, height = first_pass_size(job.request)
+        path = self.outdir / f"{self.stem(job, job.request.seed)}_1st.png"
+        meta = request_metadata(job.request, job.request.seed, **self.metadata)
+        meta.update(size=f"{width}x{height}", width=width, height=height, highres_fix_pass=1,
+                    steps=job.request.highres_fix_steps)
+        save_png(image, path, meta)
+        logger.info("saved %s (highres fix, first pass)", path)
+        return path
+
+    def first_pass_saver(self, batch: list[Job]) -> Callable[[list[Image.Image]], None] | None:
+        """With ``--highres_fix_save_1st``, what ``generate(first_pass=...)`` calls with the batch's first pass."""
+        if not self.save_first:
+            return None
+
+        def save(images: list[Image.Image]) -> None:
+            for job, image in zip(batch, images):
+                self.save_first_pass(job, image)
+
+        return save
+
+    def _show(self, image: Image.Image, path: Path) -> None:
+        from PIL import ImageShow
+
+        if not ImageShow.show(image, title=path.name) and not self.viewer_missing:
+            self.viewer_missing = True
+            logger.warning("no image viewer found to preview %s (Pillow's ImageShow); --no_preview skips the preview",
+                           path.name)

@@ -1,45 +1,92 @@
-"""Models, networks, precision and device for ``sdxl_gen_img.py``.
+"""Models, networks, precision, device and logging for ``sdxl_gen_img.py``, from its checked options.
 
-Turns the script's options into loaded, placed models: dtype and device choice, the SDXL checkpoint
-(with its VAE and textual inversions), the attention backend, the ControlNet-LLLite networks and
-merged LoRAs, and the LoRA multipliers for each batch. Heavy libraries are imported inside the
-functions so that ``sdxl_gen_img.py --help`` and option errors stay fast.
+Turns :class:`library.generation_options.GenOptions` into loaded, placed models: dtype and device,
+the SDXL checkpoint (with its VAE, tokenizers and textual inversions), the attention backend and
+memory format, the ControlNet-LLLite networks and the LoRAs (hooked, pre-calculated or merged), and
+the LoRA multipliers for each batch. Heavy libraries are imported inside the functions so that
+``sdxl_gen_img.py --help`` and option errors stay fast.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
+from library.generation_jobs import lora_multipliers
+from library.generation_options import GenOptions, LoraSpec, ModelOptions
 
 if TYPE_CHECKING:
     import torch
 
     from library.generation import GenerationRequest
-    from library.lora import MergedLoRA
     from library.model_loading import SDXLModels
 
 logger = logging.getLogger(__name__)
 
-
-def quiet_model_libraries() -> None:
-    """Only errors from diffusers and transformers: their warnings are noise for a user of this script."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+# Third-party messages a user of this script can do nothing about, silenced at their logger only.
+_UNACTIONABLE = {
+    # bitsandbytes (installed for training's 8-bit optimizers) looks for optional CPU kernels on import
+    "bitsandbytes.backends.cpu.ops": logging.ERROR,
+}
 
 
-def pick_dtype(args: argparse.Namespace) -> torch.dtype:
-    """The U-Net and text encoder dtype from ``--fp16``/``--bf16`` (float32 without either)."""
+def quiet_third_party() -> None:
+    """Silence the third-party messages in ``_UNACTIONABLE`` (before the libraries are imported)."""
+    for name, level in _UNACTIONABLE.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def scoped_console_logging(opts: ConsoleLogOptions) -> Iterator[Callable[[], None]]:
+    """Console logging (``--console_log_level``, ``--console_log_simple``) for the block only.
+
+    Yields ``to_file()``, called once the folders are known to be writable: from then on
+    ``--console_log_file`` gets every message at the chosen level and the console keeps warnings
+    and errors (as ``library.console_logging`` sets up the trainer). Unlike the trainer's set-up,
+    the handlers are added beside the ones already there and removed on exit, so ``main`` can run
+    in a process that logs elsewhere too (tests, callers) and twice without stacking handlers.
+    """
+    root = logging.getLogger()
+    level = getattr(logging, opts.level)
+    fmt = logging.Formatter("%(levelname)s: %(message)s" if opts.simple else "%(asctime)s %(levelname)s %(name)s: "
+                            "%(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(level)
+    saved_level = root.level
+    added: list[logging.Handler] = [console]
+    root.addHandler(console)
+    root.setLevel(level)
+
+    def to_file() -> None:
+        if opts.file is None:
+            return
+        handler = logging.FileHandler(opts.file, mode="w", encoding="utf-8")
+        handler.setFormatter(fmt)
+        handler.setLevel(level)
+        root.addHandler(handler)
+        added.append(handler)
+        console.setLevel(max(level, logging.WARNING))
+
+    try:
+        yield to_file
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(saved_level)
+
+
+def pick_dtype(precision: str) -> torch.dtype:
+    """The U-Net, text encoder and LLLite dtype of ``fp32``, ``fp16`` or ``bf16``."""
     import torch
 
-    if args.fp16 and args.bf16:
-        raise UserError("give --fp16 or --bf16, not both")
-    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -48,108 +95,139 @@ def pick_device(name: str | None) -> torch.device:
 
     if name:
         try:
-            return torch.device(name)
+            device = torch.device(name)
         except RuntimeError as e:
-            raise UserError(f"--device {name}: {e}") from None
+            raise UserError(f"--device {name}: {e}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this torch has no CUDA GPU to use; use --device cpu")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def setup_attention(unet: Any, vae: Any, args: argparse.Namespace, device: torch.device) -> None:
-    """xformers attention on request where it works; PyTorch SDPA otherwise."""
-    if not args.xformers:
-        return  # diffusers uses torch's scaled_dot_product_attention by default
-    if device.type != "cuda":
-        logger.warning("--xformers needs a CUDA GPU: using PyTorch SDPA attention instead")
-        return
-    try:
-        import xformers  # noqa: F401
+def setup_attention(unet: Any, vae: Any, attention: str, device: torch.device) -> None:
+    """xformers attention on request where it works; PyTorch SDPA otherwise (diffusers' processor for torch 2)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.enable_xformers_memory_efficient_attention()
-        vae.enable_xformers_memory_efficient_attention()
-        logger.info("using xformers attention")
-    except Exception as e:  # not installed, or a build that does not match this torch
-        logger.warning("xformers is not usable (%s): using PyTorch SDPA attention instead", e)
+    if attention == "xformers":
+        if device.type != "cuda":
+            logger.warning("--xformers needs a CUDA GPU: using PyTorch SDPA attention instead")
+        else:
+            try:
+                import xformers  # noqa: F401
+
+                unet.enable_xformers_memory_efficient_attention()
+                vae.enable_xformers_memory_efficient_attention()
+                logger.info("attention: xformers")
+                return
+            except Exception as e:  # not installed, or a build that does not match this torch
+                logger.warning("xformers is not usable (%s): using PyTorch SDPA attention instead", e)
+    for model in (unet, vae):
+        model.set_attn_processor(AttnProcessor2_0())
+    logger.info("attention: PyTorch SDPA")
 
 
-def load_models(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> SDXLModels:
-    """The SDXL checkpoint (``--ckpt``, ``--vae``, textual inversions) on ``device`` with its attention set up."""
+def load_models(opts: ModelOptions, device: torch.device) -> SDXLModels:
+    """The SDXL checkpoint (``--ckpt``, ``--vae``, tokenizers, textual inversions) on ``device``, ready to draw."""
     import torch
 
     from library.model_loading import load_sdxl
-    from library.text_encoding import load_textual_inversion
+    from library.text_encoding import load_textual_inversion, tokenizers_via_cache_dir
 
+    dtype = pick_dtype(opts.precision)
     # The SDXL VAE overflows in fp16: it is kept in fp16 but decodes in fp32 (its config's force_upcast),
     # unless a --vae is given, which is taken as an fp16-fixed VAE (a NaN result is redone in fp32 anyway).
-    vae_dtype = torch.float32 if args.no_half_vae else dtype
-    models = load_sdxl(args.ckpt, vae=args.vae, dtype=dtype, vae_dtype=vae_dtype)
-    if args.vae and vae_dtype == torch.float16:
+    vae_dtype = torch.float32 if opts.vae_fp32 else dtype
+    models = load_sdxl(opts.ckpt, vae=opts.vae, dtype=dtype, vae_dtype=vae_dtype)
+    if opts.vae and vae_dtype == torch.float16:
         models.vae.register_to_config(force_upcast=False)
-    for path in args.textual_inversion_embeddings:
+    if opts.tokenizer_cache_dir:
+        models.tokenizer1, models.tokenizer2 = tokenizers_via_cache_dir(opts.tokenizer_cache_dir)
+    for path in opts.textual_inversion:
         load_textual_inversion(path, models.tokenizer1, models.tokenizer2, models.text_encoder1, models.text_encoder2)
     for m in (models.unet, models.vae, models.text_encoder1, models.text_encoder2):
         m.to(device)
-    setup_attention(models.unet, models.vae, args, device)
+    if opts.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+        models.vae.to(memory_format=torch.channels_last)
+    setup_attention(models.unet, models.vae, opts.attention, device)
     return models
 
 
-def load_networks(
-    args: argparse.Namespace, models: SDXLModels, dtype: torch.dtype, device: torch.device
-) -> tuple[list[Any], list[MergedLoRA]]:
-    """LLLite networks (attached) and merged LoRAs.
+def show_meta(opts: GenOptions) -> None:
+    """``--network_show_meta``: each LoRA and LLLite file's metadata on stdout, one ``key: value`` a line."""
+    from library.weights_io import read_metadata
 
-    Also sets ``args.network_mul`` to one multiplier per LoRA file (the defaults for every batch).
+    if not opts.show_meta:
+        return
+    for path in [s.path for s in opts.loras] + list(opts.inputs.lllite_models):
+        meta = read_metadata(path)
+        print(f"metadata of {path}:" if meta else f"metadata of {path}: none (not a .safetensors file, or empty)")
+        for key in sorted(meta):
+            print(f"  {key}: {meta[key]}")
+    sys.stdout.flush()
+
+
+def check_weight_files(opts: GenOptions) -> None:
+    """Each weight file is of its kind, read from its header before any model loads.
+
+    A LoRA or LLLite file given as ``--ckpt`` is named here; other wrong checkpoints are named by
+    the loader, which reads the whole file anyway.
     """
-    from library.lora import merge_lora
+    from library.weights_io import KIND_LLLITE, KIND_LORA, read_keys, weights_kind
+
+    where = {KIND_LLLITE: "--control_net_lllite_models", KIND_LORA: "--network_weights"}
+    ckpt = Path(opts.model.ckpt)
+    if ckpt.is_file():
+        found = weights_kind(read_keys(ckpt, "checkpoint (--ckpt)"))
+        if found in where:
+            raise UserError(f"--ckpt {ckpt} is a {found} file, not a base model: give it with {where[found]} and "
+                            "an SDXL checkpoint with --ckpt")
+    for label, paths, kind in (("--control_net_lllite_models", opts.inputs.lllite_models, KIND_LLLITE),
+                               ("--network_weights", [s.path for s in opts.loras], KIND_LORA)):
+        for path in paths:
+            found = weights_kind(read_keys(path, f"{label} file"))
+            if found != kind:
+                raise UserError(f"{label} {path} is not a {kind} file (it looks like: {found}); give a {kind} file there")
+
+
+def _load_lora(spec: LoraSpec, models: SDXLModels) -> Any:
+    from library.lora import HookedLoRA, MergedLoRA, read_lora
+
+    lora = read_lora(spec.path, models.unet, models.text_encoder1, models.text_encoder2)
+    if spec.mode == "hooked":
+        net = HookedLoRA(lora, spec.multiplier)
+    else:  # pre_calc keeps the original weights for per-batch multipliers; merged is for good
+        net = MergedLoRA(lora, spec.multiplier, keep_backup=spec.mode == "pre_calc")
+    logger.info("LoRA %s (x%g, %s): %d U-Net and %d text encoder layers", spec.path, spec.multiplier, spec.mode,
+                len(lora.layers) - lora.n_text_encoder_layers, lora.n_text_encoder_layers)
+    return net
+
+
+def load_networks(opts: GenOptions, models: SDXLModels, device: torch.device) -> tuple[list[Any], list[Any]]:
+    """LLLite networks (attached) and the LoRAs, applied as their ``LoraSpec.mode`` says."""
+    import torch
+
     from networks.control_net_lllite import ControlNetLLLite
 
+    dtype = pick_dtype(opts.model.precision)
     lllites = []
-    for path in args.control_net_lllite_models:
-        net = ControlNetLLLite.from_file(models.unet, path, dtype=dtype)
-        lllites.append(net.to(device).attach())
+    for path in opts.inputs.lllite_models:
+        net = ControlNetLLLite.from_file(models.unet, path, dtype=dtype).to(device)
+        if opts.model.channels_last:
+            net.to(memory_format=torch.channels_last)
+        lllites.append(net.attach())
         logger.info("LLLite %s: cond_emb_dim=%d network_dim=%d", path, net.cond_emb_dim, net.network_dim)
-
-    loras = []
-    if args.network_weights:
-        modules = args.network_module or ["networks.lora"]
-        if len(modules) == 1:
-            modules = modules * len(args.network_weights)
-        if len(modules) != len(args.network_weights):
-            raise UserError(f"{len(args.network_module)} --network_module values for {len(args.network_weights)} --network_weights files")
-        muls = args.network_mul or [1.0]
-        if len(muls) == 1:
-            muls = muls * len(args.network_weights)
-        if len(muls) != len(args.network_weights):
-            raise UserError(f"{len(args.network_mul)} --network_mul values for {len(args.network_weights)} --network_weights files")
-        for module, path, mul in zip(modules, args.network_weights, muls):
-            if module == "networks.control_net_lllite":
-                raise UserError(f"{path}: give LLLite files with --control_net_lllite_models, not --network_weights")
-            if module not in ("networks.lora", "lora"):
-                raise UserError(f"--network_module {module} is not supported here: only networks.lora (kohya-format LoRA)")
-            loras.append(merge_lora(path, models.unet, models.text_encoder1, models.text_encoder2, mul))
-        args.network_mul = muls
-    elif args.network_module:
-        logger.warning("--network_module given without --network_weights: ignored")
-    return lllites, loras
+    return lllites, [_load_lora(spec, models) for spec in opts.loras]
 
 
 class LoraMultipliers:
-    """Sets the merged LoRAs' multipliers for each batch: a prompt line's ``--am``, else ``--network_mul``."""
+    """Sets the LoRAs' multipliers for each batch: a prompt line's ``--am``, else ``--network_mul``."""
 
-    def __init__(self, loras: list[MergedLoRA], defaults: list[float]):
+    def __init__(self, loras: list[Any], specs: tuple[LoraSpec, ...]):
         self.loras = loras
-        self.defaults = defaults
-        self.warned_am = False  # the "--am without LoRA" warning is given once per run
+        self.specs = specs
 
     def apply(self, request: GenerationRequest) -> None:
         """Multipliers for a batch whose requests all share ``request``'s ``network_multipliers``."""
-        if request.network_multipliers is not None:
-            if not self.loras and not self.warned_am:
-                logger.warning("--am given but no LoRA is loaded (--network_weights): ignored")
-                self.warned_am = True
-            for i, lora in enumerate(self.loras):
-                lora.set_multiplier(
-                    request.network_multipliers[i] if i < len(request.network_multipliers) else self.defaults[i]
-                )
-        else:
-            for lora, mul in zip(self.loras, self.defaults):
-                lora.set_multiplier(mul)
+        for lora, value in zip(self.loras, lora_multipliers(self.specs, request.network_multipliers)):
+            lora.set_multiplier(value)

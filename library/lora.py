@@ -13,9 +13,15 @@ Names cannot be split back on ``_`` (the layer names contain underscores themsel
 goes the other way: every Linear/Conv2d of our models gets its kohya name, built from the diffusers
 module name with the same diffusers -> sgm prefix table that writes single-file checkpoints.
 
-Merging adds ``multiplier * alpha / rank * up @ down`` to each weight, so sampling costs nothing
-extra. :meth:`MergedLoRA.set_multiplier` adds the difference for a new multiplier (per-prompt
-``--am``), and :meth:`MergedLoRA.unmerge` takes it out again.
+Three ways to apply a file, as sd-scripts' generation script has them:
+
+* :class:`HookedLoRA` (the default): forward hooks add ``multiplier * alpha / rank * up(down(x))``
+  to each adapted layer's output; the weights stay untouched and a multiplier change is free.
+* :class:`MergedLoRA` with a backup (``--network_pre_calc``): ``multiplier * alpha / rank * up @ down``
+  is added to each weight, so sampling costs nothing extra; a new multiplier (per-prompt ``--am``)
+  is merged again from the kept original weights, so no rounding error builds up.
+* :class:`MergedLoRA` without a backup (``--network_merge``): merged once for good, with a fixed
+  multiplier, and no memory spent on a copy of the weights.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from library import sdxl_keys
@@ -93,46 +100,120 @@ class _Layer:
     down: torch.Tensor
     up: torch.Tensor
     scale: float  # alpha / rank
+    source: str = ""  # the file, for error messages
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.module.weight
+        return self.up.to(w.device, torch.float32), self.down.to(w.device, torch.float32)
 
     def delta(self) -> torch.Tensor:
         """``scale * up @ down`` in fp32, shaped like the module's weight."""
         weight = self.module.weight
-        up = self.up.float().to(weight.device)
-        down = self.down.float().to(weight.device)
+        up, down = self._factors()
         if down.dim() == 4 and down.shape[-2:] != (1, 1):  # a conv LoRA with a spatial kernel (LoCon)
             d = torch.einsum("or,rihw->oihw", up.flatten(1), down)
         else:
             d = up.flatten(1) @ down.flatten(1)
         if d.numel() != weight.numel():
             raise UserError(
-                f"LoRA layer {self.name}: up {list(self.up.shape)} x down {list(self.down.shape)} gives "
-                f"{list(d.shape)}, but the model's layer has weight {list(weight.shape)}. "
+                f"{self.source}: LoRA layer {self.name}: up {list(self.up.shape)} x down {list(self.down.shape)} "
+                f"gives {list(d.shape)}, but the model's layer has weight {list(weight.shape)}. "
                 "Is this LoRA for another base model?"
             )
         return (d * self.scale).reshape(weight.shape)
 
+    def hook_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) shaped for F.linear / F.conv2d on the module, in its dtype and on its device."""
+        w = self.module.weight
+        down, up = (t.to(w.device, w.dtype) for t in (self.down, self.up))
+        if isinstance(self.module, nn.Conv2d):
+            return (down if down.dim() == 4 else down[:, :, None, None]), up.reshape(up.shape[0], -1, 1, 1)
+        return down.flatten(1), up.flatten(1)
+
+
+@dataclass
+class LoRAFile:
+    """One kohya-format LoRA file, its layers matched to the models and their shapes checked."""
+
+    path: str
+    layers: list[_Layer]
+
+    @property
+    def n_text_encoder_layers(self) -> int:
+        return sum(1 for layer in self.layers if layer.name.startswith("lora_te"))
+
 
 class MergedLoRA:
-    """One LoRA file merged into the models; its multiplier can be changed or taken out again."""
+    """A LoRA merged into the weights.
 
-    def __init__(self, path: str, layers: list[_Layer]):
-        self.path = path
-        self.layers = layers
+    With ``keep_backup`` (``--network_pre_calc``, and :func:`merge_lora`) the original weights are
+    kept, so every multiplier is merged from them exactly; without it (``--network_merge``) the
+    merge is permanent and the multiplier is fixed.
+    """
+
+    def __init__(self, lora: LoRAFile, multiplier: float, keep_backup: bool = True):
+        self.path = lora.path
+        self.layers = lora.layers
+        self.backup = [layer.module.weight.detach().clone() for layer in self.layers] if keep_backup else None
         self.multiplier = 0.0
+        self._merge(float(multiplier))
 
     @torch.no_grad()
-    def set_multiplier(self, multiplier: float) -> None:
-        """Add ``(multiplier - current) * delta`` to every adapted weight."""
-        change = float(multiplier) - self.multiplier
-        if change == 0.0:
-            return
-        for layer in self.layers:
+    def _merge(self, multiplier: float) -> None:
+        for i, layer in enumerate(self.layers):
             w = layer.module.weight
-            w.add_((change * layer.delta()).to(w.dtype))
-        self.multiplier = float(multiplier)
+            base = self.backup[i] if self.backup is not None else w.float()
+            w.copy_((base.float() + multiplier * layer.delta()).to(w.dtype))
+        self.multiplier = multiplier
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Merge with another multiplier (from the original weights); fixed once merged permanently."""
+        if float(multiplier) == self.multiplier:
+            return
+        if self.backup is None:
+            raise UserError(f"{self.path} is merged into the weights with multiplier {self.multiplier:g} "
+                            f"(--network_merge): it cannot change to {multiplier:g}; use --network_pre_calc instead")
+        self._merge(float(multiplier))
 
     def unmerge(self) -> None:
         self.set_multiplier(0.0)
+
+
+class HookedLoRA:
+    """A LoRA applied by forward hooks, ``y = W x + multiplier * scale * up(down(x))``: the weights stay as they are.
+
+    This is sd-scripts' default (neither ``--network_merge`` nor ``--network_pre_calc``): changing the
+    multiplier costs nothing, and each step pays for the low-rank products.
+    """
+
+    def __init__(self, lora: LoRAFile, multiplier: float):
+        self.path = lora.path
+        self.layers = lora.layers
+        self.multiplier = float(multiplier)
+        self.handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
+
+    def _hook(self, layer: _Layer):
+        down, up = layer.hook_weights()
+        conv = isinstance(layer.module, nn.Conv2d)
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self.multiplier == 0.0:
+                return None
+            x = args[0]
+            if conv:
+                h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+                return output + (self.multiplier * layer.scale) * F.conv2d(h, up)
+            return output + (self.multiplier * layer.scale) * F.linear(F.linear(x, down), up)
+
+        return hook
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def _group_keys(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -151,17 +232,13 @@ def _group_keys(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, 
     return groups, other
 
 
-def merge_lora(
-    path: str | os.PathLike,
-    unet: nn.Module,
-    text_encoder1: nn.Module | None = None,
-    text_encoder2: nn.Module | None = None,
-    multiplier: float = 1.0,
-) -> MergedLoRA:
-    """Read a kohya-format SDXL LoRA file and merge it with ``multiplier``.
+def read_lora(
+    path: str | os.PathLike, unet: nn.Module, text_encoder1: nn.Module | None = None, text_encoder2: nn.Module | None = None,
+) -> LoRAFile:
+    """Read a kohya-format SDXL LoRA file and match its layers to the models; nothing is changed yet.
 
-    Raises UserError for a file that is not a LoRA, or when more than a few of its layers have no
-    matching layer in the models (the names and a hint are in the message).
+    Raises UserError naming the file for a file that is not a LoRA, when more than a few of its
+    layers have no matching layer in the models, or when a layer's shape does not fit.
     """
     sd, _ = read_weights(path, "LoRA file")
     kind = weights_kind(sd.keys())
@@ -181,7 +258,7 @@ def merge_lora(
         down, up = g[".lora_down.weight"], g[".lora_up.weight"]
         rank = down.shape[0]
         alpha = float(g[".alpha"].item()) if ".alpha" in g else float(rank)
-        layers.append(_Layer(name, module, down, up, alpha / rank))
+        layers.append(_Layer(name, module, down, up, alpha / rank, str(path)))
     if unmatched:
         listing = ", ".join(sorted(unmatched)[:10]) + (" ..." if len(unmatched) > 10 else "")
         if len(unmatched) > MAX_UNMATCHED or not layers:
@@ -191,12 +268,23 @@ def merge_lora(
                 "LoHa/LoKr files are not supported)?"
             )
         logger.warning("%s: %d LoRA entries ignored (no matching layer): %s", path, len(unmatched), listing)
-    merged = MergedLoRA(str(path), layers)
     for layer in layers:
-        layer.delta()  # check every shape before changing any weight
-    merged.set_multiplier(multiplier)
-    n_te = sum(1 for l in layers if l.name.startswith("lora_te"))
-    logger.info("merged LoRA %s (x%g): %d U-Net and %d text encoder layers", path, multiplier, len(layers) - n_te, n_te)
+        layer.delta()  # check every shape before any weight changes
+    return LoRAFile(str(path), layers)
+
+
+def merge_lora(
+    path: str | os.PathLike,
+    unet: nn.Module,
+    text_encoder1: nn.Module | None = None,
+    text_encoder2: nn.Module | None = None,
+    multiplier: float = 1.0,
+) -> MergedLoRA:
+    """Read a LoRA file and merge it with ``multiplier``, keeping the original weights (``--network_pre_calc``)."""
+    lora = read_lora(path, unet, text_encoder1, text_encoder2)
+    merged = MergedLoRA(lora, multiplier, keep_backup=True)
+    logger.info("merged LoRA %s (x%g): %d U-Net and %d text encoder layers", path, multiplier,
+                len(lora.layers) - lora.n_text_encoder_layers, lora.n_text_encoder_layers)
     return merged
 
 

@@ -36,14 +36,21 @@ _LABELS = [
     ("size", "Size"),
     ("model", "Model"),
     ("vae", "VAE"),
+    ("clip_prompt", "CLIP prompt"),
     ("clip_skip", "Clip skip"),
     ("strength", "Denoising strength"),
     ("init_image", "Init image"),
     ("mask", "Mask"),
     ("original_size", "Original size"),
+    ("original_size_negative", "Original size negative"),
     ("crop", "Crop"),
     ("highres_fix_scale", "Hires scale"),
     ("highres_fix_steps", "Hires first pass steps"),
+    ("highres_fix_strength", "Hires first pass strength"),
+    ("highres_fix_upscaler", "Hires upscaler"),
+    ("highres_fix_pass", "Hires pass"),
+    ("deep_shrink", "Deep Shrink"),
+    ("gradual_latent", "Gradual Latent"),
     ("lllite_models", "LLLite models"),
     ("lllite_multipliers", "LLLite multipliers"),
     ("lllite_starts", "LLLite starts"),
@@ -57,6 +64,8 @@ _LABELS = [
 def _plain(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " | ".join(_plain(v) for v in value)
+    if isinstance(value, dict):  # Deep Shrink / Gradual Latent settings
+        return " ".join(f"{k}={_plain(v)}" for k, v in value.items() if v is not None)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value).replace("\n", " ")

@@ -4,24 +4,22 @@ A line is the prompt text followed by options, each introduced by `` --`` (space
 
     a girl standing in a classroom --n lowres, bad hands --w 1024 --h 1024 --d 42 --s 28 --l 7
 
-Options (names are case-sensitive, as written):
+The options are sd-scripts' 27 (``n c w h ow oh nw nh ct cl s d l nl t am dsd1 dst1 dsd2 dst2 dsr
+glt glr gle gls glsn glus``) plus ``ss`` (sampler) and ``cn`` (guide images); :data:`OPTIONS` lists
+them with their meaning. Names are case-insensitive, as in sd-scripts. An option's value runs to the
+next `` --``, so a negative prompt may hold commas and spaces but not `` --``, and a ``--cn`` path
+cannot hold a comma.
 
-    n   negative prompt          w / h    width / height       s   steps
-    d   seed, or a comma list    l        CFG scale            nl  negative scale
-    t   img2img strength         ow / oh  original size        ct / cl  crop top / left
-    am  network multipliers (comma list)
-    ss  sampler (sample prompts) cn       guide image path(s): comma list, or repeat --cn
-
-An option's value runs to the next `` --``, so a negative prompt may hold commas and spaces but
-not `` --``, and a ``--cn`` path cannot hold a comma. An unknown option or a bad value is logged
-as a warning and ignored, so one typo does not stop a long generation run. Every option is
-parsed in every context; a caller ignores those it has no use for (``ss`` outside training).
+Unlike sd-scripts, which skips what it cannot parse, an unknown option or a bad value is a
+:class:`UserError` that names the line, the option and the value: a prompt file is read whole
+before any model loads, so a typo stops the run at once instead of drawing the wrong image.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
-import logging
 import math
 import os
 import tomllib
@@ -30,105 +28,56 @@ from pathlib import Path
 from typing import Any, Callable
 
 from library.errors import UserError
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptSpec:
-    """One prompt and its per-prompt options; None means "not given, use the command-line default"."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    seeds: list[int] | None = None
-    scale: float | None = None
-    negative_scale: float | None = None
-    strength: float | None = None
-    original_width: int | None = None
-    original_height: int | None = None
-    crop_top: int | None = None
-    crop_left: int | None = None
-    network_multipliers: list[float] | None = None
-    sampler: str | None = None
-    guide_images: list[str] | None = None
-
-    @property
-    def seed(self) -> int | None:
-        """The first seed, for callers that take one."""
-        return self.seeds[0] if self.seeds else None
-
+from library.generation_settings import Unsharp, check_limit
+from library.samplers import normalize_sampler_name
 
 # --- value converters: take the text of a line option or a TOML/JSON value; raise ValueError ---
 
 
 def _int(v: Any) -> int:
     if isinstance(v, bool):
-        raise ValueError("not an integer")
-    if isinstance(v, int):
-        return v
+        raise ValueError("not a whole number")
     if isinstance(v, float):
         if not v.is_integer():
-            raise ValueError("not an integer")
+            raise ValueError("not a whole number")
         return int(v)
-    return int(str(v).strip())
-
-
-def _positive_int(v: Any) -> int:
-    n = _int(v)
-    if n <= 0:
-        raise ValueError("must be > 0")
-    return n
-
-
-def _non_negative_int(v: Any) -> int:
-    n = _int(v)
-    if n < 0:
-        raise ValueError("must be >= 0")
-    return n
+    if isinstance(v, int):
+        return v
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        raise ValueError("not a whole number") from None
 
 
 def _float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError("not a number")
-    x = float(v if isinstance(v, (int, float)) else str(v).strip())
+    try:
+        x = float(v if isinstance(v, (int, float)) else str(v).strip())
+    except ValueError:
+        raise ValueError("not a number") from None
     if not math.isfinite(x):
         raise ValueError("not a finite number")
     return x
 
 
-def _strength(v: Any) -> float:
-    x = _float(v)
-    if not 0.0 <= x <= 1.0:
-        raise ValueError("must be between 0 and 1")
-    return x
+def _float_or_none(v: Any) -> float | str:
+    """``none`` (any case) switches a default off, as sd-scripts' ``--nl none``."""
+    return "none" if isinstance(v, str) and v.strip().lower() == "none" else _float(v)
 
 
 def _items(v: Any) -> list[Any]:
     """A list value, or a comma list in text; empty items dropped."""
-    if isinstance(v, (list, tuple)):
-        items = list(v)
-    else:
-        items = [s.strip() for s in str(v).split(",")]
+    items = list(v) if isinstance(v, (list, tuple)) else [s.strip() for s in str(v).split(",")]
     items = [x for x in items if not (isinstance(x, str) and x == "")]
     if not items:
         raise ValueError("empty list")
     return items
 
 
-def _seed_list(v: Any) -> list[int]:
-    return [_int(x) for x in _items(v)]
-
-
-def _float_list(v: Any) -> list[float]:
-    return [_float(x) for x in _items(v)]
-
-
 def _text(v: Any) -> str:
     if not isinstance(v, str):
-        raise ValueError("not a string")
+        raise ValueError("not text")
     return v.strip()
 
 
@@ -139,88 +88,125 @@ def _nonempty_text(v: Any) -> str:
     return s
 
 
-def _path_list(v: Any) -> list[str]:
-    return [_nonempty_text(x) for x in _items(v)]
+def _sampler(v: Any) -> str:
+    name = _nonempty_text(v)
+    normalize_sampler_name(name)  # a UserError listing the valid names
+    return name
 
 
-# short option -> (PromptSpec field, converter)
-OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "n": ("negative_prompt", _text),
-    "w": ("width", _positive_int),
-    "h": ("height", _positive_int),
-    "s": ("steps", _positive_int),
-    "d": ("seeds", _seed_list),
-    "l": ("scale", _float),
-    "nl": ("negative_scale", _float),
-    "t": ("strength", _strength),
-    "ow": ("original_width", _positive_int),
-    "oh": ("original_height", _positive_int),
-    "ct": ("crop_top", _non_negative_int),
-    "cl": ("crop_left", _non_negative_int),
-    "am": ("network_multipliers", _float_list),
-    "ss": ("sampler", _nonempty_text),
-    "cn": ("guide_images", _path_list),
-}
+@dataclass(frozen=True)
+class LineOption:
+    """One prompt-line option: ``--name value`` sets ``PromptSpec.<field>``."""
 
-# Options that add to what an earlier occurrence gave instead of replacing it.
-_ACCUMULATE = {"cn"}
+    name: str
+    field: str
+    convert: Callable[[Any], Any]
+    limit: str | None = None  # LIMITS kind every number must meet
+    meaning: str = ""
+    accumulate: bool = False  # a repeated option adds to the earlier values instead of replacing them
 
-# Long names accepted in .toml / .json prompt files, beside the short ones.
+
+def _line_options() -> tuple[LineOption, ...]:
+    ints, floats = _int, _float
+    return (
+        LineOption("n", "negative_prompt", _text, meaning="negative prompt (replaces --negative_prompt)"),
+        LineOption("c", "clip_prompt", _text, meaning="CLIP prompt: stored in the PNG only, as in sd-scripts' SDXL"),
+        LineOption("w", "width", ints, meaning="width"),
+        LineOption("h", "height", ints, meaning="height"),
+        LineOption("ow", "original_width", ints, "size_conditioning", "SDXL original width"),
+        LineOption("oh", "original_height", ints, "size_conditioning", "SDXL original height"),
+        LineOption("nw", "original_width_negative", ints, "size_conditioning", "original width of the negative"),
+        LineOption("nh", "original_height_negative", ints, "size_conditioning", "original height of the negative"),
+        LineOption("ct", "crop_top", ints, "crop", "SDXL crop top"),
+        LineOption("cl", "crop_left", ints, "crop", "SDXL crop left"),
+        LineOption("s", "steps", ints, "count", "steps"),
+        LineOption("d", "seeds", lambda v: [_int(x) for x in _items(v)], "seed", "seed, or a comma list of seeds"),
+        LineOption("l", "scale", floats, "number", "CFG scale"),
+        LineOption("nl", "negative_scale", _float_or_none, "number", "negative scale; none switches it off"),
+        LineOption("t", "strength", floats, "strength", "img2img strength"),
+        LineOption("am", "network_multipliers", lambda v: [_float(x) for x in _items(v)], "number",
+                   "LoRA multipliers, one per --network_weights file"),
+        LineOption("ss", "sampler", _sampler, meaning="sampler"),
+        LineOption("cn", "guide_images", lambda v: [_nonempty_text(x) for x in _items(v)],
+                   meaning="guide image path(s), one per LLLite model", accumulate=True),
+        LineOption("dsd1", "ds_depth_1", ints, "ds_depth", "Deep Shrink depth 1"),
+        LineOption("dst1", "ds_timesteps_1", ints, "timesteps", "Deep Shrink timesteps 1"),
+        LineOption("dsd2", "ds_depth_2", ints, "ds_depth", "Deep Shrink depth 2"),
+        LineOption("dst2", "ds_timesteps_2", ints, "timesteps", "Deep Shrink timesteps 2"),
+        LineOption("dsr", "ds_ratio", floats, "shrink_ratio", "Deep Shrink ratio"),
+        LineOption("glt", "gl_timesteps", ints, "timesteps", "Gradual Latent: start upscaling below this timestep"),
+        LineOption("glr", "gl_ratio", floats, "shrink_ratio", "Gradual Latent start ratio"),
+        LineOption("gle", "gl_every_n_steps", ints, "count", "Gradual Latent: grow every n steps"),
+        LineOption("gls", "gl_ratio_step", floats, "ratio_step", "Gradual Latent ratio step"),
+        LineOption("glsn", "gl_s_noise", floats, "s_noise", "Gradual Latent s_noise"),
+        LineOption("glus", "gl_unsharp", Unsharp.parse, None,
+                   "Gradual Latent unsharp mask: ksize,sigma,strength[,target_x]"),
+    )
+
+
+OPTIONS: dict[str, LineOption] = {o.name: o for o in _line_options()}
+
+
+def _spec_seed(self) -> int | None:
+    """The first seed, for callers that take one."""
+    return self.seeds[0] if self.seeds else None
+
+
+# The fields come from OPTIONS so that the table is the only list of them; None means "not given".
+PromptSpec = dataclasses.make_dataclass(
+    "PromptSpec",
+    [("prompt", str)] + [(o.field, Any, dataclasses.field(default=None)) for o in OPTIONS.values()]
+    + [("where", str, dataclasses.field(default="", compare=False, repr=False))],  # names the line in errors
+    namespace={"seed": property(_spec_seed),
+               "__doc__": "One prompt and its per-prompt options; None means: not given, use the default."},
+)
+PromptSpec.__module__ = __name__  # make_dataclass would name the dataclasses module (pickling, repr)
+
+# Long names accepted in .toml / .json prompt files, beside the short ones and the field names.
 LONG_NAMES: dict[str, str] = {
-    "negative_prompt": "n",
-    "width": "w",
-    "height": "h",
-    "sample_steps": "s",
-    "steps": "s",
-    "seed": "d",
-    "seeds": "d",
-    "scale": "l",
-    "cfg_scale": "l",
-    "negative_scale": "nl",
-    "strength": "t",
-    "original_width": "ow",
-    "original_height": "oh",
-    "crop_top": "ct",
-    "crop_left": "cl",
-    "network_multipliers": "am",
-    "network_mul": "am",
-    "sampler": "ss",
-    "sample_sampler": "ss",
-    "guide_image": "cn",
-    "guide_images": "cn",
-    "controlnet_image": "cn",
+    "sample_steps": "s", "seed": "d", "cfg_scale": "l", "network_mul": "am", "sample_sampler": "ss",
+    "guide_image": "cn", "controlnet_image": "cn",
+    **{o.field: o.name for o in OPTIONS.values()},
 }
+
+
+def _unknown(name: str, where: str) -> UserError:
+    close = difflib.get_close_matches(name, OPTIONS, n=1, cutoff=0.5)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return UserError(f"{where}: unknown prompt option --{name}{hint}; the options are "
+                     f"{' '.join('--' + n for n in OPTIONS)} (see docs/generation.md)")
 
 
 def _set_option(spec: PromptSpec, name: str, value: Any, where: str) -> None:
-    """Convert and store one option; warn about and ignore an unknown name or a bad value."""
-    if name not in OPTIONS:
-        hint = ""
-        if name.lower() in OPTIONS:
-            hint = f" (option names are case-sensitive: did you mean --{name.lower()}?)"
-        logger.warning("%s: unknown prompt option --%s ignored%s", where, name, hint)
-        return
-    field, convert = OPTIONS[name]
+    """Convert, check and store one option; a UserError for an unknown name or a bad value."""
+    option = OPTIONS.get(name.lower())
+    if option is None:
+        raise _unknown(name, where)
+    label = f"--{option.name}"
     try:
-        converted = convert(value)
+        converted = option.convert(value)
     except (ValueError, TypeError) as e:
-        logger.warning("%s: bad value %r for prompt option --%s ignored (%s)", where, value, name, e)
-        return
-    if name in _ACCUMULATE and getattr(spec, field) is not None:
-        converted = getattr(spec, field) + converted
-    setattr(spec, field, converted)
+        raise UserError(f"{where}: {label} {value!r} is not valid ({e}); it is the {option.meaning}") from None
+    except UserError as e:  # a converter that explains the value itself (sampler names)
+        raise UserError(f"{where}: {label} {value!r}: {e}") from None
+    if option.limit is not None:
+        for number in converted if isinstance(converted, list) else [converted]:
+            if not isinstance(number, str):
+                check_limit(label, number, option.limit, f"{where}: ")
+    if option.accumulate and getattr(spec, option.field) is not None:
+        converted = getattr(spec, option.field) + converted
+    setattr(spec, option.field, converted)
 
 
 def parse_prompt_line(line: str, where: str = "prompt") -> PromptSpec:
-    """Parse one prompt line; ``where`` names it in warnings (e.g. "prompts.txt line 3")."""
+    """Parse one prompt line into a PromptSpec; ``where`` names it in errors (e.g. "prompts.txt line 3")."""
     # A leading space lets a line that starts with "--n ..." parse as an empty prompt plus options.
     prompt, *chunks = (" " + line.strip()).split(" --")
-    spec = PromptSpec(prompt=prompt.strip())
+    spec = PromptSpec(prompt=prompt.strip(), where=where)
     for chunk in chunks:
         name, _, value = chunk.strip().partition(" ")
         if not name:
-            logger.warning("%s: empty option '--' ignored", where)
-            continue
+            raise UserError(f"{where}: an empty option '--'; write each option as --name value")
         _set_option(spec, name, value.strip(), where)
     return spec
 
@@ -230,11 +216,10 @@ def prompt_from_dict(entry: dict[str, Any], where: str = "prompt") -> PromptSpec
     prompt = entry.get("prompt")
     if not isinstance(prompt, str):
         raise UserError(f"{where}: needs a text 'prompt' key (got keys: {', '.join(map(str, entry)) or 'none'})")
-    spec = PromptSpec(prompt=prompt.strip())
+    spec = PromptSpec(prompt=prompt.strip(), where=where)
     for key, value in entry.items():
-        if key == "prompt":
-            continue
-        _set_option(spec, LONG_NAMES.get(key, key), value, where)
+        if key != "prompt":
+            _set_option(spec, LONG_NAMES.get(key, key), value, where)
     return spec
 
 
@@ -265,6 +250,23 @@ def _table_entries(data: Any, path: Path) -> list[Any]:
     )
 
 
+def _table_specs(path: Path, text: str) -> list[PromptSpec]:
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"syntax error in prompt file {path}: {e}") from e
+    specs = []
+    for i, entry in enumerate(_table_entries(data, path), start=1):
+        where = f"{path} prompt #{i}"
+        if isinstance(entry, str):
+            specs.append(parse_prompt_line(entry, where))
+        elif isinstance(entry, dict):
+            specs.append(prompt_from_dict(entry, where))
+        else:
+            raise UserError(f"{where}: expected an object with a 'prompt' key, got {entry!r}")
+    return specs
+
+
 def load_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
     """Load prompts from a .toml, a .json, or a text file (any other extension).
 
@@ -272,32 +274,18 @@ def load_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
     TOML/JSON: a list of objects (``prompt = [...]`` or ``[[prompt]]`` in TOML) with keys
     prompt, negative_prompt, width, height, sample_steps/steps, scale, seed, sampler,
     guide_image/controlnet_image, ... or the short option names; a plain string in the list is
-    read as a prompt line. Raises ``UserError`` for a missing file, a syntax error, or no prompts.
+    read as a prompt line. Raises ``UserError`` for a missing file, a syntax error, a bad option or
+    no prompts.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist")
     text = _read_text(path)
-    suffix = path.suffix.lower()
-    specs: list[PromptSpec] = []
-    if suffix in (".toml", ".json"):
-        try:
-            data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"syntax error in prompt file {path}: {e}") from e
-        for i, entry in enumerate(_table_entries(data, path), start=1):
-            where = f"{path} prompt #{i}"
-            if isinstance(entry, str):
-                specs.append(parse_prompt_line(entry, where))
-            elif isinstance(entry, dict):
-                specs.append(prompt_from_dict(entry, where))
-            else:
-                raise UserError(f"{where}: expected an object with a 'prompt' key, got {entry!r}")
+    if path.suffix.lower() in (".toml", ".json"):
+        specs = _table_specs(path, text)
     else:
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            specs.append(parse_prompt_line(line, f"{path} line {n}"))
+        specs = [parse_prompt_line(line, f"{path} line {n}") for n, line in enumerate(text.splitlines(), start=1)
+                 if line.strip() and not line.lstrip().startswith("#")]
     if not specs:
         raise UserError(f"prompt file {path} contains no prompts")
     return specs

@@ -12,8 +12,6 @@ import inspect
 import logging
 from typing import Any, Mapping
 
-import diffusers
-
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +38,8 @@ for _name in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a"):
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 DEFAULT_SAMPLER = "euler_a"
+# Gradual Latent replaces the ancestral Euler step at the steps where the latents grow (as sd-scripts does).
+ANCESTRAL_EULER = frozenset({"euler_a", "k_euler_a"})
 
 # Schedule keys that describe the model (not the sampler): taken from the model's config.
 _MODEL_KEYS = (
@@ -55,6 +55,12 @@ _MODEL_KEYS = (
 )
 
 
+def scheduler_settings(name: str) -> tuple[str, dict[str, Any]]:
+    """The diffusers class name and the extra settings that sampler ``name`` uses."""
+    class_name, extra = _SAMPLERS[normalize_sampler_name(name)]
+    return class_name, dict(extra)
+
+
 def normalize_sampler_name(name: str) -> str:
     """Lower-case a sampler name and check it; raises UserError listing the valid names."""
     key = str(name).strip().lower()
@@ -65,6 +71,8 @@ def normalize_sampler_name(name: str) -> str:
 
 def build_scheduler(name: str, scheduler_config: Mapping[str, Any]):
     """A fresh diffusers scheduler for sampler ``name`` with the model's noise schedule."""
+    import diffusers  # here, not at the top: option checks import this module and must stay fast
+
     key = normalize_sampler_name(name)
     class_name, extra = _SAMPLERS[key]
     try:

@@ -122,9 +122,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(len(dataloader) / n / run.gradient_accumulation_steps))
         self.max_steps = run.max_train_epochs * self.steps_per_epoch if run.max_train_epochs else run.max_train_steps
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
-        lr_scheduler = build_lr_scheduler(opt.lr_scheduler, optimizer, warmup_steps=opt.lr_warmup_steps * n,
-                                          total_steps=self.max_steps * n, num_cycles=opt.lr_scheduler_num_cycles,
-                                          power=opt.lr_scheduler_power)
+        lr_scheduler = build_lr_scheduler(opt, optimizer, max_steps=self.max_steps, num_processes=n)
         self.network, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             network, optimizer, dataloader, lr_scheduler)
         self.raw_network: ControlNetLLLite = accelerator.unwrap_model(self.network)

@@ -10,7 +10,9 @@ embedding with a low-rank projection of the linear's input (``down``, ``mid``) a
 Attaching uses forward pre-hooks on those linears only: no class is patched, and ``detach()``
 restores the U-Net exactly. Several networks may share a U-Net; each linear then gets one hook
 that adds every network's residual computed from the same original input, so the order in which
-networks were attached does not matter.
+networks were attached does not matter. A pre-hook on each attention block (Transformer2DModel)
+records its input's height and width, so the guide embedding is resized to the exact token grid
+of every call, whatever shrinks the latents on the way (odd sizes, Deep Shrink, Gradual Latent).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Target:
     name: str
     linear: nn.Linear
     depth: int
+    block: nn.Module | None = None  # the attention block (Transformer2DModel) the linear is in
 
 
 def _ldm_attention_paths(unet: nn.Module, include_output_blocks: bool) -> Iterator[tuple[str, nn.Module, int]]:
@@ -76,7 +79,7 @@ def find_targets(unet: nn.Module, include_output_blocks: bool = False) -> list[T
             for target in TARGETS:
                 linear = tb.get_submodule(target)
                 name = PREFIX + f"{path}.transformer_blocks.{k}.{target}".replace(".", "_")
-                targets.append(Target(name, linear, min(depth, MAX_DEPTH)))
+                targets.append(Target(name, linear, min(depth, MAX_DEPTH), attn))
     return targets
 
 
@@ -132,22 +135,28 @@ class LLLiteModule(nn.Module):
         self.cond_emb = emb
         self._emb_tokens = {}
 
-    def tokens_for(self, n: int) -> torch.Tensor:
-        """The embedding as (b, n, C) tokens, resized when the block's grid differs from it."""
-        cached = self._emb_tokens.get(n)
+    def _grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+        """The (h, w) of ``n`` tokens: the block's recorded grid, else the embedding's, else a guess."""
+        if grid is not None and grid[0] * grid[1] == n:
+            return tuple(grid)
+        h, w = self.cond_emb.shape[-2:]
+        return (h, w) if h * w == n else _grid_for(n, h / w)
+
+    def tokens_for(self, n: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The embedding as (b, n, C) tokens, resized when the block's (h, w) grid differs from it."""
+        grid = self._grid(n, grid)
+        cached = self._emb_tokens.get(grid)
         if cached is not None:
             return cached
         emb = self.cond_emb
-        b, c, h, w = emb.shape
-        if h * w != n:
-            # e.g. 1080x1440: latent sides not divisible by 4 give grids that round differently.
-            gh, gw = _grid_for(n, h / w)
-            emb = F.interpolate(emb, size=(gh, gw), mode="bilinear", align_corners=False)
+        if tuple(emb.shape[-2:]) != grid:
+            # odd latent sides round differently per level; Deep Shrink and Gradual Latent shrink the grid
+            emb = F.interpolate(emb, size=grid, mode="bilinear", align_corners=False)
         tokens = emb.flatten(2).transpose(1, 2)
-        self._emb_tokens[n] = tokens
+        self._emb_tokens[grid] = tokens
         return tokens
 
-    def _cond_part(self, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+    def _cond_part(self, n: int, dtype: torch.dtype | None, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """The conditioning half of ``mid`` plus its bias, ``e @ W_e.T + b``: (b, n, network_dim).
 
         ``mid(concat(e, h)) == h @ W_h.T + (e @ W_e.T + b)``, and the second term depends on the
@@ -160,11 +169,12 @@ class LLLiteModule(nn.Module):
         key = None
         if not torch.is_grad_enabled():
             # a changed weight (in-place load or update) or dtype never reuses a stale entry
-            key = ("cond_part", n, dtype, lin.weight.data_ptr(), lin.weight._version, lin.bias._version)
+            key = ("cond_part", self._grid(n, grid), dtype, lin.weight.data_ptr(), lin.weight._version,
+                   lin.bias._version)
             cached = self._emb_tokens.get(key)
             if cached is not None:
                 return cached
-        e = self.tokens_for(n)
+        e = self.tokens_for(n, grid)
         w, b = lin.weight[:, :c], lin.bias
         if dtype is not None:
             e = e.to(dtype)
@@ -173,15 +183,15 @@ class LLLiteModule(nn.Module):
             self._emb_tokens[key] = part
         return part
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D)."""
+    def residual(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D) on an (h, w) ``grid``."""
         n = x.shape[1]
         down = self.down[0]
         # Under autocast (mixed-precision training) the linears cast for themselves: converting a
         # bf16 ``x`` to the fp32 weights first would only be cast back to bf16.
         dtype = None if torch.is_autocast_enabled(x.device.type) else down.weight.dtype
         h = F.relu(down(x if dtype is None else x.to(dtype)))
-        part = self._cond_part(n, dtype)
+        part = self._cond_part(n, dtype, grid)
         bx, be = x.shape[0], part.shape[0]
         if bx != be and bx % be:
             raise ValueError(f"LLLite: batch of x ({bx}) is not a multiple of the conditioning batch ({be})")
@@ -204,25 +214,64 @@ class LLLiteModule(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+class _GridProbe:
+    """A pre-hook on one attention block that records the (h, w) of its input, shared by its slots."""
+
+    def __init__(self, block: nn.Module):
+        self.grid: tuple[int, int] | None = None
+        self.users = 0
+        self.handle = block.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.grid = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
+
 class _Slot:
     """The single pre-hook of one linear, summing the residuals of every attached network."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, probe: _GridProbe | None = None):
         self.entries: list[tuple["ControlNetLLLite", LLLiteModule]] = []
+        self.probe = probe
         self.handle = linear.register_forward_pre_hook(self)
 
     def __call__(self, linear: nn.Module, args: tuple):
         x = args[0]
         out = x
+        grid = self.probe.grid if self.probe is not None else None
         for network, module in self.entries:
-            if network.active and network.multiplier != 0.0 and module.cond_emb is not None:
-                out = torch.add(out, module.residual(x), alpha=network.multiplier)  # one pass, no temporary
+            # While training a 0 multiplier still joins the graph, so a batch of a network_multiplier = 0
+            # dataset backpropagates (zero gradients) like any other; DDP needs every gradient too.
+            if network.active and (network.multiplier != 0.0 or network.training) and module.cond_emb is not None:
+                out = torch.add(out, module.residual(x, grid), alpha=network.multiplier)  # one pass, no temporary
         if out is x:
             return None
         return (out,) + tuple(args[1:])
 
 
 _SLOT_ATTR = "_lllite_slot"  # set on the wrapped linear instances only, removed on detach
+_PROBE_ATTR = "_lllite_grid_probe"  # set on the attention blocks only, removed with their last slot
+
+
+def _new_slot(target: Target) -> _Slot:
+    probe = None
+    if target.block is not None:
+        probe = getattr(target.block, _PROBE_ATTR, None)
+        if probe is None:
+            probe = _GridProbe(target.block)
+            setattr(target.block, _PROBE_ATTR, probe)
+        probe.users += 1
+    return _Slot(target.linear, probe)
+
+
+def _drop_slot(target: Target, slot: _Slot) -> None:
+    slot.handle.remove()
+    delattr(target.linear, _SLOT_ATTR)
+    if slot.probe is not None:
+        slot.probe.users -= 1
+        if not slot.probe.users:
+            slot.probe.handle.remove()
+            delattr(target.block, _PROBE_ATTR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +338,7 @@ class ControlNetLLLite(nn.Module):
         for t, module in self.lllite_modules():
             slot = getattr(t.linear, _SLOT_ATTR, None)
             if slot is None:
-                slot = _Slot(t.linear)
+                slot = _new_slot(t)
                 setattr(t.linear, _SLOT_ATTR, slot)
             slot.entries.append((self, module))
         self._attached = True
@@ -303,8 +352,7 @@ class ControlNetLLLite(nn.Module):
             slot = getattr(t.linear, _SLOT_ATTR)
             slot.entries = [(n, m) for n, m in slot.entries if m is not module]
             if not slot.entries:
-                slot.handle.remove()
-                delattr(t.linear, _SLOT_ATTR)
+                _drop_slot(t, slot)
         self._attached = False
 
     # -- conditioning --------------------------------------------------------------------------

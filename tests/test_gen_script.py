@@ -96,12 +96,11 @@ def test_two_stacked_models_with_their_own_guides(files, tmp_path):
         "--guide_image_path", *(files[f"guide{i}"] for i in range(4)),
         "--control_net_multipliers", "1.0", "0.5", "--control_net_starts", "0", "0.25",
         "--control_net_ratios", "1", "0.75",
-        "--prompt", "a (red:1.2) house --n blurry --zz 3", "--images_per_prompt", "2", "--batch_size", "2",
+        "--prompt", "a (red:1.2) house --n blurry", "--images_per_prompt", "2", "--batch_size", "2",
         "--seed", "10", "--sequential_file_name", "--outdir", str(out), *SMALL[:1], "68", *SMALL[2:],
     )
     assert r.returncode == 0, r.stderr
-    assert "unknown prompt option --zz" in r.stderr
-    assert "68x64 is not a multiple of 8: using 64x64" in r.stderr
+    assert "--W 68 is not a multiple of 8: using 64" in r.stderr
     files_out = pngs(out)
     assert [f.name for f in files_out] == ["im_000001.png", "im_000002.png"]
     first, second = (read_png_parameters(f) for f in files_out)
@@ -118,35 +117,13 @@ def test_two_stacked_models_with_their_own_guides(files, tmp_path):
 def test_lllite_file_as_ckpt_is_a_clear_error(files, tmp_path):
     r = run_script("--ckpt", files["lllite1"], "--prompt", "x", "--outdir", str(tmp_path), *SMALL)
     assert r.returncode == 2
-    assert "ControlNet-LLLite file, not a base model" in r.stderr
+    assert "is a ControlNet-LLLite file, not a base model" in r.stderr.splitlines()[-1]
     assert "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
 # In-process runs
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", ["ckpt_as_lllite", "missing_guide", "unreadable_guide", "too_few_guides",
-                                  "no_prompt", "mask_without_image"])
-def test_errors_before_any_denoising(files, tmp_path, capsys, case):
-    base = ["--ckpt", files["ckpt"], "--outdir", str(tmp_path), "--prompt", "x", *SMALL]
-    extra, message = {
-        "ckpt_as_lllite": (["--control_net_lllite_models", files["ckpt"], "--guide_image_path", files["guide0"]],
-                           "is not a ControlNet-LLLite file"),
-        "missing_guide": (["--control_net_lllite_models", files["lllite1"], "--guide_image_path", "nope/edges.png"],
-                          "guide image not found: nope/edges.png"),
-        "unreadable_guide": (["--control_net_lllite_models", files["lllite1"], "--guide_image_path", files["broken"]],
-                             "cannot read guide image"),
-        "too_few_guides": (["--control_net_lllite_models", files["lllite1"], files["lllite2"],
-                            "--guide_image_path", files["guide0"]], "2 LLLite models but only 1 guide image"),
-        "no_prompt": (None, "nothing to draw"),
-        "mask_without_image": (["--mask_path", files["mask"]], "--mask_path needs --image_path"),
-    }[case]
-    args = [a for a in base if a not in ("--prompt", "x")] if extra is None else base + extra
-    code, err = run_main(capsys, *args)
-    assert code == 2 and message in err, err
-    assert not pngs(tmp_path)
 
 
 def test_prompt_file_lines_and_textual_inversion(files, tmp_path, capsys):

@@ -13,6 +13,7 @@ from PIL import Image
 from library.errors import UserError
 from library.generation import (
     GenerationRequest,
+    GradualLatent,
     batch_key,
     generate,
     request_from_prompt_spec,
@@ -40,7 +41,6 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tiny_ckpt):
-    torch.set_num_threads(2)
     return load_sdxl(str(tiny_ckpt))
 
 
@@ -155,9 +155,9 @@ def residual_log(monkeypatch, nets):
     where = {"key": None}
     original = LLLiteModule.residual
 
-    def residual(self, x):
+    def residual(self, x, grid=None):
         log.setdefault(where["key"], set()).add(owner[id(self)])
-        return original(self, x)
+        return original(self, x, grid)
 
     monkeypatch.setattr(LLLiteModule, "residual", residual)
 
@@ -187,7 +187,7 @@ def test_guides_embedded_once_per_pass_at_the_pass_size(models, nets, images, re
         return original(self, image)
 
     monkeypatch.setattr(ControlNetLLLite, "set_cond_image", set_cond_image)
-    r = req(guide_images=[images["guide_a"]], highres_fix_scale=0.5, highres_fix_steps=2, highres_fix_strength=0.7)
+    r = req(guide_images=[images["guide_a"]], highres_fix_scale=0.5, highres_fix_steps=2, strength=0.7)
     out = generate(models, [nets[0]], r, progress=False, on_step=on_step)[0]
     assert out.size == (64, 64)
     assert calls == [(1, 3, 32, 32), (1, 3, 64, 64)]
@@ -212,9 +212,10 @@ def test_img2img_and_inpainting(models, nets, images):
     assert np.array_equal(i2i, full_mask)  # a white mask regenerates everything: plain img2img
     # a black mask keeps everything: the VAE's reconstruction of the init image
     keep = draw(models, [], init_image=images["init"], strength=0.6, mask=images["black"])
-    from library.generation import _Vae, image_to_tensor, tensor_to_images
+    from library.generation import image_to_tensor, tensor_to_images
+    from library.generation_vae import VaeRunner
 
-    vae = _Vae(models.vae, None)
+    vae = VaeRunner(models.vae)
     with torch.no_grad():
         recon = arr(tensor_to_images(vae.decode(vae.encode(image_to_tensor(images["init"], 64, 64)[None])))[0])
     assert np.abs(keep - recon).max() <= 1
@@ -222,18 +223,18 @@ def test_img2img_and_inpainting(models, nets, images):
     import library.generation as gen
 
     decoded = []
-    original_decode = gen._Vae.decode
+    original_decode = VaeRunner.decode
 
     def decode(self, latents):
         decoded.append(latents.clone())
         return original_decode(self, latents)
 
-    gen._Vae.decode = decode
+    VaeRunner.decode = decode
     try:
         draw(models, [nets[0]], guide_images=[images["guide_a"]], init_image=images["init"], mask=images["mask"],
              strength=1.0)
     finally:
-        gen._Vae.decode = original_decode
+        VaeRunner.decode = original_decode
     with torch.no_grad():
         init_latents = vae.encode(image_to_tensor(images["init"], 64, 64)[None])
     mask = gen.mask_to_latent(images["mask"], 64, 64)[None]
@@ -243,10 +244,22 @@ def test_img2img_and_inpainting(models, nets, images):
     assert not torch.allclose(decoded[-1][~kept], init_latents[~kept], atol=1e-2)
 
 
-def test_highres_fix_with_latent_upscaling(models, nets, images):
-    out = draw(models, [nets[0]], guide_images=[images["guide_a"]], highres_fix_scale=0.5, highres_fix_steps=2,
-               highres_fix_latents_upscaling=True)
-    assert out.shape == (64, 64, 3)
+def test_highres_fix_runs_both_passes_and_latent_upscaling_skips_the_vae(models, nets, images, monkeypatch):
+    from library.generation_vae import VaeRunner
+
+    evaluations, encodes = [], []
+    original_encode = VaeRunner.encode
+    monkeypatch.setattr(VaeRunner, "encode", lambda self, x: encodes.append(x.shape) or original_encode(self, x))
+    kw = dict(guide_images=[images["guide_a"]], highres_fix_scale=0.5, highres_fix_steps=2, steps=4, strength=0.5)
+    latent = arr(generate(models, [nets[0]], req(highres_fix_latents_upscaling=True, **kw), progress=False,
+                          on_step=lambda p, s, i: evaluations.append(p))[0])
+    # pass 1: 2 steps at 32x32; pass 2: int(4 * 0.5) = 2 img2img steps at 64x64; no VAE encode between them
+    assert evaluations == [0, 0, 1, 1] and encodes == [] and latent.shape == (64, 64, 3)
+    pixel = arr(generate(models, [nets[0]], req(**kw), progress=False)[0])
+    assert encodes == [(1, 3, 64, 64)]  # the pixel upscaler decodes, resizes and encodes the first pass
+    assert np.abs(pixel - latent).max() > 0
+    single = draw(models, [nets[0]], guide_images=[images["guide_a"]], steps=4)
+    assert np.abs(single - latent).max() > 0
 
 
 def test_odd_size_is_rounded_with_a_warning(models, nets, images, caplog):
@@ -255,8 +268,10 @@ def test_odd_size_is_rounded_with_a_warning(models, nets, images, caplog):
         out = generate(models, [nets[0]], req(width=108, height=144, steps=2, guide_images=[images["guide_a"]]),
                        progress=False)[0]
     assert out.size == (104, 144)
-    assert "108x144 is not a multiple of 8: using 104x144" in caplog.text
+    assert "width 108 is not a multiple of 8: using 104" in caplog.text and "height" not in caplog.text
     assert round_size(1080, 1440) == (1080, 1440)
+    with pytest.raises(UserError, match="width 24 is too small: the smallest size is 32 px with LLLite"):
+        generate(models, [nets[0]], req(width=24, guide_images=[images["guide_a"]]), progress=False)
 
 
 def test_negative_scale_and_weighting_change_the_image(models):
@@ -267,12 +282,38 @@ def test_negative_scale_and_weighting_change_the_image(models):
                                                                  ("cube", 1 / 1.1), (" ", 1.0), ("x", 1.1)]
 
 
-@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
-def test_every_sampler_runs_two_steps(models, sampler):
-    scheduler = build_scheduler(sampler, models.scheduler_config)
-    assert scheduler.config.prediction_type == "epsilon"
+# Written out here, not read from library.samplers, so that a wrong mapping there fails this test.
+EXPECTED_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}), "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "k_dpm_2": ("KDPM2DiscreteScheduler", {}), "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+def test_every_sampler_name_builds_its_scheduler_with_the_models_schedule(models):
+    assert set(EXPECTED_SCHEDULERS) == set(SAMPLER_NAMES)
+    for sampler, (cls, settings) in EXPECTED_SCHEDULERS.items():
+        scheduler = build_scheduler(sampler, models.scheduler_config)
+        assert type(scheduler).__name__ == cls, sampler
+        for key, value in settings.items():
+            assert scheduler.config[key] == value, (sampler, key)
+        for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+            assert scheduler.config[key] == models.scheduler_config[key], (sampler, key)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "heun", "dpm_2_a", "dpmsolver", "dpmsingle", "lms", "pndm"])
+def test_samplers_draw_different_images_from_the_same_noise(models, sampler):
     out = draw(models, [], sampler=sampler, steps=2)
     assert out.shape == (64, 64, 3) and out.std() > 0
+    if sampler != "euler_a":
+        assert np.abs(out - draw(models, [], sampler="euler_a", steps=2)).max() > 0
 
 
 def test_sampler_uses_the_models_prediction_type(models):
@@ -290,8 +331,14 @@ def test_bad_requests_are_user_errors(models, nets, images):
         generate(models, [nets[0]], req(guide_images=["/nonexistent/edges.png"]), progress=False)
     with pytest.raises(UserError, match="needs the image to inpaint"):
         generate(models, [], req(mask=images["mask"]), progress=False)
-    with pytest.raises(UserError, match="fractions of the steps"):
+    with pytest.raises(UserError, match=r"--control_net_ratios \(control_ratios\) 1.5 is out of range: it must be at "
+                                        "least 0 and at most 1"):
         generate(models, [nets[0]], req(guide_images=[images["guide_a"]], control_ratios=[1.5]), progress=False)
+    with pytest.raises(UserError, match="is not below its --control_net_ratios 0.5: the model would never be on"):
+        generate(models, [nets[0]], req(guide_images=[images["guide_a"]], control_starts=[0.5], control_ratios=[0.5]),
+                 progress=False)
+    with pytest.raises(UserError, match="Gradual Latent .* works with --sampler euler_a only"):
+        generate(models, [], req(gradual_latent=GradualLatent(timesteps=500)), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,18 +174,35 @@ def test_cfg_batch_equals_separate_calls(unet):
         net.detach()
 
 
-def test_odd_sizes_1080x1440_run(unet):
-    """Latent 135x180 (1080x1440 / 8), scaled down: latent sides not divisible by 4 still run."""
+def test_odd_sizes_1080x1440_embed_on_each_blocks_exact_grid(unet, monkeypatch):
+    """Latent 135x180 (1080x1440 / 8), scaled down to 27x36: the level below has a 14x18 grid, not the
+    embedding's 13x18 or 14x17. Every residual must use the grid of the block it runs in."""
+    from networks.control_net_lllite import LLLiteModule
+
+    h, w = 27, 36
+    inputs = unet_inputs(unet, h=h, w=w, seed=1)
+    plain = run(unet, *inputs)
     net = ControlNetLLLite(unet, 8, 8)
     randomize_up(net)
+    used = []
+    original = LLLiteModule.tokens_for
+
+    def tokens_for(self, n, grid=None):
+        tokens = original(self, n, grid)
+        used.append((n, grid, tokens.shape[1]))
+        return tokens
+
+    monkeypatch.setattr(LLLiteModule, "tokens_for", tokens_for)
     net.attach()
     try:
-        h, w = 27, 36  # 216x288 image: 27 is odd, so the block grid (14x18) differs from the embedding grid
-        net.set_cond_image(cond_image(size=1).expand(1, 3, h * 8, w * 8).contiguous() * 0 + torch.rand(1, 3, h * 8, w * 8))
-        out = run(unet, *unet_inputs(unet, h=h, w=w))
-        assert out.shape == (1, 4, h, w) and torch.isfinite(out).all()
+        net.set_cond_image(torch.rand(1, 3, h * 8, w * 8, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+        out = run(unet, *inputs)
     finally:
         net.detach()
+    assert out.shape == (1, 4, h, w) and torch.isfinite(out).all()
+    assert (out - plain).abs().max() > 1e-4  # the LLLite did act at this size
+    assert {grid for _, grid, _ in used} == {(27, 36), (14, 18)}
+    assert all(grid[0] * grid[1] == n == tokens for n, grid, tokens in used)
 
 
 def test_two_models_add_and_order_does_not_matter(unet):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from library.errors import UserError
+from library.generation_settings import Unsharp
 from library.prompt_lines import PromptSpec, load_prompt_file, parse_prompt_line
 
 
@@ -40,7 +40,7 @@ def test_every_option():
 def test_defaults_are_none():
     s = parse_prompt_line("  just a prompt  ")
     assert s.prompt == "just a prompt"
-    assert all(getattr(s, f) is None for f in PromptSpec.__dataclass_fields__ if f != "prompt")
+    assert all(getattr(s, f) is None for f in PromptSpec.__dataclass_fields__ if f not in ("prompt", "where"))
     assert s.seed is None
 
 
@@ -56,33 +56,67 @@ def test_later_option_wins_and_leading_options():
     assert parse_prompt_line("a--b c --w 64").prompt == "a--b c"  # '--' without a space before is text
 
 
-def test_unknown_option_warns_and_is_ignored(caplog):
-    with caplog.at_level(logging.WARNING, logger="library.prompt_lines"):
-        s = parse_prompt_line("a dog --zz 3 --W 512 --h 640")
-    assert s.prompt == "a dog" and s.height == 640 and s.width is None
-    text = caplog.text
-    assert "--zz" in text
-    assert "--W" in text and "did you mean --w" in text  # names are case-sensitive
+def test_option_names_are_case_insensitive_as_in_sd_scripts():
+    s = parse_prompt_line("a dog --W 512 --H 640 --N ugly --DSD1 3")
+    assert (s.prompt, s.width, s.height, s.negative_prompt, s.ds_depth_1) == ("a dog", 512, 640, "ugly", 3)
 
 
-def test_bad_values_warn_and_are_ignored(caplog):
-    with caplog.at_level(logging.WARNING, logger="library.prompt_lines"):
-        s = parse_prompt_line("a --w abc --h -5 --d 1,x --l nan --t 1.5 --s 20 --am")
-    assert (s.width, s.height, s.seeds, s.scale, s.strength, s.network_multipliers) == (None,) * 6
-    assert s.steps == 20
-    for piece in ("--w", "'abc'", "--h", "'-5'", "--d", "'1,x'", "--l", "--t", "--am"):
-        assert piece in caplog.text, piece
+def test_unknown_option_is_an_error_naming_the_line_and_a_close_name():
+    with pytest.raises(UserError, match=r"^p.txt line 2: unknown prompt option --ww \(did you mean --w\?\)"):
+        parse_prompt_line("a dog --ww 3", "p.txt line 2")
+    with pytest.raises(UserError, match="unknown prompt option --zz;"):
+        parse_prompt_line("a dog --zz 3")
+    with pytest.raises(UserError, match="an empty option"):
+        parse_prompt_line("a dog --  --w 3")
 
 
-def test_txt_file(tmp_path, caplog):
+@pytest.mark.parametrize("line, message", [
+    ("a --w abc", "--w 'abc' is not valid (not a whole number); it is the width"),
+    ("a --h 1.5", "--h '1.5' is not valid (not a whole number)"),
+    ("a --d 1,x", "--d '1,x' is not valid (not a whole number)"),
+    ("a --d -3", "--d -3 is out of range: it must be at least 0"),
+    ("a --l nan", "--l 'nan' is not valid (not a finite number)"),
+    ("a --t 1.5", "--t 1.5 is out of range: it must be above 0 and at most 1"),
+    ("a --s 0", "--s 0 is out of range: it must be at least 1"),
+    ("a --am", "--am '' is not valid (empty list)"),
+    ("a --ct -1", "--ct -1 is out of range: it must be at least 0"),
+    ("a --ow 0", "--ow 0 is out of range: it must be at least 1"),
+    ("a --dsd1 9", "--dsd1 9 is out of range: it must be at least 0 and at most 8"),
+    ("a --dst1 1001", "--dst1 1001 is out of range: it must be at least 0 and at most 1000"),
+    ("a --dsr 1", "--dsr 1 is out of range: it must be above 0 and below 1"),
+    ("a --glr 0", "--glr 0 is out of range: it must be above 0 and below 1"),
+    ("a --gls 1.5", "--gls 1.5 is out of range: it must be above 0 and at most 1"),
+    ("a --gle 0", "--gle 0 is out of range: it must be at least 1"),
+    ("a --glsn -1", "--glsn -1 is out of range: it must be at least 0"),
+    ("a --glus 4,1,1", "--glus '4,1,1' is not valid (give ksize,sigma,strength[,target_x] with an odd ksize"),
+    ("a --ss warp", "--ss 'warp': unknown sampler 'warp'"),
+    ("a --cn ,", "--cn ',' is not valid (empty list)"),
+])
+def test_bad_values_are_errors_naming_line_option_and_value(line, message):
+    with pytest.raises(UserError) as e:
+        parse_prompt_line(line, "f.txt line 4")
+    assert str(e.value).startswith("f.txt line 4: ") and message in str(e.value), str(e.value)
+
+
+def test_new_reference_options_parse():
+    s = parse_prompt_line("x --c a photo --nw 512 --nh 768 --dsd1 2 --dst1 700 --dsd2 4 --dst2 300 --dsr 0.6 "
+                          "--glt 800 --glr 0.25 --gle 2 --gls 0.25 --glsn 0.9 --glus 3,0.5,0.5,0 --nl none")
+    assert (s.clip_prompt, s.original_width_negative, s.original_height_negative) == ("a photo", 512, 768)
+    assert (s.ds_depth_1, s.ds_timesteps_1, s.ds_depth_2, s.ds_timesteps_2, s.ds_ratio) == (2, 700, 4, 300, 0.6)
+    assert (s.gl_timesteps, s.gl_ratio, s.gl_every_n_steps, s.gl_ratio_step, s.gl_s_noise) == (800, 0.25, 2, 0.25, 0.9)
+    assert s.gl_unsharp == Unsharp(3, 0.5, 0.5, False) and s.negative_scale == "none"
+
+
+def test_txt_file(tmp_path):
     f = tmp_path / "prompts.txt"
-    f.write_text("# a comment\n\nfirst prompt --w 512\n   \n  # indented comment\nsecond --d 7 --bogus 1\n",
-                 encoding="utf-8")
-    with caplog.at_level(logging.WARNING):
-        specs = load_prompt_file(f)
+    f.write_text("# a comment\n\nfirst prompt --w 512\n   \n  # indented comment\nsecond --d 7\n", encoding="utf-8")
+    specs = load_prompt_file(f)
     assert [s.prompt for s in specs] == ["first prompt", "second"]
     assert specs[0].width == 512 and specs[1].seeds == [7]
-    assert "prompts.txt line 6" in caplog.text and "--bogus" in caplog.text
+    assert specs[1].where == f"{f} line 6"
+    f.write_text("first\nsecond --bogus 1\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"prompts.txt line 2: unknown prompt option --bogus"):
+        load_prompt_file(f)
 
 
 def test_toml_file_list_and_subset(tmp_path):

@@ -1,0 +1,584 @@
+"""``sdxl_gen_img.py``'s options: the parser, and one pass that turns them into typed, checked objects.
+
+:func:`build_parser` declares every option of sd-scripts' ``sdxl_gen_img.py`` (78) plus this
+project's own (``--control_net_starts``, ``--negative_prompt``, ``--device``, ``--no_progress``).
+:func:`resolve` checks every value against its meaning (ranges, combinations, files that must
+exist) and returns a frozen :class:`GenOptions`; nothing reads the ``argparse.Namespace`` after it
+and nothing changes it. Each failure is a ``UserError`` that names the option, the value and what
+is allowed. Options that cannot apply here parse (so launch scripts written for sd-scripts get a
+reason, not "unrecognized arguments") and are refused when set, with what to use instead.
+
+Folders are checked last and by creating them (:func:`prepare_folders`), after the prompt lines and
+images have been read, so that a failing run writes nothing.
+
+Heavy libraries are not imported here: ``--help`` and option errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from library import console_logging
+from library.console_logging import ConsoleLogOptions
+from library.errors import UserError
+from library.generation_settings import (
+    DEEP_SHRINK_FIELDS,
+    GRADUAL_LATENT_FIELDS,
+    DeepShrink,
+    GenerationRequest,
+    GradualLatent,
+    Unsharp,
+    check_limit,
+    checked_size,
+)
+from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+
+LORA_MODULES = ("networks.lora", "lora")
+REFUSED = {
+    "network_args": "networks.lora reads no arguments when it generates (sd-scripts hands them to the network module, "
+                    "and its LoRA uses them only for training's block learning rates); weight a LoRA with "
+                    "--network_mul or a prompt line's --am instead",
+    "network_regional_mask_max_color_codes": "regional LoRA (a colour-coded mask that confines each LoRA to a region) "
+                                             "is not supported: --mask_path is the inpainting mask here; apply a LoRA "
+                                             "to the whole image with --network_mul",
+    "clip_vision_strength": "CLIP Vision conditioning needs a CLIP vision model (IP-Adapter style), which this project "
+                            "does not load; for img2img use --image_path with --strength",
+}
+DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 650, "ds_ratio": 0.5,
+            "gradual_latent_ratio": 0.5, "gradual_latent_ratio_step": 0.125, "gradual_latent_every_n_steps": 3,
+            "gradual_latent_s_noise": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="SDXL checkpoint: .safetensors/.ckpt file, diffusers folder or hub id")
+    g.add_argument("--vae", help="a VAE to use instead of the checkpoint's (e.g. an fp16-fixed SDXL VAE)")
+    g.add_argument("--tokenizer_cache_dir", help="read the tokenizers from this folder; when it has none, the "
+                   "bundled ones are written there first (for offline machines, as in sd-scripts)")
+    g.add_argument("--textual_inversion_embeddings", nargs="*", default=[],
+                   help="SDXL embeddings (clip_l/clip_g); the token is the file name")
+    g.add_argument("--fp16", action="store_true", help="U-Net, text encoders and LLLite in float16")
+    g.add_argument("--bf16", action="store_true", help="U-Net, text encoders and LLLite in bfloat16")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (also the default)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA only; else SDPA with a warning)")
+    g.add_argument("--diffusers_xformers", action="store_true", help="the same as --xformers here (diffusers' xformers)")
+    g.add_argument("--opt_channels_last", action="store_true", help="U-Net, VAE and networks in channels-last memory format")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    g.add_argument("--vae_batch_size", type=float, default=None,
+                   help="images per VAE call (default: the batch size); below 1: that share of the batch size")
+    g.add_argument("--vae_slices", type=int, default=None,
+                   help="decode/encode each image in this many horizontal strips: less VAE memory, a little slower")
+
+
+def _network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, for all files or one per file")
+    g.add_argument("--network_weights", nargs="*", default=[], help="kohya-format SDXL LoRA files")
+    g.add_argument("--network_mul", nargs="*", type=float, default=[],
+                   help="LoRA multipliers in file order; files without one get 1.0")
+    g.add_argument("--network_merge", action="store_true", help="merge every LoRA into the weights for good (fixed multiplier)")
+    g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N LoRA files")
+    g.add_argument("--network_pre_calc", action="store_true",
+                   help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
+    g.add_argument("--network_show_meta", action="store_true", help="print each LoRA/LLLite file's metadata")
+    for name in ("network_args", "network_regional_mask_max_color_codes"):
+        g.add_argument(f"--{name}", nargs="*" if name == "network_args" else None, default=None,
+                       help=f"refused: {REFUSED[name]}")
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNet-LLLite")
+    g.add_argument("--control_net_lllite_models", nargs="*", default=[], help="LLLite files; several are stacked")
+    g.add_argument("--guide_image_path", nargs="*", default=[],
+                   help="guide images (or folders of them), taken in groups of one per model; groups cycle over the images")
+    g.add_argument("--control_net_multipliers", nargs="*", type=float, default=None,
+                   help="strength per model, in model order (default 1.0)")
+    g.add_argument("--control_net_ratios", nargs="*", type=float, default=None,
+                   help="fraction of the steps, from the start, during which each model stays on (default 1.0)")
+    g.add_argument("--control_net_starts", nargs="*", type=float, default=None,
+                   help="fraction of the steps before each model switches on (default 0.0; not in sd-scripts)")
+    g.add_argument("--clip_vision_strength", type=float, default=None, help=f"refused: {REFUSED['clip_vision_strength']}")
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", help="a prompt line (may carry options: --n negative --d seed --w --h --s --l ...)")
+    g.add_argument("--negative_prompt", default="", help="default negative prompt (a line's --n replaces it)")
+    g.add_argument("--from_file", help="prompt file: one prompt line per line, or .toml/.json")
+    g.add_argument("--interactive", action="store_true", help="read prompt lines from stdin until EOF or an empty line")
+    g.add_argument("--no_preview", action="store_true", help="in --interactive mode, do not open each image in a viewer")
+    g.add_argument("--clip_skip", type=int, default=None, help="text encoder hidden state counted from the end (default 2)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=3, help="prompt length in units of 75 tokens (default 3)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times (default 1)")
+    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net call (default 1)")
+    g.add_argument("--W", type=int, default=1024, help="width, rounded down to a multiple of 8 (default 1024)")
+    g.add_argument("--H", type=int, default=1024, help="height, rounded down to a multiple of 8 (default 1024)")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER, type=str.lower, choices=SAMPLER_NAMES,
+                   help=f"sampler (default {DEFAULT_SAMPLER})")
+    g.add_argument("--scale", type=float, default=7.0, help="CFG scale (default 7.0)")
+    g.add_argument("--negative_scale", type=float, default=None, help="separate scale for the negative prompt")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; the next images count up from it")
+    g.add_argument("--iter_same_seed", action="store_true", help="all images of one --n_iter iteration use one seed")
+    for name, what in (("original_width", "SDXL original-size conditioning (default: the pass's size)"),
+                       ("original_height", "SDXL original-size conditioning (default: the pass's size)"),
+                       ("original_width_negative", "original size for the negative half of CFG (default: original)"),
+                       ("original_height_negative", "original size for the negative half of CFG (default: original)"),
+                       ("crop_top", "SDXL crop conditioning (default 0)"), ("crop_left", "SDXL crop conditioning (default 0)")):
+        g.add_argument(f"--{name}", type=int, default=None, help=what)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("img2img, inpainting, highres fix")
+    g.add_argument("--image_path", help="init image (or folder of images) for img2img")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img strength, and the highres fix's second pass's (default 0.8)")
+    g.add_argument("--mask_path", help="inpainting mask (or folder): white is regenerated; needs --image_path")
+    g.add_argument("--highres_fix_scale", type=float, default=None, help="first pass at this fraction of the final size")
+    g.add_argument("--highres_fix_steps", type=int, default=None, help="steps of the first pass (default 28)")
+    g.add_argument("--highres_fix_strength", type=float, default=None,
+                   help="img2img strength of the first pass, with --image_path (default: --strength)")
+    g.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first pass's image (*_1st.png)")
+    g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="upscale latents (= upscaler latent_bilinear)")
+    g.add_argument("--highres_fix_upscaler", default=None, help="bicubic (default), bilinear, nearest, lanczos, "
+                   "latent_bilinear, latent_bicubic, latent_nearest")
+    g.add_argument("--highres_fix_upscaler_args", default=None, help='"sharpen=0.5;sharpen_sigma=1.0" for pixel upscalers')
+    g.add_argument("--highres_fix_disable_control_net", action="store_true", help="no LLLite in the second pass")
+
+
+def _shrink_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Deep Shrink and Gradual Latent (see docs/generation.md)")
+    g.add_argument("--ds_depth_1", type=int, default=None, help="Deep Shrink: shrink before this input block (0-8)")
+    g.add_argument("--ds_timesteps_1", type=int, default=None, help="... while the timestep is at least this (default 650)")
+    g.add_argument("--ds_depth_2", type=int, default=None, help="Deep Shrink: a second depth for later timesteps")
+    g.add_argument("--ds_timesteps_2", type=int, default=None, help="... while the timestep is at least this (default 650)")
+    g.add_argument("--ds_ratio", type=float, default=None, help="Deep Shrink resize ratio (default 0.5)")
+    g.add_argument("--gradual_latent_timesteps", type=int, default=None,
+                   help="Gradual Latent: start small, grow the latents below this timestep (euler_a only)")
+    g.add_argument("--gradual_latent_ratio", type=float, default=None, help="starting size ratio (default 0.5)")
+    g.add_argument("--gradual_latent_ratio_step", type=float, default=None, help="ratio added at each growth (default 0.125)")
+    g.add_argument("--gradual_latent_every_n_steps", type=int, default=None, help="steps between growths (default 3)")
+    g.add_argument("--gradual_latent_s_noise", type=float, default=None, help="noise scale at a growth (default 1.0)")
+    g.add_argument("--gradual_latent_unsharp_params", default=None,
+                   help="unsharp mask at each growth: ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output and logging")
+    g.add_argument("--outdir", default="outputs", help="folder for the PNG files (default outputs)")
+    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, im_000002.png, ...")
+    g.add_argument("--use_original_file_name", action="store_true", help="start file names with the init/guide image's name")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The parser of ``sdxl_gen_img.py``: sd-scripts' options and this project's own."""
+    p = argparse.ArgumentParser(description=description)
+    for add in (_model_args, _network_args, _control_args, _prompt_args, _sampling_args, _image_args, _shrink_args,
+                _output_args, console_logging.add_arguments):
+        add(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# The typed options
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    ckpt: str
+    vae: str | None = None
+    precision: str = "fp32"  # fp32, fp16 or bf16: U-Net, text encoders, LLLite
+    vae_fp32: bool = False
+    device: str | None = None
+    attention: str = "sdpa"  # sdpa or xformers
+    channels_last: bool = False
+    tokenizer_cache_dir: str | None = None
+    textual_inversion: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    multiplier: float = 1.0
+    mode: str = "hooked"  # hooked (sd-scripts' default), pre_calc, or merged (for good)
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """What to draw: prompts, counts, seeds and the image files that cycle over the images."""
+
+    prompt: str | None = None
+    from_file: str | None = None
+    interactive: bool = False
+    images_per_prompt: int = 1
+    n_iter: int = 1
+    seed: int | None = None
+    iter_same_seed: bool = False
+    lllite_models: tuple[str, ...] = ()
+    guide_paths: tuple[str, ...] = ()
+    image_path: str | None = None
+    mask_path: str | None = None
+
+
+@dataclass(frozen=True)
+class DrawOptions:
+    """How batches run: passed to ``generate`` for every batch."""
+
+    batch_size: int = 1
+    vae_batch_size: float | None = None
+    vae_slices: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    outdir: Path = Path("outputs")
+    sequential: bool = False
+    original_name: bool = False
+    save_first_pass: bool = False
+    preview: bool = False  # interactive mode without --no_preview
+    log: ConsoleLogOptions = ConsoleLogOptions()
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    model: ModelOptions
+    loras: tuple[LoraSpec, ...]
+    show_meta: bool
+    inputs: InputOptions
+    draw: DrawOptions
+    output: OutputOptions
+    defaults: GenerationRequest = field(compare=True)  # the request every prompt line starts from
+    # Deep Shrink / Gradual Latent settings that only a prompt line can switch on: (feature, option, switch)
+    waiting_for_lines: tuple[tuple[str, str, str], ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving
+# ----------------------------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    value = getattr(args, name)
+    return value not in (None, False, [], "")
+
+
+def _check_refused(args: argparse.Namespace) -> None:
+    for name, reason in REFUSED.items():
+        if _given(args, name):
+            raise UserError(f"--{name} {_shown(getattr(args, name))}: {reason}")
+
+
+def _shown(value: Any) -> str:
+    if value is True:
+        return ""
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def _need(args: argparse.Namespace, names: tuple[str, ...], needed: str, why: str) -> None:
+    """Refuse each of ``names`` that is given without ``needed`` (it would do nothing)."""
+    for name in names:
+        if _given(args, name):
+            shown = _shown(getattr(args, name))
+            raise UserError(f"--{name}{' ' + shown if shown else ''} does nothing without {needed}: {why}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}
+
+
+def _existing(label: str, path: str | None, folder_ok: bool = False) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{label} {path}: no such file. Check the path.")
+    if p.is_dir() and not folder_ok:
+        raise UserError(f"{label} {path} is a folder; give a file")
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists() and not (_HUB_ID.match(args.ckpt) and ckpt.suffix.lower() not in _WEIGHT_SUFFIXES):
+        raise UserError(f"--ckpt {args.ckpt}: no such file or folder. Give an SDXL .safetensors/.ckpt file, a "
+                        "diffusers folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0")
+    _existing("--vae", args.vae, folder_ok=True)
+    for name in ("control_net_lllite_models", "network_weights", "textual_inversion_embeddings"):
+        for path in getattr(args, name):
+            _existing(f"--{name}", path)
+    _existing("--from_file", args.from_file)
+    for name in ("image_path", "mask_path"):
+        _existing(f"--{name}", getattr(args, name), folder_ok=True)
+    for path in args.guide_image_path:
+        _existing("--guide_image_path", path, folder_ok=True)
+    if args.tokenizer_cache_dir and Path(args.tokenizer_cache_dir).is_file():
+        raise UserError(f"--tokenizer_cache_dir {args.tokenizer_cache_dir} is a file; give a folder")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps", "max_embeddings_multiples"):
+        check_limit(f"--{name}", getattr(args, name), "count")
+    for name, kind in (("seed", "seed"), ("clip_skip", "clip_skip"), ("vae_slices", "vae_slices"),
+                       ("vae_batch_size", "vae_batch_size"), ("scale", "number"), ("negative_scale", "number"),
+                       ("strength", "strength"), ("highres_fix_strength", "strength"),
+                       ("highres_fix_scale", "highres_fix_scale"), ("crop_top", "crop"), ("crop_left", "crop")):
+        check_limit(f"--{name}", getattr(args, name), kind)
+    for name in ("original_width", "original_height", "original_width_negative", "original_height_negative"):
+        check_limit(f"--{name}", getattr(args, name), "size_conditioning")
+    for value in args.network_mul:
+        check_limit("--network_mul", value, "number")
+
+
+def _model_options(args: argparse.Namespace) -> ModelOptions:
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 both given: choose one precision")
+    xformers = args.xformers or args.diffusers_xformers
+    if xformers and args.sdpa:
+        raise UserError(f"--sdpa and --{'xformers' if args.xformers else 'diffusers_xformers'} both given: choose one "
+                        "attention implementation")
+    return ModelOptions(
+        ckpt=args.ckpt, vae=args.vae, precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        vae_fp32=args.no_half_vae, device=args.device, attention="xformers" if xformers else "sdpa",
+        channels_last=args.opt_channels_last, tokenizer_cache_dir=args.tokenizer_cache_dir,
+        textual_inversion=tuple(args.textual_inversion_embeddings),
+    )
+
+
+def _lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
+    files = list(args.network_weights)
+    modules = list(args.network_module) or [LORA_MODULES[0]]
+    if len(modules) not in (1, len(files)):
+        raise UserError(f"--network_module {' '.join(modules)}: {len(modules)} modules for {len(files)} "
+                        "--network_weights files; give one for all or one per file")
+    for module in modules:
+        if module == "networks.control_net_lllite":
+            raise UserError("--network_module networks.control_net_lllite: give LLLite files with "
+                            "--control_net_lllite_models, not --network_weights")
+        if module not in LORA_MODULES:
+            raise UserError(f"--network_module {module}: only networks.lora (kohya-format LoRA/LoCon) is supported here")
+    if len(args.network_mul) > len(files):
+        raise UserError(f"--network_mul {' '.join(f'{m:g}' for m in args.network_mul)}: {len(args.network_mul)} "
+                        f"multipliers for {len(files)} --network_weights file(s); give at most one per file")
+    merged = _merged_count(args, len(files))
+    if args.network_pre_calc and merged == len(files):
+        raise UserError("--network_pre_calc does nothing when every LoRA is merged for good (--network_merge / "
+                        "--network_merge_n_models): drop one of them")
+    muls = list(args.network_mul) + [1.0] * (len(files) - len(args.network_mul))
+    modes = ["merged" if i < merged else "pre_calc" if args.network_pre_calc else "hooked" for i in range(len(files))]
+    return tuple(LoraSpec(f, m, mode) for f, m, mode in zip(files, muls, modes))
+
+
+def _merged_count(args: argparse.Namespace, n_files: int) -> int:
+    if args.network_merge and args.network_merge_n_models is not None:
+        raise UserError(f"--network_merge and --network_merge_n_models {args.network_merge_n_models} both given: "
+                        "--network_merge merges every file; give one of them")
+    if args.network_merge_n_models is not None:
+        check_limit("--network_merge_n_models", args.network_merge_n_models, "count")
+        if args.network_merge_n_models > n_files:
+            raise UserError(f"--network_merge_n_models {args.network_merge_n_models} is more than the {n_files} "
+                            "--network_weights file(s): it must be at most the number of files")
+        return args.network_merge_n_models
+    return n_files if args.network_merge else 0
+
+
+def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLatent]:
+    """The command line's Deep Shrink and Gradual Latent settings (off unless their switch is given)."""
+    values = {}
+    for fields, prefix in ((DEEP_SHRINK_FIELDS, "ds"), (GRADUAL_LATENT_FIELDS, "gl")):
+        for name, kind, option, _ in fields:
+            value = getattr(args, option[2:])
+            check_limit(option, value, kind)
+            values[(prefix, name)] = DEFAULTS.get(option[2:]) if value is None else value
+    unsharp = None
+    if args.gradual_latent_unsharp_params is not None:
+        try:
+            unsharp = Unsharp.parse(args.gradual_latent_unsharp_params)
+        except ValueError as e:
+            raise UserError(f"--gradual_latent_unsharp_params {args.gradual_latent_unsharp_params!r}: {e}") from None
+    ds = DeepShrink(**{name: v for (prefix, name), v in values.items() if prefix == "ds"})
+    gl = GradualLatent(unsharp=unsharp, **{name: v for (prefix, name), v in values.items() if prefix == "gl"})
+    if args.ds_depth_2 is not None and args.ds_depth_1 is None:
+        raise UserError(f"--ds_depth_2 {args.ds_depth_2} needs --ds_depth_1: Deep Shrink's second depth follows the first")
+    return ds, gl
+
+
+def _default_request(args: argparse.Namespace, n_models: int) -> GenerationRequest:
+    deep_shrink, gradual_latent = _shrink_settings(args)
+    width, height = checked_size("--W", args.W, n_models), checked_size("--H", args.H, n_models)
+    upscaler, upscaler_args = _upscaler(args)
+    return GenerationRequest(
+        negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps, scale=args.scale,
+        negative_scale=args.negative_scale, sampler=args.sampler,
+        control_multipliers=args.control_net_multipliers, control_starts=args.control_net_starts,
+        control_ratios=args.control_net_ratios, strength=args.strength,
+        original_width=args.original_width, original_height=args.original_height,
+        original_width_negative=args.original_width_negative, original_height_negative=args.original_height_negative,
+        crop_top=args.crop_top or 0, crop_left=args.crop_left or 0, clip_skip=args.clip_skip,
+        max_embeddings_multiples=args.max_embeddings_multiples, highres_fix_scale=args.highres_fix_scale,
+        highres_fix_steps=args.highres_fix_steps or DEFAULTS["highres_fix_steps"],
+        highres_fix_strength=args.highres_fix_strength,
+        highres_fix_disable_control_net=args.highres_fix_disable_control_net,
+        highres_fix_latents_upscaling=args.highres_fix_latents_upscaling, highres_fix_upscaler=upscaler,
+        highres_fix_upscaler_args=upscaler_args, deep_shrink=deep_shrink, gradual_latent=gradual_latent,
+    )
+
+
+def _upscaler(args: argparse.Namespace) -> tuple[str | None, tuple[tuple[str, float], ...]]:
+    from library.upscalers import DEFAULT_UPSCALER, check_upscaler, parse_upscaler_args
+
+    name = check_upscaler(args.highres_fix_upscaler) if args.highres_fix_upscaler else None
+    if name and args.highres_fix_latents_upscaling and name != "latent_bilinear":
+        raise UserError(f"--highres_fix_upscaler {name} and --highres_fix_latents_upscaling both choose the upscaler: "
+                        "give one of them")
+    effective = name or ("latent_bilinear" if args.highres_fix_latents_upscaling else DEFAULT_UPSCALER)
+    return name, parse_upscaler_args(effective, args.highres_fix_upscaler_args)
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Options that would do nothing without another one are refused, naming the one they need."""
+    needs = [
+        (args.highres_fix_scale is None, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
+                                          "highres_fix_latents_upscaling", "highres_fix_upscaler",
+                                          "highres_fix_upscaler_args", "highres_fix_disable_control_net"),
+         "--highres_fix_scale", "it configures the highres fix"),
+        (args.image_path is None, ("mask_path", "highres_fix_strength"), "--image_path",
+         "the mask and the first highres pass's strength work on the init image (the second pass's is --strength)"),
+        (args.image_path is None and args.highres_fix_scale is None, ("strength",),
+         "--image_path or --highres_fix_scale", "it is the img2img strength"),
+        (not args.control_net_lllite_models, ("guide_image_path", "control_net_multipliers", "control_net_ratios",
+                                              "control_net_starts", "highres_fix_disable_control_net"),
+         "--control_net_lllite_models", "it is for LLLite models"),
+        (not args.network_weights, ("network_module", "network_mul", "network_merge", "network_merge_n_models",
+                                    "network_pre_calc"), "--network_weights", "it sets how LoRA files are applied"),
+        (not args.interactive, ("no_preview",), "--interactive", "images are shown only in interactive mode"),
+        (not (args.network_weights or args.control_net_lllite_models), ("network_show_meta",),
+         "--network_weights or --control_net_lllite_models", "there is no file to show"),
+    ]
+    for missing, names, needed, why in needs:
+        if missing:
+            _need(args, names, needed, why)
+    if not (args.prompt or args.from_file or args.interactive):
+        raise UserError("nothing to draw: give --prompt, --from_file or --interactive")
+
+
+_SWITCHED = (
+    ("deep_shrink", "ds_depth_1", "--dsd1", ("ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio")),
+    ("gradual_latent", "gradual_latent_timesteps", "--glt",
+     ("gradual_latent_ratio", "gradual_latent_ratio_step", "gradual_latent_every_n_steps", "gradual_latent_s_noise",
+      "gradual_latent_unsharp_params")),
+)
+
+
+def _waiting_for_lines(args: argparse.Namespace) -> tuple[tuple[str, str, str], ...]:
+    """Deep Shrink / Gradual Latent settings given without their switch: (feature, option, how to switch it on).
+
+    A prompt line's --dsd1 / --glt (or any of their options) may switch the feature on with these
+    settings, so they are checked once the lines are read (``generation_jobs.check_waiting_settings``).
+    """
+    waiting = []
+    for feature, switch, line_switch, names in _SWITCHED:
+        if getattr(args, switch) is not None:
+            continue
+        for name in names:
+            if _given(args, name):
+                waiting.append((feature, f"--{name} {_shown(getattr(args, name))}", f"--{switch} (or a prompt line's "
+                                f"{line_switch})"))
+    return tuple(waiting)
+
+
+def resolve(args: argparse.Namespace) -> GenOptions:
+    """Every option checked and turned into typed objects; a UserError naming the first bad one."""
+    _check_refused(args)
+    _check_counts(args)
+    _check_combinations(args)
+    _check_files(args)
+    n_models = len(args.control_net_lllite_models)
+    return GenOptions(
+        model=_model_options(args), loras=_lora_specs(args), show_meta=args.network_show_meta,
+        inputs=InputOptions(
+            prompt=args.prompt, from_file=args.from_file, interactive=args.interactive,
+            images_per_prompt=args.images_per_prompt, n_iter=args.n_iter, seed=args.seed,
+            iter_same_seed=args.iter_same_seed, lllite_models=tuple(args.control_net_lllite_models),
+            guide_paths=tuple(args.guide_image_path), image_path=args.image_path, mask_path=args.mask_path,
+        ),
+        draw=DrawOptions(args.batch_size, args.vae_batch_size, args.vae_slices, not args.no_progress),
+        output=OutputOptions(
+            outdir=Path(args.outdir), sequential=args.sequential_file_name, original_name=args.use_original_file_name,
+            save_first_pass=args.highres_fix_save_1st, preview=args.interactive and not args.no_preview,
+            log=ConsoleLogOptions.from_args(args),
+        ),
+        defaults=_default_request(args, n_models), waiting_for_lines=_waiting_for_lines(args),
+    )
+
+
+def _make_folder(label: str, folder: Path, created: list[Path]) -> None:
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".sdxl_gen_img_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{label} {folder}: cannot create or write this folder ({e.strerror or e}); give a writable "
+                        "folder") from None
+    finally:
+        created.extend(reversed([m for m in missing if m.exists()]))
+
+
+def prepare_folders(opts: GenOptions) -> list[Path]:
+    """Create the output folders (checked by writing into them); on failure nothing created is left behind.
+
+    Returns the folders this created, deepest last, so that a run that fails later can remove them.
+    """
+    created: list[Path] = []
+    folders = [("--outdir", opts.output.outdir)]
+    if opts.output.log.file is not None:
+        folders.append(("--console_log_file", opts.output.log.file.parent))
+    if opts.model.tokenizer_cache_dir:
+        folders.append(("--tokenizer_cache_dir", Path(opts.model.tokenizer_cache_dir)))
+    try:
+        for label, folder in folders:
+            _make_folder(label, folder, created)
+    except UserError:
+        remove_empty(created)
+        raise
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def options_summary(opts: GenOptions) -> dict[str, Any]:
+    """What every PNG of this run records besides its request: model, VAE, LLLite and LoRA file names."""
+    return {
+        "model": Path(opts.model.ckpt).name, "vae": Path(opts.model.vae).name if opts.model.vae else None,
+        "lllite_models": [Path(p).name for p in opts.inputs.lllite_models] or None,
+        "networks": [Path(s.path).name for s in opts.loras] or None,
+    }
