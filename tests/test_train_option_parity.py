@@ -27,7 +27,8 @@ DATA = Path(__file__).resolve().parent / "data"
 REFERENCE = [line.strip().removeprefix("--") for line in (DATA / "sd_scripts_train_options.txt").read_text().splitlines() if line.strip()]
 
 # The options that cannot apply to SDXL LLLite training; each stops with its reason.
-REFUSED = {"v2": "SDXL", "dataset_class": "dataset", "reg_data_dir": "regularization", "prior_loss_weight": "regularization"}
+REFUSED = {"v2": "SDXL", "dataset_class": "dataset", "reg_data_dir": "regularization", "prior_loss_weight": "regularization",
+           "fused_backward_pass": "Adafactor"}
 
 HF = {"huggingface_repo_id": "me/lllite"}
 DS = {"deepspeed": True}
@@ -105,15 +106,15 @@ VALUES: dict[str, tuple] = {
     "logging_dir": ("@logs", {}),
     "loss_type": ("huber", {}),
     "lowram": (True, {}),
-    "lr_decay_steps": (10, {"lr_scheduler": "warmup_stable_decay"}),
+    "lr_decay_steps": (2, {"lr_scheduler": "warmup_stable_decay"}),
     "lr_scheduler": ("cosine", {}),
-    "lr_scheduler_args": (["T_max=10"], {"lr_scheduler_type": "torch.optim.lr_scheduler.CosineAnnealingLR"}),
-    "lr_scheduler_min_lr_ratio": (0.1, {"lr_scheduler": "cosine_with_min_lr"}),
+    "lr_scheduler_args": (["num_cycles=3"], {"lr_scheduler": "cosine_with_restarts"}),
+    "lr_scheduler_min_lr_ratio": (0.1, {"lr_scheduler": "warmup_stable_decay", "lr_decay_steps": 2}),
     "lr_scheduler_num_cycles": (2, {}),
     "lr_scheduler_power": (2.0, {}),
     "lr_scheduler_timescale": (10, {"lr_scheduler": "inverse_sqrt"}),
-    "lr_scheduler_type": ("torch.optim.lr_scheduler.StepLR", {"lr_scheduler_args": ["step_size=5"]}),
-    "lr_warmup_steps": (5, {}),
+    "lr_scheduler_type": ("torch.optim.lr_scheduler.StepLR", {}),
+    "lr_warmup_steps": (2, {"lr_scheduler": "constant_with_warmup"}),
     "max_bucket_reso": (1024, {}),
     "max_data_loader_n_workers": (1, {}),
     "max_grad_norm": (0.5, {}),
@@ -215,6 +216,7 @@ ALONG = {
     "dataset_config": {"train_data_dir": None, "conditioning_data_dir": None},
     "offload_optimizer_nvme_path": {"offload_optimizer_device": "nvme"},
     "offload_param_nvme_path": {"offload_param_device": "nvme"},
+    "lr_scheduler_type": {"lr_scheduler_args": ["step_size=5"]},
 }
 
 
