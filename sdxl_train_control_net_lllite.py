@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         set_seed(opts.run.seed)
 
     # 2. The dataset: every pairing and image problem is reported before any model loads.
-    dataset = LLLiteDataset(opts.data.datasets, seed=opts.run.seed or 0)
+    dataset = LLLiteDataset(opts.data.datasets, seed=opts.run.seed or 0, text_encoding=opts.data.text_encoding)
     if opts.data.debug_dataset:
         paths = debug_dataset(dataset, opts.saving.output_dir / "debug_dataset")
         logger.info("wrote %d debug images to %s", len(paths), opts.saving.output_dir / "debug_dataset")

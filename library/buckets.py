@@ -11,7 +11,8 @@ All sizes here are ``(width, height)`` tuples of pixels; crop positions are ``(t
 
 An image is then resized, keeping its aspect ratio, to the smallest size that covers the
 bucket (``resized_size``) and cropped to the bucket (``crop_position``: centered, or
-random with ``random_crop``).
+random with ``random_crop``). With ``face_crop_aug_range`` an image with a known face box is
+instead scaled by a random factor and cropped around the face (``face_crop``).
 """
 
 from __future__ import annotations
@@ -96,3 +97,36 @@ def crop_position(resized: Size, bucket: Size, rng: np.random.Generator | None =
 def flipped_crop_left(resized_width: int, crop_left: int, bucket_width: int) -> int:
     """The crop's left edge measured in the mirrored image (what SDXL's size conditioning wants)."""
     return resized_width - crop_left - bucket_width
+
+
+def face_crop(image_size: Size, target: Size, face: tuple[int, int, int, int], scale_range: tuple[float, float],
+              rng: np.random.Generator, random_crop: bool = False) -> tuple[Size, tuple[int, int]]:
+    """``(resized, (top, left))`` of a crop of ``target`` around a face, the meaning of sd-scripts' face crop.
+
+    ``face`` is ``(center_x, center_y, width, height)`` in the image. The scale is drawn so that the
+    target's short side is ``scale_range[0]..scale_range[1]`` times the face size, never enlarging the
+    image beyond 1 unless it must to cover the target. The crop is centred on the face; with
+    ``random_crop`` it moves by a triangular random offset up to the longer distance from the face to an
+    edge, otherwise (for a scale range and a face of at least 40 px and a tenth of the short side) by up
+    to 5% of the face size. It is kept inside the image.
+    """
+    w, h = image_size
+    tw, th = target
+    cx, cy, fw, fh = face
+    face_size = max(fw, fh)
+    short = min(tw, th)
+    cover = max(tw / w, th / h)
+    low = max(cover, min(1.0, short / (face_size * scale_range[1])))
+    high = max(low, min(1.0, short / (face_size * scale_range[0])))
+    scale = low if low >= high else float(rng.uniform(low, high))
+    resized = (max(tw, int(w * scale + 0.5)), max(th, int(h * scale + 0.5)))
+    position = []
+    for size, length, center in ((th, resized[1], cy * scale), (tw, resized[0], cx * scale)):
+        start = int(center + 0.5) - size // 2
+        if random_crop:
+            spread = int(max(length - center, center))
+            start += int(rng.integers(0, spread + 1)) + int(rng.integers(0, spread + 1)) - spread
+        elif scale_range[0] != scale_range[1] and face_size > short // 10 and face_size >= 40:
+            start += int(rng.integers(-(face_size // 20), face_size // 20 + 1))
+        position.append(max(0, min(start, length - size)))
+    return resized, (position[0], position[1])

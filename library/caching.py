@@ -16,28 +16,36 @@ caption used by many images, is encoded once.
 On disk (``to_disk=True``), one safetensors file per image, next to the image:
 
 * latents: ``<basename>_<W>x<H>_lllite.safetensors`` (W x H = bucket), tensors ``latents``
-  and, with ``flip_aug``, ``latents_flipped``;
+  and, with ``flip_aug``, ``latents_flipped``; with ``alpha_mask`` also ``alpha_mask`` (latent-sized
+  loss weights) and with a ``conditioning_preprocessor`` ``guide`` (uint8, one channel when the
+  guide is gray). If the same image at the same bucket is used with another resize filter or
+  preprocessor (another subset), that one uses ``<basename>_<W>x<H>_lllite_<8 hex digits>.safetensors``;
 * text-encoder outputs: ``<basename>_lllite_te.safetensors`` (tensors ``hidden`` and
   ``pooled``); if the same image gets several different captions (several subsets), the
   other captions use ``<basename>_lllite_te_<8 hex digits of the caption hash>.safetensors``.
 
 The metadata of each file holds what the tensors depend on: a format and pipeline version,
-the SHA-256 of the image file, bucket, resized size, crop, stored orientations and the
-``vae_id`` (latents), or the exact caption and the ``te_id`` (text), and the dtype. A file
-whose metadata does not match is re-encoded and replaced (atomically), never reused. With
+the SHA-256 of the image file, bucket, resized size, crop, resize filter, stored orientations and
+the ``vae_id`` (latents), whether a mask is stored, the preprocessor with its options and the
+SHA-256 of the conditioning image it reads (guides), or the exact caption and the ``te_id`` (text),
+and the dtype. A file whose metadata does not match is re-encoded and replaced (atomically), never
+reused; when only the mask or guide part is out of date, the stored latents are kept and only that
+part is made again. ``skip_check`` (``--skip_cache_check``) trusts the image files: a latent file
+whose metadata matches in everything else is used without hashing the images it was made from. With
 several processes, process r encodes and writes only the files k with
 ``k % num_processes == r``, then ``wait_for_everyone()`` and every process reads the files
 (lazily, per batch). No two processes write the same file.
 
 Options that make a cache wrong are refused up front by ``validate_caching_options``:
-``random_crop`` and ``color_aug`` with latent caching, and the caption options that
-change a caption from epoch to epoch with text-encoder caching.
+``random_crop``, ``color_aug`` and ``face_crop_aug_range`` with latent caching, and the caption
+options that change a caption from epoch to epoch with text-encoder caching.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +59,15 @@ from tqdm import tqdm
 from library.atomic_io import atomic_path
 from library.cli import check_range
 from library.captions import dynamic_caption_options
-from library.dataset import ImageItem, LLLiteDataset, load_training_image, static_caption
+from library.dataset import (ImageItem, LLLiteDataset, crop_and_flip, image_interpolation, latent_mask,
+                             load_training_image, make_guide, open_alpha, conditioning_interpolation,
+                             static_caption)
 from library.dataset_config import DatasetConfig
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-LATENT_FORMAT = "lllite-latents-1"
+LATENT_FORMAT = "lllite-latents-2"
 TEXT_FORMAT = "lllite-text-encoder-1"
 # Bump when resizing/cropping changes, so that old latent files are re-encoded.
 PIPELINE_VERSION = "1"
@@ -95,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, before training")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
+    g.add_argument("--skip_cache_check", action="store_true",
+                   help="trust existing latent cache files without hashing the images they were made from: a file "
+                        "whose recorded settings (bucket, crop, resize filter, VAE, dtype, flips, mask, preprocessor) "
+                        "match is used even if an image changed since (a faster start on large datasets). Missing or "
+                        "mismatched files are still made. sd-scripts skips its own content checks likewise")
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ class CachingOptions:
     vae_batch_size: int = 1
     text: bool = False
     text_to_disk: bool = False
+    skip_check: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CachingOptions":
@@ -111,7 +127,7 @@ class CachingOptions:
         return cls(latents=args.cache_latents or args.cache_latents_to_disk, latents_to_disk=args.cache_latents_to_disk,
                    vae_batch_size=args.vae_batch_size,
                    text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
-                   text_to_disk=args.cache_text_encoder_outputs_to_disk)
+                   text_to_disk=args.cache_text_encoder_outputs_to_disk, skip_check=args.skip_cache_check)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -126,7 +142,7 @@ def validate_caching_options(
         for j, sub in enumerate(ds.subsets):
             where = f"datasets[{i}].subsets[{j}] (image_dir {sub.image_dir})"
             if cache_latents:
-                pixel_opts = [name for name in ("random_crop", "color_aug") if getattr(sub, name)]
+                pixel_opts = [name for name in ("random_crop", "color_aug", "face_crop_aug_range") if getattr(sub, name)]
                 if pixel_opts:
                     problems.append(
                         f"{where}: cache_latents cannot be combined with {' and '.join(pixel_opts)}: a latent cache "
@@ -174,10 +190,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------- latents
 
+# Metadata keys that say whether a file's mask and guide are current (the rest is about its latents).
+_EXTRA_KEYS = ("alpha_mask", "guide", "guide_source_sha256", "guide_interpolation")
+# Keys that tie a file to the bytes of the images it was made from (trusted with skip_check).
+_HASH_KEYS = ("image_sha256", "guide_source_sha256")
 
-def latent_cache_path(item: ImageItem) -> Path:
+
+def latent_cache_path(item: ImageItem, variant: str = "") -> Path:
     bw, bh = item.bucket
-    return item.image_path.with_name(f"{item.image_path.stem}_{bw}x{bh}_lllite.safetensors")
+    suffix = f"_{variant}" if variant else ""
+    return item.image_path.with_name(f"{item.image_path.stem}_{bw}x{bh}_lllite{suffix}.safetensors")
+
+
+def guide_spec(item: ImageItem) -> str:
+    """The preprocessor and its options as stored in the metadata ("" without a preprocessor)."""
+    sub = item.subset
+    if not sub.conditioning_preprocessor:
+        return ""
+    return json.dumps([sub.conditioning_preprocessor, sub.preprocessor_options], sort_keys=True)
 
 
 @dataclass
@@ -187,10 +217,13 @@ class _LatentTarget:
     path: Path
     item: ImageItem
     flips: set[bool] = field(default_factory=set)
+    alpha: bool = False
     item_indices: list[int] = field(default_factory=list)
 
-    def metadata(self, image_sha: str, vae_id: str, dtype: torch.dtype) -> dict[str, str]:
+    def metadata(self, image_sha: str, guide_sha: str, vae_id: str, dtype: torch.dtype) -> dict[str, str]:
         top, left = self.item.center_crop
+        guide = guide_spec(self.item)
+        from_conditioning = bool(guide) and self.item.conditioning_path is not None
         return {
             "format": LATENT_FORMAT,
             "pipeline": PIPELINE_VERSION,
@@ -199,53 +232,107 @@ class _LatentTarget:
             "bucket": "{}x{}".format(*self.item.bucket),
             "resized": "{}x{}".format(*self.item.resized),
             "crop_top_left": f"{top},{left}",
+            "interpolation": image_interpolation(self.item.subset),
             "flips": ",".join(str(int(f)) for f in sorted(self.flips)),
             "dtype": _dtype_name(dtype),
+            "alpha_mask": str(int(self.alpha)),
+            "guide": guide,
+            "guide_source_sha256": guide_sha if from_conditioning else "",
+            "guide_interpolation": conditioning_interpolation(self.item.subset) if from_conditioning else "",
         }
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The mask and guide of this entry, for the centre crop (unflipped)."""
+        item = self.item
+        out: dict[str, torch.Tensor] = {}
+        if self.alpha:
+            alpha = crop_and_flip(open_alpha(item.image_path), item.resized, item.bucket, item.center_crop, False,
+                                  image_interpolation(item.subset))
+            out["alpha_mask"] = latent_mask(alpha)
+        if item.subset.conditioning_preprocessor:
+            guide = torch.from_numpy(make_guide(item, item.resized, item.center_crop)).permute(2, 0, 1).contiguous()
+            # Canny, lineart and gray guides are gray: one channel is a third of the size.
+            out["guide"] = guide[:1].clone() if bool((guide == guide[:1]).all()) else guide
+        return out
+
+
+def _target_key(item: ImageItem) -> tuple:
+    """What makes two items need different tensors for the same image and bucket."""
+    source = item.conditioning_path if item.subset.conditioning_preprocessor else None
+    return (image_interpolation(item.subset), guide_spec(item), source, conditioning_interpolation(item.subset))
 
 
 def _latent_targets(dataset: LLLiteDataset) -> list[_LatentTarget]:
-    targets: dict[Path, _LatentTarget] = {}
+    targets: dict[tuple, _LatentTarget] = {}
+    first_key: dict[Path, tuple] = {}
     for item in dataset.items:
-        path = latent_cache_path(item)
-        target = targets.setdefault(path, _LatentTarget(path, item))
+        key = _target_key(item)
+        plain = latent_cache_path(item)
+        first = first_key.setdefault(plain, key)
+        variant = "" if key == first else hashlib.sha256(repr(key).encode()).hexdigest()[:8]
+        path = latent_cache_path(item, variant)
+        target = targets.setdefault((path, key), _LatentTarget(path, item))
         target.flips.update({False, True} if item.subset.flip_aug else {False})
+        target.alpha = target.alpha or item.subset.alpha_mask
         target.item_indices.append(item.index)
     return list(targets.values())
 
 
-def _latent_file_valid(target: _LatentTarget, expected: dict[str, str]) -> bool:
+def _latent_file_state(target: _LatentTarget, expected: dict[str, str]) -> str:
+    """"ok", "extras" (latents current, mask or guide not) or "stale" (make everything)."""
     meta = _read_metadata(target.path)
     if meta is None:
-        return False
+        return "stale"
     stored_flips = set(meta.get("flips", "").split(","))
-    same = all(meta.get(k) == v for k, v in expected.items() if k != "flips")
-    return same and {str(int(f)) for f in target.flips} <= stored_flips
+    latents_same = all(meta.get(k) == v for k, v in expected.items() if k != "flips" and k not in _EXTRA_KEYS)
+    if not (latents_same and {str(int(f)) for f in target.flips} <= stored_flips):
+        return "stale"
+    return "ok" if all(meta.get(k) == v for k, v in expected.items() if k in _EXTRA_KEYS) else "extras"
 
 
 def _latent_key(flipped: bool) -> str:
     return "latents_flipped" if flipped else "latents"
 
 
+def _guide_rgb(guide: torch.Tensor) -> torch.Tensor:
+    return guide.expand(3, -1, -1) if guide.shape[0] == 1 else guide
+
+
 class MemoryLatents:
-    """In-memory latents: ``tensors[item_index][flipped]``."""
+    """In-memory latents: ``tensors[item_index][flipped]``, with masks and guides by item."""
 
     def __init__(self) -> None:
         self.tensors: dict[int, dict[bool, torch.Tensor]] = {}
+        self.extras: dict[int, dict[str, torch.Tensor]] = {}
 
     def get_latents(self, item_index: int, flipped: bool) -> torch.Tensor:
         return self.tensors[item_index][flipped]
 
+    def get_alpha_mask(self, item_index: int) -> torch.Tensor:
+        return self.extras[item_index]["alpha_mask"]
+
+    def get_guide(self, item_index: int) -> torch.Tensor:
+        return _guide_rgb(self.extras[item_index]["guide"])
+
 
 class DiskLatents:
-    """Latents read from their cache file when a batch needs them."""
+    """Latents (and masks and guides) read from their cache file when a batch needs them."""
 
     def __init__(self, paths: dict[int, Path]) -> None:
         self.paths = paths
 
-    def get_latents(self, item_index: int, flipped: bool) -> torch.Tensor:
+    def _get(self, item_index: int, name: str) -> torch.Tensor:
         with safe_open(str(self.paths[item_index]), framework="pt") as f:
-            return f.get_tensor(_latent_key(flipped))
+            return f.get_tensor(name)
+
+    def get_latents(self, item_index: int, flipped: bool) -> torch.Tensor:
+        return self._get(item_index, _latent_key(flipped))
+
+    def get_alpha_mask(self, item_index: int) -> torch.Tensor:
+        return self._get(item_index, "alpha_mask")
+
+    def get_guide(self, item_index: int) -> torch.Tensor:
+        return _guide_rgb(self._get(item_index, "guide"))
 
 
 def _encode_latents(
@@ -297,10 +384,12 @@ def cache_latents(
     batch_size: int = 1,
     dtype: torch.dtype = torch.float32,
     processes: Processes = SINGLE_PROCESS,
+    skip_check: bool = False,
 ) -> None:
     """Encode every training image once (both orientations with flip_aug) and attach the cache to ``dataset``.
 
-    After this, batches carry ``latents`` instead of ``images``.
+    The cache also holds the alpha masks and preprocessor guides of the subsets that use them. After
+    this, batches carry ``latents`` instead of ``images``. ``skip_check``: see the module docstring.
     """
     _check_id("vae_id", vae_id)
     validate_caching_options(dataset.configs, cache_latents=True)
@@ -311,8 +400,10 @@ def cache_latents(
         cache = MemoryLatents()
 
         def keep(target: _LatentTarget, tensors: dict[bool, torch.Tensor]) -> None:
+            extras = target.extras()
             for index in target.item_indices:
                 cache.tensors[index] = tensors
+                cache.extras[index] = extras
 
         jobs = [(t, f) for t in targets for f in sorted(t.flips)]
         _encode_latents(jobs, encode_fn, batch_size, dtype, keep, processes.show_progress)
@@ -321,22 +412,42 @@ def cache_latents(
 
     shas: dict[Path, str] = {}
 
-    def expected(target: _LatentTarget) -> dict[str, str]:
-        if target.item.image_path not in shas:
-            shas[target.item.image_path] = _sha256(target.item.image_path)
-        return target.metadata(shas[target.item.image_path], vae_id, dtype)
+    def sha(path: Path | None) -> str:
+        if path is None:
+            return ""
+        if path not in shas:
+            shas[path] = _sha256(path)
+        return shas[path]
+
+    def full_metadata(target: _LatentTarget) -> dict[str, str]:
+        guide_source = target.item.conditioning_path if target.item.subset.conditioning_preprocessor else None
+        return target.metadata(sha(target.item.image_path), sha(guide_source), vae_id, dtype)
+
+    def state(target: _LatentTarget) -> str:
+        if not skip_check:
+            return _latent_file_state(target, full_metadata(target))
+        # Every recorded setting must match; the image hashes are trusted, so no image is read.
+        expected = {k: v for k, v in target.metadata("", "", vae_id, dtype).items() if k not in _HASH_KEYS}
+        return _latent_file_state(target, expected)
 
     mine = [t for k, t in enumerate(targets) if k % processes.count == processes.index]
-    todo = [t for t in mine if not _latent_file_valid(t, expected(t))]
-    logger.info("latent cache: %d of %d files up to date, %d to encode", len(mine) - len(todo), len(mine), len(todo))
+    states = {t.path: state(t) for t in mine}
+    todo = [t for t in mine if states[t.path] == "stale"]
+    refresh = [t for t in mine if states[t.path] == "extras"]
+    logger.info("latent cache: %d of %d files up to date, %d to encode, %d with a mask or guide to redo",
+                len(mine) - len(todo) - len(refresh), len(mine), len(todo), len(refresh))
 
     def write(target: _LatentTarget, tensors: dict[bool, torch.Tensor]) -> None:
-        _write(target.path, {_latent_key(f): t for f, t in tensors.items()}, expected(target))
+        _write(target.path, {**{_latent_key(f): t for f, t in tensors.items()}, **target.extras()}, full_metadata(target))
 
     _encode_latents([(t, f) for t in todo for f in sorted(t.flips)], encode_fn, batch_size, dtype, write, processes.show_progress)
+    for target in refresh:
+        with safe_open(str(target.path), framework="pt") as f:
+            stored = {f_: f.get_tensor(_latent_key(f_)) for f_ in target.flips}
+        write(target, stored)
     processes.wait_for_everyone()
 
-    bad = [str(t.path) for t in targets if not _latent_file_valid(t, expected(t))]
+    bad = [str(t.path) for t in targets if state(t) != "ok"]
     if bad:
         raise UserError(
             f"{len(bad)} latent cache file(s) are missing or out of date after caching (did another process fail?): "

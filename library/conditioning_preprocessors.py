@@ -129,6 +129,12 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 }
 
 
+# Short names accepted for options (the issue's dataset example writes canny's thresholds as low/high).
+OPTION_ALIASES: dict[str, dict[str, str]] = {
+    "canny": {"low": "low_threshold", "high": "high_threshold"},
+}
+
+
 def preprocessor_options(name: str) -> dict[str, Any]:
     """The options ``name`` takes, with their defaults."""
     fn = get_preprocessor(name)
@@ -157,6 +163,30 @@ def apply_preprocessor(name: str, image_rgb: np.ndarray, **options: Any) -> np.n
         takes = ", ".join(known) or "no options"
         raise UserError(f"conditioning type {name!r} does not take {', '.join(unknown)} (it takes: {takes})")
     return fn(image_rgb, **options)
+
+
+def canonical_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with aliases replaced by the full names, checked by running ``name`` on a tiny image.
+
+    Raises ``UserError`` for an unknown preprocessor, an option it does not take, an option given
+    twice (by name and alias), a value of the wrong type or out of range.
+    """
+    known = preprocessor_options(name)
+    aliases = OPTION_ALIASES.get(name, {})
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        full = aliases.get(key, key)
+        if full in out:
+            raise UserError(f"conditioning type {name!r}: {full} is given twice ({key} is another name for it)")
+        default = known.get(full)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"conditioning type {name!r}: {key} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"conditioning type {name!r}: {key} must be a number, got {value!r}")
+        out[full] = value
+    apply_preprocessor(name, np.zeros((16, 16, 3), np.uint8), **out)
+    return out
 
 
 def is_image_file(path: Path) -> bool:

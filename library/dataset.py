@@ -26,7 +26,11 @@ key                    type                    meaning
 images                 float Tensor[B,3,H,W]   training images in [-1, 1]; absent when
                                                latents are cached
 latents                float Tensor[B,C,h,w]   cached VAE latents (h = H/8); only when cached
-conditioning_images    float Tensor[B,3,H,W]   RGB conditioning images in [-1, 1]
+alpha_masks            float Tensor[B,1,h,w]   loss weights in [0, 1] at latent size (alpha
+                                               averaged over 8x8 pixels); only when a subset of
+                                               the batch has alpha_mask (1 for the others)
+conditioning_images    float Tensor[B,3,H,W]   RGB conditioning images in [-1, 1] (made by the
+                                               conditioning_preprocessor where one is set)
 captions               list[str]               the captions after the caption options
 text_hidden            Tensor[B,...]           cached text-encoder hidden states; only when cached
 text_pooled            Tensor[B,...]           cached pooled text embeddings; only when cached
@@ -40,30 +44,40 @@ flipped                BoolTensor[B]           whether the sample was mirrored (
 =====================  ======================  ==========================================
 
 Caches are attached by ``library.caching``; the dataset only looks them up through the
-``LatentLookup`` / ``TextLookup`` protocols. Conditioning images are always loaded from
-disk per sample (they go to LLLite in pixel space).
+``LatentLookup`` / ``TextLookup`` protocols. The latent cache also holds the alpha masks and the
+guides made by a ``conditioning_preprocessor``; conditioning images from a folder are loaded
+from disk per sample (they go to LLLite in pixel space).
+
+``token_warmup_step`` needs the training step of each batch: ``set_step_schedule`` tells the
+dataset how many batches make one optimizer step and how long the run is, and the step of batch
+``i`` of epoch ``e`` is ``(e - 1) * steps_per_epoch + i // batches_per_step``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from library.atomic_io import atomic_write_text
-from library.buckets import BucketPlan, Size, crop_position, flipped_crop_left, resized_size
-from library.captions import process_caption, read_caption
+from library.buckets import BucketPlan, Size, crop_position, face_crop, flipped_crop_left, resized_size
+from library.captions import (face_info_from_name, metadata_caption, process_caption, read_caption,
+                              read_metadata_file)
+from library.conditioning_preprocessors import apply_preprocessor
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
+from library.text_encoding import TextEncodingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +86,17 @@ INFO_CACHE_NAME = ".lllite_image_info.json"
 _EXIF_ORIENTATION = 0x0112
 _LIST_LIMIT = 10
 _LAYOUT_STREAM = 0x4C41594F  # separates the batch-order generator from the per-sample ones
+LATENT_SCALE = 8  # pixels per latent pixel (SDXL's VAE)
+
+# Filters when resize_interpolation is unset. Conditioning images are mostly thin lines (edges, poses):
+# area averaging keeps every line when shrinking and never rings, where lanczos/bicubic overshoot
+# around lines and nearest drops them.
+DEFAULT_IMAGE_INTERPOLATION = "lanczos"
+DEFAULT_CONDITIONING_INTERPOLATION = "area"
+# sd-scripts' mapping of the names: lanczos and box by Pillow, the others by OpenCV.
+_PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+_CV2_FILTERS = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
 
 
 @dataclass(frozen=True)
@@ -80,14 +105,15 @@ class ImageItem:
 
     index: int
     image_path: Path
-    conditioning_path: Path
-    caption: str  # as read from disk ("" when missing), before the caption options
+    conditioning_path: Path | None  # None: the guide is made from the training image
+    caption: str  # as read ("" when missing), lines joined by newlines, before the caption options
     image_size: Size  # (width, height) after EXIF orientation
-    conditioning_size: Size
+    conditioning_size: Size | None
     dataset_index: int
     subset: SubsetConfig
     bucket: Size  # (width, height)
     resized: Size  # size before cropping to the bucket
+    face: tuple[int, int, int, int] | None = None  # face box from the file name, with face_crop_aug_range
 
     @property
     def center_crop(self) -> tuple[int, int]:
@@ -95,7 +121,13 @@ class ImageItem:
 
 
 class LatentLookup(Protocol):
+    """Cached per-image tensors; masks and guides are stored unflipped, for the centre crop."""
+
     def get_latents(self, item_index: int, flipped: bool) -> torch.Tensor: ...
+
+    def get_alpha_mask(self, item_index: int) -> torch.Tensor: ...
+
+    def get_guide(self, item_index: int) -> torch.Tensor: ...
 
 
 class TextLookup(Protocol):
@@ -133,19 +165,68 @@ def open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def crop_and_flip(img: Image.Image, resized: Size, bucket: Size, crop: tuple[int, int], flipped: bool) -> Image.Image:
+def open_alpha(path: Path) -> Image.Image:
+    """The alpha channel of an image ("L", EXIF orientation applied); fully opaque when it has none."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGBA").getchannel("A")
+
+
+def image_interpolation(subset: SubsetConfig) -> str:
+    return subset.resize_interpolation or DEFAULT_IMAGE_INTERPOLATION
+
+
+def conditioning_interpolation(subset: SubsetConfig) -> str:
+    return subset.resize_interpolation or DEFAULT_CONDITIONING_INTERPOLATION
+
+
+def resize_image(img: Image.Image, size: Size, interpolation: str = DEFAULT_IMAGE_INTERPOLATION) -> Image.Image:
+    """``img`` resized to ``size`` (width, height) with one of the resize_interpolation filters."""
+    if img.size == tuple(size):
+        return img
+    if interpolation in _PIL_FILTERS:
+        return img.resize(size, _PIL_FILTERS[interpolation])
+    return Image.fromarray(cv2.resize(np.asarray(img), tuple(size), interpolation=_CV2_FILTERS[interpolation]))
+
+
+def crop_and_flip(img: Image.Image, resized: Size, bucket: Size, crop: tuple[int, int], flipped: bool,
+                  interpolation: str = DEFAULT_IMAGE_INTERPOLATION) -> Image.Image:
     """Resize to ``resized``, cut the bucket at ``crop`` = (top, left), then mirror if ``flipped``."""
-    if img.size != resized:
-        img = img.resize(resized, Image.Resampling.LANCZOS)
+    img = resize_image(img, resized, interpolation)
     top, left = crop
     img = img.crop((left, top, left + bucket[0], top + bucket[1]))
     return ImageOps.mirror(img) if flipped else img
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 Tensor[3,H,W] in [-1, 1]."""
+def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB image (PIL or HxWx3 uint8) -> float32 Tensor[3,H,W] in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def latent_mask(alpha: Image.Image) -> torch.Tensor:
+    """An alpha crop ("L", size a multiple of 8) -> Tensor[1,H/8,W/8] in [0, 1]: the mean alpha of each 8x8 block."""
+    arr = np.asarray(alpha, dtype=np.float32) / 255.0
+    h, w = arr.shape
+    small = cv2.resize(arr, (w // LATENT_SCALE, h // LATENT_SCALE), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(small))[None]
+
+
+def make_guide(item: ImageItem, resized: Size, crop: tuple[int, int], image: Image.Image | None = None) -> np.ndarray:
+    """The guide of a sample (unflipped): the subset's conditioning_preprocessor applied after resizing and cropping.
+
+    The source is the conditioning image when the subset has a conditioning_data_dir, else the
+    training image (``image``: its crop, when already loaded, before color augmentation).
+    """
+    sub = item.subset
+    if item.conditioning_path is not None:
+        source = crop_and_flip(open_rgb(item.conditioning_path), resized, item.bucket, crop, False,
+                               conditioning_interpolation(sub))
+    elif image is not None:
+        source = image
+    else:
+        source = crop_and_flip(open_rgb(item.image_path), resized, item.bucket, crop, False, image_interpolation(sub))
+    return apply_preprocessor(sub.conditioning_preprocessor, np.array(source, dtype=np.uint8), **sub.preprocessor_options)
 
 
 def color_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -159,18 +240,28 @@ def color_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def load_training_image(item: ImageItem, flipped: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
     """The training image as the model sees it (no color augmentation): Tensor[3,H,W] in [-1, 1]."""
     img = open_rgb(item.image_path)
-    return to_tensor(crop_and_flip(img, item.resized, item.bucket, crop or item.center_crop, flipped))
+    return to_tensor(crop_and_flip(img, item.resized, item.bucket, crop or item.center_crop, flipped,
+                                   image_interpolation(item.subset)))
 
 
-def load_conditioning_image(item: ImageItem, flipped: bool, crop: tuple[int, int]) -> torch.Tensor:
-    """The conditioning image cut exactly like the training image.
+def load_conditioning_image(item: ImageItem, flipped: bool, crop: tuple[int, int], resized: Size | None = None) -> torch.Tensor:
+    """The conditioning image cut exactly like the training image (for a subset without a preprocessor).
 
     A conditioning image of another size is treated as resized to the training image's size:
     it is resized straight to the training image's resized size (one resampling, same result
     geometry), then cropped and flipped the same way.
     """
     img = open_rgb(item.conditioning_path)
-    return to_tensor(crop_and_flip(img, item.resized, item.bucket, crop, flipped))
+    return to_tensor(crop_and_flip(img, resized or item.resized, item.bucket, crop, flipped,
+                                   conditioning_interpolation(item.subset)))
+
+
+def sample_geometry(item: ImageItem, rng: np.random.Generator) -> tuple[Size, tuple[int, int]]:
+    """``(resized, (top, left))`` of one sample: the face crop, or the bucket crop (random with random_crop)."""
+    sub = item.subset
+    if sub.face_crop_aug_range is not None and item.face is not None:
+        return face_crop(item.image_size, item.bucket, item.face, sub.face_crop_aug_range, rng, sub.random_crop)
+    return item.resized, crop_position(item.resized, item.bucket, rng if sub.random_crop else None)
 
 
 def static_caption(item: ImageItem) -> str:
@@ -272,17 +363,63 @@ def _probe_all(paths: list[Path], caches: dict[Path, _ImageInfoCache], desc: str
     return sizes, bad
 
 
+def _metadata_images(sub: SubsetConfig, problems: list[str]) -> tuple[dict[str, Path], dict[Path, str]]:
+    """The images listed in a subset's metadata_file (by basename) and their captions.
+
+    A key is an image path, absolute or relative to image_dir, with or without its extension.
+    """
+    assert sub.metadata_file is not None
+    try:
+        entries = read_metadata_file(sub.metadata_file)
+    except UserError as e:
+        problems.append(str(e))
+        return {}, {}
+    listing: dict[Path, dict[str, Path]] = {}
+    found: list[Path] = []
+    captions: dict[Path, str] = {}
+    missing = []
+    for key, entry in entries.items():
+        path = Path(key) if Path(key).is_absolute() else sub.image_dir / key
+        if not (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()):
+            folder = path.parent
+            if folder not in listing:
+                listing[folder] = {p.stem: p for p in list_images(folder)} if folder.is_dir() else {}
+            path = listing[folder].get(path.name)
+        if path is None:
+            missing.append(key)
+            continue
+        found.append(path)
+        captions[path] = metadata_caption(entry, sub.caption_separator, sub.enable_wildcard)
+    if missing:
+        problems.append(f"{len(missing)} image(s) listed in metadata_file {sub.metadata_file} are not found (keys are "
+                        f"paths absolute or relative to image_dir {sub.image_dir}): {_names(missing)}")
+    if not entries:
+        problems.append(f"metadata_file {sub.metadata_file} lists no images")
+    unlisted = len({p.stem for p in list_images(sub.image_dir)} - {p.stem for p in found})
+    if unlisted:
+        logger.info("%d image(s) in %s are not listed in %s and are not used", unlisted, sub.image_dir, sub.metadata_file)
+    return _by_stem(found, "metadata_file", sub.metadata_file, problems), captions
+
+
 def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
     """Pair, check and bucket every image of every subset; one ``UserError`` lists all problems."""
     problems: list[str] = []
-    pairs: list[tuple[int, SubsetConfig, Path, Path]] = []
+    pairs: list[tuple[int, SubsetConfig, Path, Path | None]] = []
+    listed_captions: dict[tuple[int, Path], str] = {}  # (subset id, image) -> caption from a metadata file
     for ds_index, ds in enumerate(configs):
         for sub in ds.subsets:
-            images = _by_stem(list_images(sub.image_dir), "image_dir", sub.image_dir, problems)
-            conds = _by_stem(list_images(sub.conditioning_data_dir), "conditioning_data_dir", sub.conditioning_data_dir, problems)
-            if not images:
-                problems.append(f"image_dir {sub.image_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            if sub.metadata_file is not None:
+                images, captions = _metadata_images(sub, problems)
+                listed_captions.update({(id(sub), path): caption for path, caption in captions.items()})
+            else:
+                images = _by_stem(list_images(sub.image_dir), "image_dir", sub.image_dir, problems)
+                if not images:
+                    problems.append(f"image_dir {sub.image_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+                    continue
+            if sub.conditioning_data_dir is None:
+                pairs.extend((ds_index, sub, images[s], None) for s in images)
                 continue
+            conds = _by_stem(list_images(sub.conditioning_data_dir), "conditioning_data_dir", sub.conditioning_data_dir, problems)
             no_cond = [images[s].name for s in images if s not in conds]
             no_image = [conds[s].name for s in conds if s not in images]
             if no_cond:
@@ -290,17 +427,17 @@ def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
                     f"{len(no_cond)} training image(s) in {sub.image_dir} have no conditioning image with the same "
                     f"basename in {sub.conditioning_data_dir}: {_names(no_cond)}"
                 )
-            if no_image:
+            if no_image and sub.metadata_file is None:
                 problems.append(
                     f"{len(no_image)} conditioning image(s) in {sub.conditioning_data_dir} have no training image with "
                     f"the same basename in {sub.image_dir}: {_names(no_image)}"
                 )
             pairs.extend((ds_index, sub, images[s], conds[s]) for s in images if s in conds)
 
-    info_dirs = {folder for _, sub, img, cond in pairs if sub.cache_info for folder in (img.parent, cond.parent)}
-    folders = {folder for _, _, img, cond in pairs for folder in (img.parent, cond.parent)}
+    info_dirs = {folder for _, sub, img, cond in pairs if sub.cache_info for folder in (img.parent, cond and cond.parent) if folder}
+    folders = {folder for _, _, img, cond in pairs for folder in (img.parent, cond and cond.parent) if folder}
     caches = {folder: _ImageInfoCache(folder, folder in info_dirs) for folder in folders}
-    all_paths = list(dict.fromkeys(p for _, _, img, cond in pairs for p in (img, cond)))
+    all_paths = list(dict.fromkeys(p for _, _, img, cond in pairs for p in (img, cond) if p is not None))
     sizes, unreadable = _probe_all(all_paths, caches, "checking images")
     for cache in caches.values():
         cache.save()
@@ -318,21 +455,27 @@ def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
     resized_conds = 0
     odd_aspect: list[str] = []
     for ds_index, sub, img, cond in pairs:
-        caption = read_caption(img, sub.caption_extension)
+        face_crop_on = sub.face_crop_aug_range is not None
+        if sub.metadata_file is not None:
+            caption = listed_captions[(id(sub), img)] or None
+        else:
+            caption = read_caption(img, sub.caption_extension, face_name_fallback=face_crop_on)
         if caption is None:
             missing_captions.append(img.name)
-        size, cond_size = sizes[img], sizes[cond]
-        if cond_size != size:
+        size, cond_size = sizes[img], (sizes[cond] if cond is not None else None)
+        if cond_size is not None and cond_size != size:
             resized_conds += 1
             if abs(cond_size[0] / cond_size[1] - size[0] / size[1]) > 0.02 * size[0] / size[1]:
                 odd_aspect.append(f"{cond.name} {cond_size[0]}x{cond_size[1]} vs {img.name} {size[0]}x{size[1]}")
         bucket = plans[ds_index].select(size)
+        face = face_info_from_name(img) if face_crop_on else None
         items.append(
-            ImageItem(len(items), img, cond, caption or "", size, cond_size, ds_index, sub, bucket, resized_size(size, bucket))
+            ImageItem(len(items), img, cond, caption or "", size, cond_size, ds_index, sub, bucket,
+                      resized_size(size, bucket), face)
         )
     if missing_captions:
         logger.warning(
-            "%d image(s) have no caption file and train with an empty caption: %s", len(missing_captions), _names(missing_captions)
+            "%d image(s) have no caption and train with an empty caption: %s", len(missing_captions), _names(missing_captions)
         )
     if resized_conds:
         logger.info("%d conditioning image(s) differ in size from their training image and are resized to it", resized_conds)
@@ -341,6 +484,9 @@ def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
             "%d conditioning image(s) have another aspect ratio than their training image and will be stretched "
             "(check the pairing): %s", len(odd_aspect), _names(odd_aspect)
         )
+    faces = [item for item in items if item.subset.face_crop_aug_range is not None]
+    if faces and not any(item.face for item in faces):
+        logger.warning("face_crop_aug_range is set but no image is named name_cx_cy_w_h (the face box): it has no effect")
     return items
 
 
@@ -359,7 +505,8 @@ class BatchSpec:
 class LLLiteDataset(torch.utils.data.Dataset):
     """Bucketed batches of (image, conditioning image, caption); see the module docstring."""
 
-    def __init__(self, configs: Sequence[DatasetConfig], seed: int | None = 0) -> None:
+    def __init__(self, configs: Sequence[DatasetConfig], seed: int | None = 0,
+                 text_encoding: TextEncodingOptions = TextEncodingOptions()) -> None:
         if not configs:
             raise UserError("no dataset configured: give --dataset_config or --train_data_dir and --conditioning_data_dir")
         self.configs = list(configs)
@@ -369,6 +516,10 @@ class LLLiteDataset(torch.utils.data.Dataset):
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         self.items = scan_datasets(self.configs)
         self.epoch = 1
+        # How captions are encoded: what the text-encoder cache depends on besides the caption.
+        self.text_encoding = text_encoding
+        self.batches_per_step = 1
+        self.max_train_steps: int | None = None
         self.latent_cache: LatentLookup | None = None
         self.text_cache: TextLookup | None = None
         groups: dict[tuple[int, Size], list[int]] = {}
@@ -400,6 +551,21 @@ class LLLiteDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self._num_batches
+
+    def set_step_schedule(self, batches_per_step: int, max_train_steps: int) -> None:
+        """How batches map to training steps, for ``token_warmup_step`` (the trainer calls this once).
+
+        ``batches_per_step``: batches of the whole dataset per optimizer step (processes times
+        gradient accumulation steps); ``max_train_steps``: the run's length, for a warmup given as
+        a fraction.
+        """
+        self.batches_per_step = max(1, int(batches_per_step))
+        self.max_train_steps = int(max_train_steps)
+
+    def step_of(self, epoch: int, index: int) -> int:
+        """The training step (from 0) at which batch ``index`` of ``epoch`` is trained."""
+        steps_per_epoch = max(1, math.ceil(len(self) / self.batches_per_step))
+        return (epoch - 1) * steps_per_epoch + index // self.batches_per_step
 
     def attach_latent_cache(self, cache: LatentLookup | None) -> None:
         self.latent_cache = cache
@@ -445,13 +611,18 @@ class LLLiteDataset(torch.utils.data.Dataset):
         spec = self.batches_for_epoch(epoch)[index]
         if load_images is None:
             load_images = self.latent_cache is None
-        samples = [self._sample(self.items[i], repeat, epoch, load_images) for i, repeat in spec.samples]
+        step = self.step_of(epoch, index)
+        samples = [self._sample(self.items[i], repeat, epoch, load_images, step) for i, repeat in spec.samples]
 
         batch: dict[str, Any] = {}
         if load_images:
             batch["images"] = torch.stack([s["image"] for s in samples])
         if self.latent_cache is not None:
             batch["latents"] = torch.stack([s["latents"] for s in samples])
+        if any("alpha_mask" in s for s in samples):
+            bw, bh = spec.bucket
+            ones = torch.ones(1, bh // LATENT_SCALE, bw // LATENT_SCALE)
+            batch["alpha_masks"] = torch.stack([s.get("alpha_mask", ones) for s in samples])
         batch["conditioning_images"] = torch.stack([s["conditioning"] for s in samples])
         batch["captions"] = [s["caption"] for s in samples]
         if self.text_cache is not None:
@@ -466,28 +637,46 @@ class LLLiteDataset(torch.utils.data.Dataset):
         batch["flipped"] = torch.tensor([s["flipped"] for s in samples], dtype=torch.bool)
         return batch
 
-    def _sample(self, item: ImageItem, repeat: int, epoch: int, load_image: bool) -> dict[str, Any]:
+    def _sample(self, item: ImageItem, repeat: int, epoch: int, load_image: bool, step: int) -> dict[str, Any]:
         sub = item.subset
         rng = self._rng(epoch, item.index, repeat)
         flipped = bool(sub.flip_aug and rng.random() < 0.5)
-        crop = crop_position(item.resized, item.bucket, rng if sub.random_crop else None)
-        caption = process_caption(item.caption, sub, rng, epoch)
+        resized, crop = sample_geometry(item, rng)
+        caption = process_caption(item.caption, sub, rng, epoch, step=step, max_train_steps=self.max_train_steps)
 
         out: dict[str, Any] = {"flipped": flipped, "caption": caption}
+        guide = mask = None  # unflipped
         if load_image:
-            img = crop_and_flip(open_rgb(item.image_path), item.resized, item.bucket, crop, flipped)
+            img = crop_and_flip(open_rgb(item.image_path), resized, item.bucket, crop, False, image_interpolation(sub))
+            if sub.alpha_mask:
+                alpha = crop_and_flip(open_alpha(item.image_path), resized, item.bucket, crop, False, image_interpolation(sub))
+                mask = latent_mask(alpha)
+            if sub.conditioning_preprocessor:
+                guide = to_tensor(make_guide(item, resized, crop, img))  # before color augmentation
+            if flipped:
+                img = ImageOps.mirror(img)
             if sub.color_aug:
                 img = color_augment(img, rng)
             out["image"] = to_tensor(img)
         if self.latent_cache is not None:
             out["latents"] = self.latent_cache.get_latents(item.index, flipped)
+            # Cached geometry is the centre crop: the options that move the crop cannot be cached.
+            if mask is None and sub.alpha_mask:
+                mask = self.latent_cache.get_alpha_mask(item.index)
+            if guide is None and sub.conditioning_preprocessor:
+                guide = self.latent_cache.get_guide(item.index).float() / 127.5 - 1.0
         if self.text_cache is not None:
             out["text"] = self.text_cache.get_text_outputs(item.index)
-        out["conditioning"] = load_conditioning_image(item, flipped, crop)
+        if sub.conditioning_preprocessor:
+            out["conditioning"] = guide.flip(-1) if flipped else guide
+        else:
+            out["conditioning"] = load_conditioning_image(item, flipped, crop, resized)
+        if mask is not None:
+            out["alpha_mask"] = mask.flip(-1) if flipped else mask
 
         top, left = crop
         if flipped:
-            left = flipped_crop_left(item.resized[0], left, item.bucket[0])
+            left = flipped_crop_left(resized[0], left, item.bucket[0])
         out["crop_top_left"] = (top, left)
         out["original_hw"] = (item.image_size[1], item.image_size[0])
         out["target_hw"] = (item.bucket[1], item.bucket[0])

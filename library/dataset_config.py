@@ -10,7 +10,8 @@ Two ways in:
   same key on its dataset, a dataset key beats ``[general]``, and ``[general]`` beats
   the command-line defaults (``cli_defaults``), which beat the built-in defaults.
 * ``config_from_args(args)``: no TOML, ``--train_data_dir`` + ``--conditioning_data_dir``
-  and the command-line dataset options make one dataset with one subset.
+  (or ``--conditioning_preprocessor``, or ``--in_json``) and the command-line dataset options make
+  one dataset with one subset.
 
 ``build_dataset_configs(args)`` picks the right one for a training command line.
 
@@ -31,27 +32,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from library import conditioning_preprocessors
+from library.cli import add_refused, parse_key_values
 from library.errors import UserError
+from library.text_encoding import TextEncodingOptions, add_training_arguments as add_text_encoding_arguments
 
-# Each key maps to (kind, default). Kinds: bool, int, float, str, path, resolution.
-# A default of None on a path key means "required".
+# The resize filters of resize_interpolation (sd-scripts' names; linear = bilinear, cubic = bicubic).
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+# Each key maps to (kind, default). Kinds: bool, int, float, str, path, file, resolution, pair, table.
+# image_dir is required; conditioning_data_dir is required unless conditioning_preprocessor is set.
 SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "image_dir": ("path", None),
     "conditioning_data_dir": ("path", None),
+    "conditioning_preprocessor": ("str", None),
+    "conditioning_preprocessor_args": ("table", ()),
+    "metadata_file": ("file", None),
     "caption_extension": ("str", ".txt"),
     "num_repeats": ("int", 1),
     "shuffle_caption": ("bool", False),
     "caption_separator": ("str", ","),
     "keep_tokens": ("int", 0),
     "keep_tokens_separator": ("str", ""),
+    "secondary_separator": ("str", ""),
+    "enable_wildcard": ("bool", False),
     "flip_aug": ("bool", False),
     "color_aug": ("bool", False),
     "random_crop": ("bool", False),
+    "face_crop_aug_range": ("pair", None),
+    "resize_interpolation": ("str", None),
+    "alpha_mask": ("bool", False),
     "caption_prefix": ("str", ""),
     "caption_suffix": ("str", ""),
     "caption_dropout_rate": ("float", 0.0),
     "caption_dropout_every_n_epochs": ("int", 0),
     "caption_tag_dropout_rate": ("float", 0.0),
+    "token_warmup_min": ("int", 1),
+    "token_warmup_step": ("float", 0.0),
     "cache_info": ("bool", False),
 }
 
@@ -69,7 +86,12 @@ DATASET_KEYS: dict[str, tuple[str, Any]] = {
 ALL_KEYS: dict[str, tuple[str, Any]] = {**DATASET_KEYS, **SUBSET_KEYS}
 
 # Command-line option names that differ from the dataset key they set.
-CLI_ALIASES: dict[str, str] = {"train_batch_size": "batch_size", "train_data_dir": "image_dir"}
+CLI_ALIASES: dict[str, str] = {"train_batch_size": "batch_size", "train_data_dir": "image_dir",
+                               "in_json": "metadata_file", "dataset_repeats": "num_repeats",
+                               "caption_extention": "caption_extension"}
+# Keys that name one subset's own files: on the command line they make the no-TOML subset and
+# cannot be defaults for a TOML's subsets.
+_FOLDER_KEYS = ("image_dir", "conditioning_data_dir", "metadata_file")
 
 _DATASET_KEY_HINT = {k: "it is a dataset key: move it to the [[datasets]] table (or [general])" for k in DATASET_KEYS}
 
@@ -79,7 +101,10 @@ _KIND_WORDS = {
     "float": "a number",
     "str": "a string",
     "path": "a string (a directory path)",
+    "file": "a string (a file path)",
     "resolution": "an integer or a list of two integers [width, height]",
+    "pair": "a list of two numbers [low, high]",
+    "table": "a table of option = value, e.g. { low_threshold = 100, high_threshold = 200 }",
 }
 
 
@@ -88,22 +113,37 @@ class SubsetConfig:
     """One folder of training images paired with one folder of conditioning images."""
 
     image_dir: Path
-    conditioning_data_dir: Path
+    conditioning_data_dir: Path | None = None  # None: the guides come from conditioning_preprocessor alone
+    conditioning_preprocessor: str | None = None
+    conditioning_preprocessor_args: tuple[tuple[str, Any], ...] = ()  # sorted (option, value) pairs
+    metadata_file: Path | None = None
     caption_extension: str = ".txt"
     num_repeats: int = 1
     shuffle_caption: bool = False
     caption_separator: str = ","
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None  # None: lanczos for images, area for conditioning images
+    alpha_mask: bool = False
     caption_prefix: str = ""
     caption_suffix: str = ""
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     cache_info: bool = False
+
+    @property
+    def preprocessor_options(self) -> dict[str, Any]:
+        """``conditioning_preprocessor_args`` as keyword arguments of the preprocessor."""
+        return dict(self.conditioning_preprocessor_args)
 
 
 @dataclass(frozen=True)
@@ -139,6 +179,31 @@ class _Problems:
             return
         head = f"{len(self.items)} problem(s) in the dataset config {self.source}:"
         raise UserError("\n  ".join([head, *self.items]) + "\nSee docs/dataset.md for every key and its meaning.")
+
+
+def _parse_pair(value: Any) -> tuple[float, float] | None:
+    """Accept [2.0, 4.0] or the command-line form "2.0,4.0"."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            value = [float(p) for p in parts]
+        except ValueError:
+            return None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return (float(value[0]), float(value[1]))
+    return None
+
+
+def _parse_table(value: Any) -> tuple[tuple[str, Any], ...] | None:
+    """A TOML table, or the command-line form ["low_threshold=100", ...]; values must be scalars."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = parse_key_values("conditioning_preprocessor_args", value)
+    if not isinstance(value, Mapping):
+        return None
+    if not all(isinstance(v, (bool, int, float, str)) for v in value.values()):
+        return None
+    return tuple(sorted(value.items()))
 
 
 def _describe(value: Any) -> str:
@@ -181,12 +246,20 @@ def _convert(key: str, value: Any, where: str, problems: _Problems, from_cli: bo
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
             value = float(value)
-    elif kind in ("str", "path"):
+    elif kind in ("str", "path", "file"):
         ok = isinstance(value, str) or (from_cli and isinstance(value, os.PathLike))
         if ok:
             value = os.fspath(value)
     elif kind == "resolution":
         parsed = _parse_resolution(value) if (from_cli or not isinstance(value, str)) else None
+        if parsed is not None:
+            return parsed
+    elif kind == "pair":
+        parsed = _parse_pair(value) if (from_cli or not isinstance(value, str)) else None
+        if parsed is not None:
+            return parsed
+    elif kind == "table":
+        parsed = _parse_table(value) if (from_cli or isinstance(value, Mapping)) else None
         if parsed is not None:
             return parsed
     if ok:
@@ -252,8 +325,18 @@ def _check_ranges(values: Mapping[str, Any], where: str, problems: _Problems) ->
     for key, v in values.items():
         if key in ("num_repeats", "batch_size") and v < 1:
             problems.add(where, f"{key} must be at least 1, got {v}")
-        elif key in ("keep_tokens", "caption_dropout_every_n_epochs") and v < 0:
+        elif key in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step") and v < 0:
             problems.add(where, f"{key} must be 0 or more, got {v}")
+        elif key == "face_crop_aug_range" and not (0 < v[0] <= v[1]):
+            problems.add(where, f"face_crop_aug_range must be [low, high] with 0 < low <= high (crop side / face size, "
+                                f"e.g. [2.0, 4.0]), got {list(v)}")
+        elif key == "resize_interpolation" and v not in INTERPOLATIONS:
+            problems.add(where, f'resize_interpolation = "{v}" is not one of {", ".join(INTERPOLATIONS)}')
+        elif key == "conditioning_preprocessor" and v not in conditioning_preprocessors.PREPROCESSORS:
+            close = difflib.get_close_matches(v, list(conditioning_preprocessors.PREPROCESSORS), n=1, cutoff=0.4)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            problems.add(where, f'conditioning_preprocessor = "{v}" is not one of '
+                                f'{", ".join(conditioning_preprocessors.PREPROCESSORS)}{hint}')
         elif key in ("caption_dropout_rate", "caption_tag_dropout_rate") and not (0.0 <= v <= 1.0):
             problems.add(where, f"{key} must be between 0 and 1, got {v}")
         elif key == "network_multiplier" and not math.isfinite(v):
@@ -288,13 +371,31 @@ def _check_buckets(values: Mapping[str, Any], where: str, problems: _Problems) -
             problems.add(where, f"resolution {w}x{h} must lie within min_bucket_reso {lo} and max_bucket_reso {hi}")
 
 
-def _build_subset(merged: Mapping[str, Any], where: str, base_dir: Path | None, problems: _Problems) -> SubsetConfig | None:
+def _resolve_file(value: str, key: str, where: str, base_dir: Path | None, problems: _Problems) -> Path | None:
+    """Like ``_resolve_dir``, for a file."""
+    path = Path(os.path.expanduser(value))
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if base_dir is not None and not path.is_absolute():
+        candidates.append(base_dir / path)
+    for cand in candidates:
+        if cand.is_file():
+            return cand.resolve()
+    tried = " or ".join(str(c) for c in candidates)
+    problems.add(where, f'{key} = "{value}": the file does not exist (looked for {tried})')
+    return None
+
+
+def _build_subset(merged: Mapping[str, Any], where: str, base_dir: Path | None, problems: _Problems,
+                  enable_bucket: bool = False) -> SubsetConfig | None:
     ok = True
-    dirs: dict[str, Path] = {}
-    for key, hint in (
-        ("image_dir", "the folder of training images"),
-        ("conditioning_data_dir", "the folder of conditioning images (required for ControlNet-LLLite)"),
-    ):
+    paths: dict[str, Path] = {}
+    preprocessor = merged.get("conditioning_preprocessor")
+    required = [("image_dir", "the folder of training images")]
+    if preprocessor is None or "conditioning_data_dir" in merged:
+        required.append(("conditioning_data_dir", "the folder of conditioning images (required for ControlNet-LLLite; "
+                                                  'or set conditioning_preprocessor = "canny" to make the guides from '
+                                                  "the training images)"))
+    for key, hint in required:
         if key not in merged:
             problems.add(where, f"{key} is missing: set {key} = \"...\" to {hint}")
             ok = False
@@ -303,14 +404,36 @@ def _build_subset(merged: Mapping[str, Any], where: str, base_dir: Path | None, 
         if resolved is None:
             ok = False
         else:
-            dirs[key] = resolved
-    if ok and dirs["image_dir"] == dirs["conditioning_data_dir"]:
-        problems.add(where, "image_dir and conditioning_data_dir are the same folder; keep the conditioning images in their own folder")
+            paths[key] = resolved
+    if ok and paths["image_dir"] == paths.get("conditioning_data_dir"):
+        problems.add(where, "image_dir and conditioning_data_dir are the same folder; keep the conditioning images in their "
+                            'own folder (or drop conditioning_data_dir and set conditioning_preprocessor = "canny")')
+        ok = False
+    if "metadata_file" in merged:
+        resolved = _resolve_file(merged["metadata_file"], "metadata_file", where, base_dir, problems)
+        ok = ok and resolved is not None
+        if resolved is not None:
+            paths["metadata_file"] = resolved
+    args = merged.get("conditioning_preprocessor_args", ())
+    if preprocessor is None and args:
+        problems.add(where, "conditioning_preprocessor_args is set but conditioning_preprocessor is not: name the "
+                            f'preprocessor (one of {", ".join(conditioning_preprocessors.PREPROCESSORS)})')
+        ok = False
+    elif preprocessor in conditioning_preprocessors.PREPROCESSORS:
+        try:
+            args = tuple(sorted(conditioning_preprocessors.canonical_options(preprocessor, dict(args)).items()))
+        except UserError as e:
+            problems.add(where, f"conditioning_preprocessor_args: {e}")
+            ok = False
+    if merged.get("face_crop_aug_range") is not None and enable_bucket:
+        problems.add(where, "face_crop_aug_range applies without bucketing only (as in sd-scripts): set "
+                            "enable_bucket = false or drop face_crop_aug_range")
         ok = False
     if not ok:
         return None
     kwargs = {k: merged.get(k, SUBSET_KEYS[k][1]) for k in SUBSET_KEYS}
-    kwargs.update(dirs)
+    kwargs.update(paths)
+    kwargs["conditioning_preprocessor_args"] = args
     return SubsetConfig(**kwargs)
 
 
@@ -331,7 +454,7 @@ def _build_dataset(
     for sub_where, sub_values in subset_tables:
         sub_merged = {k: v for k, v in merged.items() if k in SUBSET_KEYS}
         sub_merged.update(sub_values)
-        subsets.append(_build_subset(sub_merged, sub_where, base_dir, problems))
+        subsets.append(_build_subset(sub_merged, sub_where, base_dir, problems, enable_bucket=ds_values["enable_bucket"]))
     if any(s is None for s in subsets):
         return None
     return DatasetConfig(subsets=tuple(subsets), **ds_values)
@@ -340,15 +463,22 @@ def _build_dataset(
 def dataset_options_from_args(args: Any) -> dict[str, Any]:
     """The dataset options given on a command line (argparse Namespace or any object/mapping).
 
-    Attributes that are missing or None count as "not given". ``train_batch_size`` becomes
-    ``batch_size``; ``train_data_dir`` becomes ``image_dir``.
+    Attributes that are missing or None count as "not given". Options named otherwise than their
+    key (``CLI_ALIASES``) are renamed: ``train_batch_size`` becomes ``batch_size``, ``train_data_dir``
+    ``image_dir``, ``in_json`` ``metadata_file``, ``dataset_repeats`` ``num_repeats`` and the
+    misspelled ``caption_extention`` ``caption_extension``.
     """
     get = args.get if isinstance(args, Mapping) else (lambda name, default=None: getattr(args, name, default))
     out: dict[str, Any] = {}
     for name in [*ALL_KEYS, *CLI_ALIASES]:
         value = get(name, None)
-        if value is not None:
-            out[CLI_ALIASES.get(name, name)] = value
+        if value is None:
+            continue
+        key = CLI_ALIASES.get(name, name)
+        if key in out and out[key] != value:
+            raise UserError(f"--{name} {value} and --{key} {out[key]} set the same thing ({key}) to different values: "
+                            "give one of them")
+        out[key] = value
     return out
 
 
@@ -385,7 +515,7 @@ def load_dataset_config(path: str | os.PathLike, cli_defaults: Mapping[str, Any]
         raise UserError(f"cannot read dataset config {path}: {e}") from None
 
     problems = _Problems(str(path))
-    cli = _cli_layer({k: v for k, v in (cli_defaults or {}).items() if k not in ("image_dir", "conditioning_data_dir")}, problems)
+    cli = _cli_layer({k: v for k, v in (cli_defaults or {}).items() if k not in _FOLDER_KEYS}, problems)
 
     for key in data:
         if key not in ("general", "datasets"):
@@ -438,14 +568,17 @@ def load_dataset_config(path: str | os.PathLike, cli_defaults: Mapping[str, Any]
 def config_from_args(args: Any) -> list[DatasetConfig]:
     """The no-TOML mode: one dataset, one subset from ``--train_data_dir`` and ``--conditioning_data_dir``.
 
-    Every other dataset key may come from the same object (``--resolution``,
-    ``--train_batch_size``, ``--caption_extension``, ``--enable_bucket``, ...).
+    ``--conditioning_preprocessor`` may replace ``--conditioning_data_dir``. Every other dataset key
+    may come from the same object (``--resolution``, ``--train_batch_size``, ``--caption_extension``,
+    ``--enable_bucket``, ``--in_json``, ...).
     """
     options = dataset_options_from_args(args)
     problems = _Problems("given on the command line")
-    for key, option in (("image_dir", "--train_data_dir"), ("conditioning_data_dir", "--conditioning_data_dir")):
-        if key not in options:
-            problems.add("command line", f"{option} is required when no --dataset_config is given")
+    if "image_dir" not in options:
+        problems.add("command line", "--train_data_dir is required when no --dataset_config is given")
+    if "conditioning_data_dir" not in options and "conditioning_preprocessor" not in options:
+        problems.add("command line", "--conditioning_data_dir is required when no --dataset_config is given (or "
+                                     "--conditioning_preprocessor, to make the guides from the training images)")
     layer = _cli_layer(options, problems)
     subset_values = {k: v for k, v in layer.items() if k in SUBSET_KEYS}
     defaults = {k: v[1] for k, v in DATASET_KEYS.items()}
@@ -462,11 +595,11 @@ def build_dataset_configs(args: Any) -> list[DatasetConfig]:
     dataset_config = getattr(args, "dataset_config", None)
     if dataset_config is None:
         return config_from_args(args)
-    given = [f"--{name}" for name in ("train_data_dir", "conditioning_data_dir") if getattr(args, name, None) is not None]
+    given = [f"--{name}" for name in ("train_data_dir", "conditioning_data_dir", "in_json") if getattr(args, name, None) is not None]
     if given:
         raise UserError(
             f"{' and '.join(given)} cannot be combined with --dataset_config {dataset_config}: "
-            "set image_dir and conditioning_data_dir in the dataset TOML, or drop --dataset_config"
+            "set image_dir, conditioning_data_dir and metadata_file in the dataset TOML's subsets, or drop --dataset_config"
         )
     return load_dataset_config(dataset_config, dataset_options_from_args(args))
 
@@ -479,29 +612,117 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
     g.add_argument("--dataset_config", help="dataset TOML (see docs/dataset.md)")
     g.add_argument("--train_data_dir", help="training images (when no --dataset_config)")
-    g.add_argument("--conditioning_data_dir", help="conditioning images (when no --dataset_config)")
+    g.add_argument("--conditioning_data_dir",
+                   help="conditioning images, paired with the training images by basename (when no --dataset_config). "
+                        "With --conditioning_preprocessor the guides are made from these images instead")
+    g.add_argument("--in_json",
+                   help="fine-tuning metadata JSON (or .jsonl) giving the captions/tags of the images of --train_data_dir "
+                        "instead of caption files: sd-scripts' FineTuningDataset, here still paired with conditioning "
+                        "images. The dataset TOML's subset key is metadata_file. Only the listed images are used")
+    g.add_argument("--dataset_repeats", type=int, default=None,
+                   help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
+                        "--in_json datasets, here a default for every subset)")
     g.add_argument("--resolution", help='training area, "1024" or "1024,1024"').joins_list = True
     g.add_argument("--train_batch_size", type=int, default=None, help="batch size (when the dataset TOML gives none)")
-    g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt)")
-    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle comma-separated tags")
-    g.add_argument("--keep_tokens", type=int, default=None, help="keep the first N tags in place when shuffling")
-    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
     g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
     g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side")
     g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side")
     g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this")
     g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
-    g.add_argument("--caption_dropout_rate", type=float, default=None, help="drop the whole caption with this probability")
+    g.add_argument("--cache_info", action="store_true", default=None,
+                   help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
+                        "later runs skip decoding unchanged images")
     g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
+    add_refused(g, "dataset_class", "custom dataset classes are not supported: the dataset is built from folders. Use "
+                "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
+                "(--dataset_config), or a metadata JSON (--in_json)")
+    add_refused(g, "reg_data_dir", "regularization images are a DreamBooth concept (keeping a class prior while a "
+                "model learns a subject) that does not apply to LLLite training, which learns to follow a guide. "
+                "Drop it; add more image/guide pairs as another [[datasets.subsets]] instead")
+    add_refused(g, "prior_loss_weight", "it weights the loss of regularization images, a DreamBooth concept that does "
+                "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
+                type=float, reference_default=1.0)
+
+    g = parser.add_argument_group("captions")
+    g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt; sd-scripts: .caption)")
+    g.add_argument("--caption_extention", default=None,
+                   help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
+                        "values is an error)")
+    g.add_argument("--caption_prefix", default=None,
+                   help="text added before every caption, as its own first tag: never shuffled, dropped or counted "
+                        "in keep_tokens (sd-scripts prepends it with a space)")
+    g.add_argument("--caption_suffix", default=None,
+                   help="text added after every caption, as its own last tag: never shuffled or dropped")
+    g.add_argument("--caption_separator", default=None, help='what separates the tags of a caption (default ",")')
+    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle the tags every epoch")
+    g.add_argument("--keep_tokens", type=int, default=None,
+                   help="the first N tags are never shuffled or dropped (>= 0)")
+    g.add_argument("--keep_tokens_separator", default=None,
+                   help="if set and in a caption: the tags before it are fixed, and after a second occurrence the tags "
+                        "after that too; overrides --keep_tokens for that caption")
+    g.add_argument("--secondary_separator", default=None,
+                   help="joins tags that move and drop together: replaced by the caption separator after shuffling "
+                        'and dropout (e.g. ";;;": "red hair;;;long hair" stays one tag)')
+    g.add_argument("--enable_wildcard", action="store_true", default=None,
+                   help="{a|b|c} in a caption becomes one of a, b, c at random each epoch ({{ and }} are literal braces), "
+                        "and a caption file with several lines gives one line at random (without it the lines are "
+                        "joined with a space, where sd-scripts takes the first line)")
+    g.add_argument("--caption_dropout_rate", type=float, default=None,
+                   help="train a sample with an empty caption with this probability, 0..1")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=None,
+                   help="every N-th epoch (N, 2N, ...; epochs count from 1) every caption is empty (>= 0, 0 = off)")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=None,
+                   help="drop each tag that is not fixed with this probability, 0..1")
+    g.add_argument("--token_warmup_min", type=int, default=None,
+                   help="tags used at step 0 with --token_warmup_step (default 1, >= 0)")
+    g.add_argument("--token_warmup_step", type=float, default=None,
+                   help="tag warmup: before this step only the first tags of each caption are used, from "
+                        "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
+                        "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
+
+    g = parser.add_argument_group("images, guides and masks")
+    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
+    g.add_argument("--color_aug", action="store_true", default=None,
+                   help="small random hue shift and brightness change of the training image, never the conditioning "
+                        "image (cannot be combined with --cache_latents)")
+    g.add_argument("--random_crop", action="store_true", default=None,
+                   help="crop at a random position instead of the centre, the same crop for both images (cannot be "
+                        "combined with --cache_latents; sd-scripts refuses it for ControlNet)")
+    g.add_argument("--face_crop_aug_range", default=None,
+                   help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
+                        "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
+                        "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
+                        "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
+                        "--cache_latents. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing"
+                   ).joins_list = True
+    g.add_argument("--resize_interpolation", default=None,
+                   help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
+                        "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
+                        "Unset: lanczos for training images and area for conditioning images, whose thin edge lines "
+                        "lanczos and bicubic ring around and nearest can drop when shrinking")
+    g.add_argument("--alpha_mask", action="store_true", default=None,
+                   help="use each training image's alpha channel as a loss mask: the loss at each latent pixel is "
+                        "multiplied by the mean alpha (0..1) of its 8x8 pixels, then averaged as usual (as in sd-scripts). "
+                        "Images without alpha weigh 1. Cached with the latents")
+    g.add_argument("--conditioning_preprocessor", default=None,
+                   help=f"make the guides in the data pipeline: {', '.join(conditioning_preprocessors.PREPROCESSORS)} "
+                        "(as tools/make_conditioning.py), applied to each training image after resizing and cropping, "
+                        "so guide and image line up exactly; with --conditioning_data_dir it is applied to the "
+                        "conditioning images instead. Cached with the latents")
+    g.add_argument("--conditioning_preprocessor_args", nargs="*", default=None,
+                   help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
+                        "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
+    add_text_encoding_arguments(parser)
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """The checked dataset configs and how batches are loaded."""
+    """The checked dataset configs, how their captions are encoded and how batches are loaded."""
 
     datasets: tuple[DatasetConfig, ...]
+    text_encoding: TextEncodingOptions = TextEncodingOptions()
     num_workers: int = 0
     persistent_workers: bool = False
     debug_dataset: bool = False
@@ -510,5 +731,7 @@ class DataOptions:
     def from_args(cls, args: argparse.Namespace) -> "DataOptions":
         if args.max_data_loader_n_workers < 0:
             raise UserError(f"--max_data_loader_n_workers {args.max_data_loader_n_workers} is out of range: it must be >= 0")
-        return cls(datasets=tuple(build_dataset_configs(args)), num_workers=args.max_data_loader_n_workers,
-                   persistent_workers=args.persistent_data_loader_workers, debug_dataset=args.debug_dataset)
+        text_encoding = TextEncodingOptions.from_args(args)
+        return cls(datasets=tuple(build_dataset_configs(args)), text_encoding=text_encoding,
+                   num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
+                   debug_dataset=args.debug_dataset)

@@ -24,7 +24,7 @@ from library.errors import UserError
 from library.model_loading import SDXLModels
 from library.optimizers import build_lr_scheduler, build_optimizer
 from library.saving import Progress, Saver, TrainingRNG, load_progress, run_metadata
-from library.text_encoding import encode_prompts
+from library.text_encoding import TextEncodingOptions, encode_prompts
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,13 @@ def sdxl_time_ids(batch: dict, device, dtype) -> torch.Tensor:
 
 
 def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts: dl.LossOptions,
-                 generator: torch.Generator, device, wdtype) -> torch.Tensor:
-    """One batch: latents, text conditioning, noise, the U-Net with LLLite, and the weighted loss."""
+                 generator: torch.Generator, device, wdtype,
+                 text_encoding: TextEncodingOptions = TextEncodingOptions()) -> torch.Tensor:
+    """One batch: latents, text conditioning, noise, the U-Net with LLLite, and the weighted loss.
+
+    ``text_encoding`` says how uncached captions are encoded; ``batch["alpha_masks"]``, when present,
+    weights the loss per latent pixel.
+    """
     if "latents" in batch:
         latents = batch["latents"].to(device, torch.float32)
     else:
@@ -79,7 +84,8 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
         hidden, pooled = batch["text_hidden"].to(device), batch["text_pooled"].to(device)
     else:
         hidden, pooled = encode_prompts(
-            models.text_encoder1, models.text_encoder2, models.tokenizer1, models.tokenizer2, list(batch["captions"])
+            models.text_encoder1, models.text_encoder2, models.tokenizer1, models.tokenizer2, list(batch["captions"]),
+            **text_encoding.encode_kwargs(),
         )
         hidden, pooled = hidden.to(device), pooled.to(device)
 
@@ -89,7 +95,9 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
     added = {"text_embeds": pooled.to(wdtype), "time_ids": sdxl_time_ids(batch, device, wdtype)}
     cond = batch["conditioning_images"].to(device)
     pred = network(cond, unet, noisy.to(wdtype), timesteps, encoder_hidden_states=hidden.to(wdtype), added_cond_kwargs=added).sample
-    return dl.diffusion_loss(noise_scheduler, pred, latents, noise, timesteps, opts)
+    mask = batch.get("alpha_masks")
+    return dl.diffusion_loss(noise_scheduler, pred, latents, noise, timesteps, opts,
+                             mask=None if mask is None else mask.to(device))
 
 
 SampleFn = Callable[[ControlNetLLLite, int, int], None]
@@ -122,6 +130,8 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(len(dataloader) / n / run.gradient_accumulation_steps))
         self.max_steps = run.max_train_epochs * self.steps_per_epoch if run.max_train_epochs else run.max_train_steps
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        # token_warmup_step needs the training step of each batch and the run's length.
+        dataloader.dataset.set_step_schedule(n * run.gradient_accumulation_steps, self.max_steps)
         lr_scheduler = build_lr_scheduler(opt, optimizer, max_steps=self.max_steps, num_processes=n)
         self.network, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             network, optimizer, dataloader, lr_scheduler)
@@ -178,7 +188,7 @@ class Trainer:
         with acc.accumulate(self.network):
             self.raw_network.set_multiplier(float(batch["network_multipliers"][0]))
             loss = compute_loss(batch, self.models, self.network, self.unet, self.noise_scheduler, self.loss_opts,
-                                self.rng.generator, self.device, self.wdtype)
+                                self.rng.generator, self.device, self.wdtype, self.o.data.text_encoding)
             self._pending.add(loss.detach())
             acc.backward(loss)
             if acc.sync_gradients:

@@ -15,7 +15,7 @@ import torch
 from library.caching import CachingOptions, Processes, cache_latents, cache_text_encoder_outputs
 from library.dataset import LLLiteDataset
 from library.model_loading import SDXLModels
-from library.text_encoding import encode_prompts
+from library.text_encoding import TextEncodingOptions, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ def text_encode_fn(models: SDXLModels, **encode_options):
     return encode
 
 
+def text_cache_id(encoders_id: str, encoding: TextEncodingOptions) -> str:
+    """The text cache's ``te_id``: the encoders and every option the encoding depends on."""
+    return f"{encoders_id};{encoding.cache_id()}"
+
+
 def processes_of(accelerator) -> Processes:
     return Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
                      accelerator.is_local_main_process)
@@ -59,19 +64,25 @@ def processes_of(accelerator) -> Processes:
 def fill_caches(opts: CachingOptions, models: SDXLModels, dataset: LLLiteDataset, accelerator,
                 weight_dtype: torch.dtype, keep_on_device: bool = False) -> None:
     """Encode what the options ask to cache; afterwards the encoders go back to the CPU
-    unless ``keep_on_device`` (``--highvram``), and the device's cache is emptied."""
+    unless ``keep_on_device`` (``--highvram``), and the device's cache is emptied.
+
+    Captions are encoded with the dataset's ``text_encoding`` options (token length, clip skip,
+    weighting), which are part of the text cache's id.
+    """
     device = accelerator.device
     if opts.latents:
         models.vae.to(device)
         cache_latents(dataset, vae_encode_fn(models, device), fingerprint(models.vae, models.vae.dtype),
-                      to_disk=opts.latents_to_disk, batch_size=opts.vae_batch_size, processes=processes_of(accelerator))
+                      to_disk=opts.latents_to_disk, batch_size=opts.vae_batch_size, processes=processes_of(accelerator),
+                      skip_check=opts.skip_check)
         release([models.vae], keep_on_device)
     if opts.text:
         for te in (models.text_encoder1, models.text_encoder2):
             te.to(device, dtype=weight_dtype)
-        te_id = fingerprint(models.text_encoder2, fingerprint(models.text_encoder1), weight_dtype)
-        cache_text_encoder_outputs(dataset, text_encode_fn(models), te_id, to_disk=opts.text_to_disk,
-                                   processes=processes_of(accelerator))
+        encoding = dataset.text_encoding
+        te_id = text_cache_id(fingerprint(models.text_encoder2, fingerprint(models.text_encoder1), weight_dtype), encoding)
+        cache_text_encoder_outputs(dataset, text_encode_fn(models, **encoding.encode_kwargs()), te_id,
+                                   to_disk=opts.text_to_disk, processes=processes_of(accelerator))
         release([models.text_encoder1, models.text_encoder2], keep_on_device)
 
 

@@ -19,6 +19,8 @@ QUIET = Processes(show_progress=False)
 from library.dataset import LLLiteDataset, load_training_image
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
+from library.text_encoding import TextEncodingOptions
+from library.training_caches import text_cache_id
 
 
 def draw(path: Path, size: tuple[int, int], left: int, background: int) -> None:
@@ -160,10 +162,32 @@ def test_flip_aug_caches_both_orientations(tmp_path):
     assert vae.calls == 0
 
 
-@pytest.mark.parametrize("option", ["random_crop", "color_aug"])
+def test_skip_cache_check_trusts_the_images_but_not_the_settings(tmp_path):
+    make_data(tmp_path)
+    cache_latents(dataset(tmp_path), FakeVAE(), "vae-1", to_disk=True, processes=QUIET)
+    draw(tmp_path / "img" / "1.png", (96, 64), 50, 40)  # other content, same settings
+
+    vae = FakeVAE()
+    cache_latents(dataset(tmp_path), vae, "vae-1", to_disk=True, processes=QUIET, skip_check=True)
+    assert vae.calls == 0  # the changed image is not hashed, so its old latents are used
+    vae = FakeVAE()
+    cache_latents(dataset(tmp_path, resize_interpolation="bicubic"), vae, "vae-1", to_disk=True, processes=QUIET,
+                  skip_check=True)
+    assert vae.images == 3  # another resize filter is another setting: checked even when skipping
+    vae = FakeVAE()
+    ds = dataset(tmp_path, resize_interpolation="bicubic")
+    cache_latents(ds, vae, "vae-1", to_disk=True, processes=QUIET)
+    assert vae.images == 0  # nothing changed since the last encoding
+    draw(tmp_path / "img" / "2.png", (96, 64), 60, 40)
+    vae = FakeVAE()
+    cache_latents(ds, vae, "vae-1", to_disk=True, processes=QUIET)
+    assert vae.images == 1  # without skip_check the image's hash finds the change
+
+
+@pytest.mark.parametrize("option", ["random_crop", "color_aug", "face_crop_aug_range"])
 def test_latent_cache_refuses_per_epoch_pixel_options(tmp_path, option):
     make_data(tmp_path, n=1)
-    ds = dataset(tmp_path, **{option: True})
+    ds = dataset(tmp_path, **{option: (2.0, 3.0) if option == "face_crop_aug_range" else True})
     with pytest.raises(UserError, match=f"cache_latents cannot be combined with {option}"):
         cache_latents(ds, FakeVAE(), "vae-1", processes=QUIET)
 
@@ -251,9 +275,28 @@ def test_memory_text_cache_encodes_each_caption_once(tmp_path):
     assert "text_hidden" in ds[0] and ds[0]["captions"][0] == "same words"
 
 
+def test_text_cache_id_holds_the_encoding_options(tmp_path):
+    make_data(tmp_path)
+    encoders = "te-1"
+    te = FakeTE()
+    cache_text_encoder_outputs(dataset(tmp_path), te, text_cache_id(encoders, TextEncodingOptions()), to_disk=True,
+                               processes=QUIET)
+    assert len(te.captions) == 3
+    for changed in (TextEncodingOptions(max_token_length=225), TextEncodingOptions(clip_skip=1),
+                    TextEncodingOptions(weighted_captions=True)):
+        te = FakeTE()
+        cache_text_encoder_outputs(dataset(tmp_path), te, text_cache_id(encoders, changed), to_disk=True, processes=QUIET)
+        assert len(te.captions) == 3, changed
+    te = FakeTE()  # clip_skip 2 is the default layer: the same encoding, the cache is reused
+    cache_text_encoder_outputs(dataset(tmp_path), te, text_cache_id(encoders, TextEncodingOptions(weighted_captions=True,
+                                                                                                  clip_skip=2)),
+                               to_disk=True, processes=QUIET)
+    assert te.captions == []
+
+
 @pytest.mark.parametrize(
     "options", [{"shuffle_caption": True}, {"caption_dropout_rate": 0.1}, {"caption_tag_dropout_rate": 0.2},
-                {"caption_dropout_every_n_epochs": 3}],
+                {"caption_dropout_every_n_epochs": 3}, {"token_warmup_step": 10}, {"enable_wildcard": True}],
 )
 def test_text_cache_refuses_changing_captions(tmp_path, options):
     make_data(tmp_path, n=1)

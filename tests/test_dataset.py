@@ -245,6 +245,10 @@ class Opts:
     caption_separator = ","
     keep_tokens = 0
     keep_tokens_separator = ""
+    secondary_separator = ""
+    enable_wildcard = False
+    token_warmup_min = 1
+    token_warmup_step = 0.0
     caption_prefix = ""
     caption_suffix = ""
     caption_dropout_rate = 0.0
