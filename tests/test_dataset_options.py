@@ -15,7 +15,7 @@ from library.dataset import LLLiteDataset, to_tensor
 from library.dataset_config import DatasetConfig, SubsetConfig, build_dataset_configs, load_dataset_config
 from library.errors import UserError
 from library.train_config import parse_args
-from tests.test_dataset import draw, make_pair
+from tests.test_dataset import make_pair
 
 
 def configs(*argv: str) -> list[DatasetConfig]:
