@@ -98,13 +98,13 @@ def resolve(args: argparse.Namespace) -> TrainingOptions:
     caching.validate_caching_options(options.data.datasets, cache_latents=options.caching.latents,
                                      cache_text_encoder_outputs=options.caching.text)
     tracking.check_tracker_packages(options.tracking)
+    accelerator_setup.check_deepspeed_installed(options.distributed)
     return options
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """Command line + ``--config_file`` + defaults, as parsed options (``--output_config`` writes and exits)."""
     parser = build_parser()
-    accelerator_setup.check_deepspeed_installed(options.distributed)
     argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args(argv)
     if first.config_file and not first.output_config:
