@@ -365,6 +365,23 @@ def sdxl_from_state_dict(
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(path_or_id: str) -> bool:
+    """``owner/name`` that is not a local path: a model to fetch from the Hugging Face hub."""
+    path = Path(path_or_id).expanduser()
+    return (not path.exists() and bool(_HUB_ID.match(path_or_id))
+            and path.suffix.lower() not in {".safetensors", ".ckpt", ".pt"})
+
+
+def check_model_source(path_or_id: str, option: str = "the model") -> None:
+    """Refuse a model that is neither an existing file or folder nor a hub id, before anything loads."""
+    if Path(path_or_id).expanduser().exists() or is_hub_id(path_or_id):
+        return
+    raise UserError(
+        f"{option} {path_or_id}: not found. Give an SDXL .safetensors/.ckpt file, a diffusers folder, "
+        "or a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0."
+    )
+
+
 def _devices(lowram: bool, device: str | torch.device | None) -> tuple[torch.device, torch.device]:
     """(where tensors are read to, where the models end up) for the ``lowram``/``device`` options."""
     if device is None:
@@ -419,15 +436,11 @@ def load_sdxl(
     elif path.is_file():
         models = _load_single_file(path, dtype, vae_dtype, read_device, disable_mmap, with_vae=vae is None)
         models.tokenizer1, models.tokenizer2 = load_sdxl_tokenizers(None)
-    elif _HUB_ID.match(str(path_or_id)) and path.suffix.lower() not in {".safetensors", ".ckpt", ".pt"}:
+    else:
+        check_model_source(str(path_or_id))
         folder = _download_from_hub(str(path_or_id))
         models = _load_diffusers_folder(folder, dtype, vae_dtype, read_device, disable_mmap, with_vae=vae is None)
         models.name = str(path_or_id)
-    else:
-        raise UserError(
-            f"model not found: {path_or_id}. Give an SDXL .safetensors/.ckpt file, a diffusers folder, "
-            "or a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0."
-        )
     if vae:
         models.vae = load_vae(vae, vae_dtype or dtype, lowram=lowram, device=final_device, disable_mmap=disable_mmap)
     for m in (models.unet, models.vae, models.text_encoder1, models.text_encoder2):

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from library.cli import add_refused, check_choice, check_range
 from library.errors import UserError
-from library.model_loading import SDXLModels, load_sdxl
+from library.model_loading import SDXLModels, check_model_source, load_sdxl
 from library.text_encoding import tokenizers_via_cache_dir
 from networks.control_net_lllite import ControlNetLLLite
 
@@ -92,6 +92,9 @@ class ModelOptions:
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
         if not args.pretrained_model_name_or_path:
             raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
+        check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        if args.vae and not Path(args.vae).expanduser().exists():
+            raise UserError(f"--vae {args.vae}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
         return cls(path=args.pretrained_model_name_or_path, vae=args.vae, no_half_vae=args.no_half_vae,
                    v_parameterization=args.v_parameterization, tokenizer_cache_dir=args.tokenizer_cache_dir,
                    lowram=args.lowram, highvram=args.highvram, disable_mmap=args.disable_mmap_load_safetensors,

@@ -144,7 +144,7 @@ def test_lllite_file_as_checkpoint(tmp_path):
 
 
 def test_missing_path_and_offline_hub_id(monkeypatch):
-    with pytest.raises(UserError, match="model not found"):
+    with pytest.raises(UserError, match="model.safetensors: not found"):
         load_sdxl("/no/such/model.safetensors")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="Hugging Face hub.*local .safetensors"):

@@ -156,7 +156,7 @@ VALUES: dict[str, tuple] = {
     "output_dir": ("@out2", {}),
     "output_name": ("other", {}),
     "persistent_data_loader_workers": (True, {"max_data_loader_n_workers": 1}),
-    "pretrained_model_name_or_path": ("other.safetensors", {}),
+    "pretrained_model_name_or_path": ("@vae.safetensors", {}),  # a copy of the checkpoint
     "prior_loss_weight": (0.5, {}),
     "random_crop": (True, {}),
     "reg_data_dir": ("@reg", {}),
