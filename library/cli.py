@@ -126,12 +126,16 @@ def parse_key_values(name: str, items: Iterable[str] | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- config files
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """{key: (value, section)} with tables flattened one or more levels deep."""
+def _flatten(data: dict, options: set[str], prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """{key: (value, section)} with sections flattened one or more levels deep.
+
+    A table under an option's own name (``conditioning_preprocessor_args = { low = 100 }``) is
+    that option's value, not a section.
+    """
     out: dict[str, tuple[Any, str]] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}[{key}]"))
+        if isinstance(value, dict) and key not in options:
+            out.update(_flatten(value, options, f"{prefix}[{key}]"))
         else:
             out[key] = (value, prefix or "top level")
     return out
@@ -144,6 +148,8 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"{where}: {name} must be true or false, got {value!r}")
         return value
+    if isinstance(value, dict) and action.nargs in ("*", "+"):
+        value = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in value.items()]  # the name=value form
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):
         items = value if isinstance(value, list) else [value]
         return [_coerce_scalar(action, v, where) for v in items]
@@ -196,7 +202,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser, skip: Iterable[
         raise UserError(f"cannot read config file {file}: {e}") from None
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *skip)}
     values = {}
-    for key, (value, section) in _flatten(data).items():
+    for key, (value, section) in _flatten(data, set(actions)).items():
         where = f"{file} {section}"
         if key not in actions:
             close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)

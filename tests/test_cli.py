@@ -1,0 +1,65 @@
+"""The option machinery both scripts share: config files, refusals, range and choice checks."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from library.cli import add_refused, check_choice, check_range, check_refused, load_config_file, parse_key_values
+from library.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--network_dim", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--optimizer_args", nargs="*", default=[])
+    p.add_argument("--cache_latents", action="store_true")
+    add_refused(p, "prior_loss_weight", "regularization images do not apply", type=float, reference_default=1.0)
+    add_refused(p, "v2", "SDXL has no v2", flag=True)
+    return p
+
+
+def test_sections_flatten_and_an_inline_table_is_an_options_value(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('[model]\nnetwork_dim = 32\n[optimizer]\nlearning_rate = 1e-3\n'
+                   'optimizer_args = { weight_decay = 0.01, betas = [0.9, 0.99], mode = "a" }\n')
+    values = load_config_file(str(cfg), _parser())
+    assert values["network_dim"] == 32 and values["learning_rate"] == 1e-3
+    assert parse_key_values("optimizer_args", values["optimizer_args"]) == {
+        "weight_decay": 0.01, "betas": (0.9, 0.99), "mode": "a"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("network_dimm = 8\n", 'unknown option "network_dimm". Did you mean "network_dim"?'),
+    ('network_dim = "8"\n', "network_dim must be an integer, got '8'"),
+    ("cache_latents = 1\n", "cache_latents must be true or false"),
+    ("network_dim = [\n", "not valid TOML"),
+])
+def test_config_file_errors_name_the_key(tmp_path, text, message):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config_file(str(cfg), _parser())
+
+
+def test_refused_options_stop_with_the_reason_but_accept_the_reference_default():
+    p = _parser()
+    check_refused(p, p.parse_args(["--prior_loss_weight", "1.0"]))
+    with pytest.raises(UserError, match="--prior_loss_weight 0.5: regularization images do not apply"):
+        check_refused(p, p.parse_args(["--prior_loss_weight", "0.5"]))
+    with pytest.raises(UserError, match="--v2 : SDXL has no v2"):
+        check_refused(p, p.parse_args(["--v2"]))
+
+
+def test_range_and_choice_messages_name_option_value_and_range():
+    check_range("rate", None, low=0)
+    check_range("rate", 0.5, low=0, high=1)
+    with pytest.raises(UserError, match=r"--rate 1.5 is out of range: it must be >= 0 and <= 1"):
+        check_range("rate", 1.5, low=0, high=1)
+    with pytest.raises(UserError, match=r"--lr -1 is out of range: it must be > 0"):
+        check_range("lr", -1, low=0, low_open=True)
+    assert check_choice("optimizer_type", "adamw8bit", ["AdamW", "AdamW8bit"], case_sensitive=False) == "AdamW8bit"
+    with pytest.raises(UserError, match='did you mean "AdamW"'):
+        check_choice("optimizer_type", "adamx", ["AdamW", "Lion"])
