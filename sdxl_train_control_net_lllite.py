@@ -22,8 +22,9 @@ from library.errors import run_cli
 from library.train_config import parse_training_options
 from library.training import Trainer
 from library.training_caches import fill_caches
+from library.training_fidelity import FidelityMeter
 from library.training_models import create_network, load_base_model, prepare_unet
-from library.training_samples import SampleDrawer
+from library.training_samples import SampleDrawer, combine_hooks
 from library.tracking import start_trackers
 
 logger = logging.getLogger("sdxl_train_control_net_lllite")
@@ -68,13 +69,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 6. Train.
     resolution = opts.data.datasets[0].resolution
-    samples = None
+    drawer = meter = None
     if opts.samples.prompts:
-        samples = SampleDrawer(opts.samples, models, accelerator, opts.saving.output_dir / "sample",
-                               opts.saving.output_name, resolution, opts.run.seed)
+        drawer = SampleDrawer(opts.samples, models, accelerator, opts.saving.output_dir / "sample",
+                              opts.saving.output_name, resolution, opts.run.seed)
+    if opts.fidelity.items:
+        meter = FidelityMeter(opts.fidelity, models, accelerator, resolution, opts.samples.sampler)
     dataloader = create_dataloader(dataset, num_workers=opts.data.num_workers, persistent_workers=opts.data.persistent_workers)
     start_trackers(accelerator, opts.tracking)
-    final = Trainer(opts, accelerator, models, unet, network, dataloader, resolution, samples).run()
+    final = Trainer(opts, accelerator, models, unet, network, dataloader, resolution, combine_hooks(drawer, meter)).run()
     if accelerator.is_main_process:
         logger.info("done: %s", final)
 

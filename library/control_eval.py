@@ -55,11 +55,12 @@ class EvalSettings:
 
 
 def load_eval_set(folder: str | Path, prompt: str | None = None, caption_extension: str = ".txt",
-                  sources: str | Path | None = None) -> list[EvalItem]:
+                  sources: str | Path | None = None, prompt_option: str | None = "--prompt") -> list[EvalItem]:
     """Guide images in ``folder``; each prompt is ``<stem><caption_extension>`` beside it, else ``prompt``.
 
     ``sources``: a folder holding, for every guide, the image it was made from under the same stem
-    (any image extension).
+    (any image extension). ``prompt_option``: the option that gives ``prompt``, named in the message
+    when a prompt is missing (None: the caller has no such option).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -75,9 +76,10 @@ def load_eval_set(folder: str | Path, prompt: str | None = None, caption_extensi
         else:
             missing.append(caption.name)
     if missing:
+        fallback = f" or give {prompt_option} for all" if prompt_option else ""
         raise UserError(
             f"{folder}: {len(missing)} guide image(s) have no prompt file (e.g. {', '.join(missing[:3])}); "
-            "write one beside each guide or give --prompt for all"
+            f"write one beside each guide{fallback}"
         )
     if not items:
         raise UserError(f"{folder} holds no guide images (.png, .jpg, .webp, ...)")
@@ -107,6 +109,14 @@ def _rgb(image: Image.Image | str | Path, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img)
 
 
+def items_with_edges(items: Sequence[EvalItem], size: tuple[int, int]) -> tuple[list[EvalItem], list[EvalItem]]:
+    """(guides with at least one edge pixel at ``size``, guides without): evaluate_control skips the latter."""
+    kept, blank = [], []
+    for item in items:
+        (kept if guide_edge_map(_rgb(item.guide, size)).any() else blank).append(item)
+    return kept, blank
+
+
 def evaluate_control(
     models: SDXLModels,
     network,
@@ -115,6 +125,7 @@ def evaluate_control(
     multipliers: Sequence[float] = (0.0, 1.0),
     image_dir: str | Path | None = None,
     reference_strength: float = 0.5,
+    progress: bool = True,
 ) -> dict:
     """Generate every guide at every multiplier and score the edges; returns per-item and mean figures.
 
@@ -134,7 +145,7 @@ def evaluate_control(
         raise UserError("none of the guide images has any edges (white pixels on black); give canny edge maps")
     scored = [(i, item) for i, item in enumerate(items) if item.guide not in blank]
     n_refs = sum(item.source is not None for _, item in scored)
-    bar = tqdm(total=len(scored) * len(multipliers) + n_refs, desc="evaluating", unit="image")
+    bar = tqdm(total=len(scored) * len(multipliers) + n_refs, desc="evaluating", unit="image", disable=not progress)
 
     def draw_and_score(item: EvalItem, request: GenerationRequest, lllites: list, row: dict, name: str) -> None:
         image = generate(models, lllites, request, progress=False)[0]

@@ -1,12 +1,16 @@
 """Experiment trackers (TensorBoard, Weights & Biases) through accelerate: where the logs go and what is logged.
 
 As in sd-scripts, ``--logging_dir`` alone means TensorBoard, and each run logs into its own
-``<logging_dir>/<log_prefix><timestamp>`` folder so that runs never mix.
+``<logging_dir>/<log_prefix><timestamp>`` folder so that runs never mix; TensorBoard writes its
+event files into the ``<log_tracker_name>`` folder inside it. What a run logs: ``loss/current``,
+``loss/average`` (over the last epoch's worth of steps) and ``lr`` every step, ``loss/epoch`` at the
+end of each epoch, the sample images beside their guides, and the ``fidelity/*`` figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import time
@@ -21,24 +25,43 @@ logger = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "wandb", "all")
 DEFAULT_PROJECT = "lllite_control_net_train"
-# Never sent to a tracker with --log_config: secrets, and paths that may reveal private names.
+# Never sent to a tracker with --log_config: secrets, and paths that may reveal private names
+# (sd-scripts leaves out the first ten; the other paths are left out here too).
 _NOT_LOGGED = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
                "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir",
-               "config_file", "output_config"}  # where the options came from is not an option of the run
+               "config_file", "output_config", "dataset_config", "network_weights", "resume", "sample_prompts",
+               "fidelity_guides",
+               "console_log_file", "log_tracker_config", "metadata_thumbnail"}
+# Init arguments that accelerate sets from other options: given again in --log_tracker_config, the tracker
+# would get them twice and fail.
+_SET_BY_OPTIONS = {"tensorboard": {"log_dir": "--logging_dir"}, "wandb": {"project": "--log_tracker_name"}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("experiment tracking")
-    g.add_argument("--logging_dir", default=None, help="folder for tracker logs (alone, it means TensorBoard)")
-    g.add_argument("--log_with", default=None, choices=TRACKERS, help="tracker: tensorboard, wandb or all")
-    g.add_argument("--log_prefix", default=None, help="prefix of each run's log folder name (before its timestamp)")
-    g.add_argument("--log_tracker_name", default=None, help=f"tracker project name (default {DEFAULT_PROJECT})")
+    g.add_argument("--logging_dir", default=None,
+                   help="folder for tracker logs; alone it means TensorBoard. Each run logs into "
+                        "<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/ (TensorBoard into its <log_tracker_name> subfolder; "
+                        "Weights & Biases keeps its local files there too, as WANDB_DIR)")
+    g.add_argument("--log_with", default=None, choices=TRACKERS,
+                   help="tracker: tensorboard (needs --logging_dir), wandb, or all (both). Default: tensorboard when "
+                        "--logging_dir is given, else none")
+    g.add_argument("--log_prefix", default=None,
+                   help="prefix of each run's log folder name, before its timestamp (needs --logging_dir)")
+    g.add_argument("--log_tracker_name", default=None,
+                   help=f"project name: TensorBoard's subfolder and the Weights & Biases project (default {DEFAULT_PROJECT})")
     g.add_argument("--log_tracker_config", default=None,
-                   help="TOML of per-tracker init arguments, e.g. [wandb] entity = \"me\" (replaces --wandb_run_name)")
+                   help="TOML with a table of init arguments per tracker in use: [tensorboard] for SummaryWriter "
+                        "(e.g. flush_secs = 30), [wandb] for wandb.init (e.g. entity = \"me\", tags = [\"canny\"]). "
+                        "Unlike sd-scripts, --wandb_run_name still applies (as [wandb] name), and a table for a "
+                        "tracker not in use or an argument the tracker does not take is an error")
     g.add_argument("--log_config", action="store_true",
-                   help="send the run's options to the tracker (secrets and paths left out)")
-    g.add_argument("--wandb_run_name", default=None, help="name of the run in Weights & Biases")
-    g.add_argument("--wandb_api_key", default=None, help="Weights & Biases API key (logs in before the run)")
+                   help="send the run's options to the trackers as its config (TensorBoard hparams, W&B config); "
+                        "keys, tokens and paths are left out")
+    g.add_argument("--wandb_run_name", default=None, help="name of the run in Weights & Biases (needs --log_with wandb or all)")
+    g.add_argument("--wandb_api_key", default=None,
+                   help="Weights & Biases API key: logs in before the run (needs --log_with wandb or all). Never logged; "
+                        "prefer a config file, WANDB_API_KEY or `wandb login`, since W&B records the command line")
 
 
 @dataclass(frozen=True)
@@ -46,9 +69,9 @@ class TrackingOptions:
     trackers: tuple[str, ...] = ()
     run_dir: str | None = None  # <logging_dir>/<log_prefix><timestamp>
     project: str = DEFAULT_PROJECT
-    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tracker
     config: dict[str, Any] | None = None  # the options sent with --log_config
-    wandb_api_key: str | None = None
+    wandb_api_key: str | None = field(default=None, repr=False)  # a secret: kept out of every repr and log
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrackingOptions":
@@ -56,35 +79,44 @@ class TrackingOptions:
         trackers = ("tensorboard", "wandb") if log_with == "all" else (log_with,) if log_with else ()
         if "tensorboard" in trackers and not args.logging_dir:
             raise UserError(f"--log_with {args.log_with} needs --logging_dir (the folder for the TensorBoard logs)")
-        wandb_only = ("wandb_run_name", "wandb_api_key")
-        for name in wandb_only:
+        for name in ("wandb_run_name", "wandb_api_key"):
             if getattr(args, name) and "wandb" not in trackers:
-                raise UserError(f"--{name} applies to Weights & Biases: add --log_with wandb (or all), or drop it")
-        for name in ("log_tracker_name", "log_tracker_config", "log_prefix"):
-            if getattr(args, name) and not trackers:
+                shown = "***" if name == "wandb_api_key" else getattr(args, name)
+                raise UserError(f"--{name} {shown} applies to Weights & Biases: add --log_with wandb (or all), or drop it")
+        if args.log_prefix is not None and not args.logging_dir:
+            raise UserError(f"--log_prefix {args.log_prefix} names the run's folder in --logging_dir: add --logging_dir, "
+                            "or drop it")
+        for name in ("log_tracker_name", "log_tracker_config"):
+            if getattr(args, name) is not None and not trackers:
                 raise UserError(f"--{name} {getattr(args, name)} needs a tracker: add --logging_dir (TensorBoard) "
                                 "or --log_with wandb")
         if args.log_config and not trackers:
             raise UserError("--log_config needs a tracker: add --logging_dir (TensorBoard) or --log_with wandb")
-        init_kwargs: dict[str, Any] = {}
+        if args.log_tracker_name is not None and not args.log_tracker_name.strip():
+            raise UserError("--log_tracker_name is empty: give a project name, or drop it for the default "
+                            f"{DEFAULT_PROJECT}")
+        init_kwargs = _read_tracker_config(args.log_tracker_config, trackers) if args.log_tracker_config else {}
         if args.wandb_run_name:
-            init_kwargs["wandb"] = {"name": args.wandb_run_name}
-        if args.log_tracker_config:
-            init_kwargs = _read_tracker_config(args.log_tracker_config)
+            wandb_kwargs = init_kwargs.setdefault("wandb", {})
+            if "name" in wandb_kwargs and wandb_kwargs["name"] != args.wandb_run_name:
+                raise UserError(f"--wandb_run_name {args.wandb_run_name} and name = {wandb_kwargs['name']!r} in the "
+                                f"[wandb] table of --log_tracker_config {args.log_tracker_config} disagree: keep one")
+            wandb_kwargs["name"] = args.wandb_run_name
         run_dir = None
         if args.logging_dir:
             run_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
-        config = {k: _plain(v) for k, v in sorted(vars(args).items()) if k not in _NOT_LOGGED} if args.log_config else None
+        config = ({k: _plain(v) for k, v in sorted(vars(args).items()) if k not in _NOT_LOGGED}
+                  if args.log_config else None)
         return cls(trackers=trackers, run_dir=run_dir, project=args.log_tracker_name or DEFAULT_PROJECT,
                    init_kwargs=init_kwargs, config=config, wandb_api_key=args.wandb_api_key)
 
 
 def _plain(value: Any) -> Any:
-    """Tracker configs take bool/str/int/float/None only."""
+    """Tracker configs take bool/str/int/float/None only (lists become their text, as in sd-scripts)."""
     return value if value is None or isinstance(value, (bool, str, int, float)) else str(value)
 
 
-def _read_tracker_config(path: str) -> dict[str, Any]:
+def _read_tracker_config(path: str, trackers: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--log_tracker_config {path}: no such file (a TOML with a table per tracker, e.g. [wandb])")
@@ -92,21 +124,54 @@ def _read_tracker_config(path: str) -> dict[str, Any]:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--log_tracker_config {path} is not valid TOML: {e}") from None
-    bad = [k for k, v in data.items() if not isinstance(v, dict)]
-    if bad:
-        raise UserError(f"--log_tracker_config {path}: {bad[0]} must be a table of init arguments, e.g. [wandb]")
-    return data
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise UserError(f"--log_tracker_config {path}: {name} must be a table of init arguments, e.g. [wandb]")
+        if name not in ("tensorboard", "wandb"):
+            raise UserError(f"--log_tracker_config {path}: [{name}] is not a tracker; the tables are [tensorboard] "
+                            "and [wandb]")
+        if name not in trackers:
+            raise UserError(f"--log_tracker_config {path} has a [{name}] table, but {name} is not a tracker of this "
+                            f"run ({', '.join(trackers)}): add --log_with {name} or all, or remove the table")
+        for key in table:
+            if key in _SET_BY_OPTIONS[name]:
+                raise UserError(f"--log_tracker_config {path}: [{name}] {key} is set by {_SET_BY_OPTIONS[name][key]}; "
+                                "use that option instead")
+    return {name: dict(table) for name, table in data.items()}
 
 
 def check_tracker_packages(opts: TrackingOptions) -> None:
-    """Name the missing package before any work starts."""
-    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    """Name a missing package, or an init argument the tracker does not take, before any work starts."""
     for tracker in opts.trackers:
         try:
-            __import__(needs[tracker])
+            module = __import__(tracker)
         except ImportError:
-            raise UserError(f"--log_with {tracker} needs the {needs[tracker]} package: run `pip install "
-                            f"{needs[tracker]}`, or choose another tracker") from None
+            raise UserError(f"--log_with {tracker} needs the {tracker} package: run `pip install {tracker}`, "
+                            "or choose another tracker") from None
+        kwargs = opts.init_kwargs.get(tracker, {})
+        if not kwargs:
+            continue
+        if tracker == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            target = SummaryWriter.__init__
+        else:
+            target = getattr(module, "init", None)
+        _check_init_arguments(tracker, target, kwargs)
+
+
+def _check_init_arguments(tracker: str, target: Any, kwargs: dict[str, Any]) -> None:
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return  # no signature to check against: the tracker itself will say
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params or k == "self"]
+    if unknown:
+        allowed = ", ".join(k for k in params if k != "self")
+        raise UserError(f"--log_tracker_config: [{tracker}] {unknown[0]} is not an argument {tracker} takes "
+                        f"(it takes {allowed})")
 
 
 def start_trackers(accelerator, opts: TrackingOptions) -> None:
@@ -117,9 +182,42 @@ def start_trackers(accelerator, opts: TrackingOptions) -> None:
         import wandb
 
         if opts.run_dir:
-            os.environ.setdefault("WANDB_DIR", opts.run_dir)
+            # --logging_dir wins over a WANDB_DIR from the environment, as in sd-scripts: the option is explicit.
             os.makedirs(opts.run_dir, exist_ok=True)
+            os.environ["WANDB_DIR"] = opts.run_dir
         if opts.wandb_api_key:
             wandb.login(key=opts.wandb_api_key)
-    accelerator.init_trackers(opts.project, config=opts.config, init_kwargs=dict(opts.init_kwargs))
+    try:
+        accelerator.init_trackers(opts.project, config=opts.config,
+                                  init_kwargs={k: dict(v) for k, v in opts.init_kwargs.items()})
+    except Exception as e:  # any tracker's own failure (login, network, bad argument value), said plainly
+        raise UserError(f"could not start the tracker(s) {', '.join(opts.trackers)} (--log_with, --log_tracker_config): "
+                        f"{type(e).__name__}: {e}") from None
     logger.info("logging to %s%s", ", ".join(opts.trackers), f" in {opts.run_dir}" if opts.run_dir else "")
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def log_values(accelerator, values: dict[str, float], step: int) -> None:
+    """Scalars to every tracker of the run (none: nothing happens)."""
+    if accelerator.trackers:
+        accelerator.log(values, step=step)
+
+
+def log_images(accelerator, images: dict[str, tuple[Any, str]], step: int) -> None:
+    """``{tag: (PIL image, caption)}`` to every tracker: TensorBoard gets the image and the caption as text,
+    Weights & Biases an image with its caption."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            writer = tracker.writer
+            for tag, (image, caption) in images.items():
+                writer.add_image(tag, np.asarray(image.convert("RGB")), global_step=step, dataformats="HWC")
+                writer.add_text(f"{tag}/caption", caption, global_step=step)
+            writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(image, caption=caption) for tag, (image, caption) in images.items()}, step=step)

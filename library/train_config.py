@@ -30,6 +30,7 @@ from library import (
     saving,
     tracking,
     training,
+    training_fidelity,
     training_models,
     training_samples,
 )
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # The concerns, in the order their option groups appear in --help.
 _CONCERNS = (training_models, dataset_config, caching, optimizers, diffusion_loss, training, accelerator_setup,
-             saving, training_samples, tracking, console_logging)
+             saving, training_samples, training_fidelity, tracking, console_logging)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ class TrainingOptions:
     distributed: accelerator_setup.DistributedOptions
     saving: saving.SavingOptions
     samples: training_samples.SampleOptions
+    fidelity: training_fidelity.FidelityOptions
     tracking: tracking.TrackingOptions
     console: console_logging.ConsoleLogOptions
 
@@ -91,6 +93,7 @@ def resolve(args: argparse.Namespace) -> TrainingOptions:
         distributed=accelerator_setup.DistributedOptions.from_args(args),
         saving=saving.SavingOptions.from_args(args),
         samples=training_samples.SampleOptions.from_args(args),
+        fidelity=training_fidelity.FidelityOptions.from_args(args),
         tracking=tracking.TrackingOptions.from_args(args),
         console=console_logging.ConsoleLogOptions.from_args(args),
         data=dataset_config.DataOptions.from_args(args),  # last: it reads folders, the others only the options

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from library.model_loading import SDXLModels
 from library.optimizers import build_lr_scheduler, build_optimizer
 from library.saving import Progress, Saver, TrainingRNG, load_progress, run_metadata
 from library.text_encoding import TextEncodingOptions, encode_prompts
+from library.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
@@ -144,6 +146,7 @@ class Trainer:
                            self.num_epochs, self.rng, uploader)
         self._pending = _StepStats(self.device)
         self._last_loss = float("nan")
+        self._losses = _LossHistory(self.steps_per_epoch)
         self.bar = None
 
     # -- the recipe ------------------------------------------------------------------------------
@@ -202,11 +205,13 @@ class Trainer:
     def end_of_step(self) -> None:
         p = self.progress
         p.global_step += 1
-        logs = {"loss": self._last_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
+        self._losses.add(self._last_loss)
+        # sd-scripts' names: the step's loss, its mean over the last epoch's worth of steps, the learning rate.
+        logs = {"loss/current": self._last_loss, "loss/average": self._losses.moving_average,
+                "lr": self.lr_scheduler.get_last_lr()[0]}
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        if self.o.tracking.trackers:
-            self.accelerator.log(logs, step=p.global_step)
+        self.bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        log_values(self.accelerator, logs, p.global_step)
         self.saver.on_step_end(p, self.max_steps)
         if self.samples is not None and self.o.samples.due_after_step(p.global_step):
             self.samples(self.raw_network, p.global_step, p.epoch)
@@ -216,6 +221,8 @@ class Trainer:
         epoch = p.epoch
         p.epoch += 1
         p.batches_in_epoch = 0
+        # At the epoch's last step (sd-scripts logs it at step epoch+1, which a step axis cannot show).
+        log_values(self.accelerator, {"loss/epoch": self._losses.end_epoch()}, p.global_step)
         self.saver.on_epoch_end(epoch, p, self.max_steps)
         if self.samples is not None and self.o.samples.due_after_epoch(epoch):
             self.samples(self.raw_network, p.global_step, epoch)
@@ -225,6 +232,8 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.num_processes > 1:
             self.check_in_sync()
+        if self._losses.epoch:  # the last epoch, whole or cut short by --max_train_steps (as sd-scripts logs it)
+            log_values(acc, {"loss/epoch": self._losses.end_epoch()}, self.progress.global_step)
         final = self.saver.on_train_end(self.progress)
         drawn_now = self.o.samples.due_after_step(self.progress.global_step)
         if self.samples is not None and self.o.samples.at_end and not drawn_now:
@@ -285,6 +294,27 @@ class Trainer:
             f"update, and nothing from this step was saved. {kept} Try a lower --learning_rate, --mixed_precision bf16 "
             "instead of fp16, or --no_half_vae."
         )
+
+
+class _LossHistory:
+    """Step losses for the trackers: the moving average over one epoch's worth of steps, and each epoch's mean."""
+
+    def __init__(self, window: int):
+        self.window: deque[float] = deque(maxlen=max(1, window))
+        self.epoch: list[float] = []
+
+    def add(self, loss: float) -> None:
+        self.window.append(loss)
+        self.epoch.append(loss)
+
+    @property
+    def moving_average(self) -> float:
+        return sum(self.window) / len(self.window) if self.window else float("nan")
+
+    def end_epoch(self) -> float:
+        mean = sum(self.epoch) / len(self.epoch) if self.epoch else float("nan")
+        self.epoch = []
+        return mean
 
 
 class _StepStats:

@@ -2,23 +2,28 @@
 
 Prompts come from ``--sample_prompts`` in the prompt-line format, with ``--cn guide.png`` giving
 each prompt's conditioning image. Images go to ``<output_dir>/sample/`` with their settings in the
-PNG text, so every sample says which step, seed and guide made it.
+PNG text, so every sample says which step, seed and guide made it, and to the trackers beside their
+guides. The cadence options also time the control-fidelity measurement (``--fidelity_guides``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 
 from library.cli import check_range
 from library.errors import UserError
 from library.generation import GenerationRequest, check_image_readable, generate, request_from_prompt_spec, request_metadata
 from library.model_loading import SDXLModels
 from library.png_metadata import save_png
+from library.tracking import log_images
 from library.prompt_lines import PromptSpec, load_prompt_file
 from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, normalize_sampler_name
 from networks.control_net_lllite import ControlNetLLLite
@@ -29,9 +34,12 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sample images during training")
     g.add_argument("--sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
-    g.add_argument("--sample_every_n_steps", type=int, default=None, help="draw the sample prompts every N steps")
-    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="draw the sample prompts every N epochs")
-    g.add_argument("--sample_at_first", action="store_true", help="draw the sample prompts before the first step")
+    g.add_argument("--sample_every_n_steps", type=int, default=None,
+                   help="draw the sample prompts (and measure --fidelity_guides) every N steps, and at the end")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None,
+                   help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
+    g.add_argument("--sample_at_first", action="store_true",
+                   help="draw the sample prompts (and measure --fidelity_guides) before the first step")
     g.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help="sampler for samples (names as in sdxl_gen_img.py)")
 
 
@@ -54,25 +62,27 @@ class SampleOptions:
             raise UserError(f"--sample_sampler {args.sample_sampler!r} is not a sampler name; "
                             f"use one of {', '.join(SAMPLER_NAMES)}") from None
         cadence = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
-        if not args.sample_prompts:
+        if not args.sample_prompts and not args.fidelity_guides:
             if cadence:
                 raise UserError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts "
-                                "(a prompt file whose lines name their guide with --cn)")
+                                "(a prompt file whose lines name their guide with --cn) or --fidelity_guides")
             return cls(sampler=sampler)
-        return cls(prompts=tuple(_read_prompts(args.sample_prompts)), prompt_file=args.sample_prompts,
+        prompts = tuple(_read_prompts(args.sample_prompts)) if args.sample_prompts else ()
+        return cls(prompts=prompts, prompt_file=args.sample_prompts,
                    every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
                    at_first=args.sample_at_first, sampler=sampler)
 
+    # The cadence serves the sample prompts and the fidelity guides alike; the hooks exist only when asked for.
     def due_after_step(self, step: int) -> bool:
-        return bool(self.prompts and self.every_n_steps and step % self.every_n_steps == 0)
+        return bool(self.every_n_steps and step % self.every_n_steps == 0)
 
     def due_after_epoch(self, epoch: int) -> bool:
-        return bool(self.prompts and self.every_n_epochs and epoch % self.every_n_epochs == 0)
+        return bool(self.every_n_epochs and epoch % self.every_n_epochs == 0)
 
     @property
     def at_end(self) -> bool:
-        """A cadence was asked for, so the final network is drawn too."""
-        return bool(self.prompts and (self.every_n_steps or self.every_n_epochs))
+        """A cadence was asked for, so the final network is drawn (and measured) too."""
+        return bool(self.every_n_steps or self.every_n_epochs)
 
 
 def _read_prompts(path: str) -> list[PromptSpec]:
@@ -87,6 +97,52 @@ def _read_prompts(path: str) -> list[PromptSpec]:
         for g in spec.guide_images:
             check_image_readable(g, f"guide image of sample prompt {i + 1}")
     return specs
+
+
+SampleFn = Callable[[ControlNetLLLite, int, int], None]
+
+
+def combine_hooks(*hooks: SampleFn | None) -> SampleFn | None:
+    """One hook for the trainer's sample cadence that runs each given hook in turn (None when none is given)."""
+    given = [h for h in hooks if h is not None]
+    if not given:
+        return None
+
+    def run_all(network: ControlNetLLLite, step: int, epoch: int) -> None:
+        for hook in given:
+            hook(network, step, epoch)
+
+    return run_all
+
+
+@contextlib.contextmanager
+def drawing_with(models: SDXLModels, network: ControlNetLLLite, accelerator) -> Iterator[None]:
+    """Draw with the network in the middle of training: the models it needs on the device, eval mode,
+    and the training run's random stream and devices as they were afterwards."""
+    device = accelerator.device
+    idle = [m for m in (models.vae, models.text_encoder1, models.text_encoder2) if m.device != device]
+    for m in idle:
+        m.to(device)
+    was_training = network.training
+    network.eval()
+    rng_state = torch.get_rng_state()  # drawing must not change the training run's random stream
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            yield
+    finally:
+        torch.set_rng_state(rng_state)
+        network.train(was_training)
+        for m in idle:
+            m.to("cpu")
+
+
+def beside_guide(image: Image.Image, guide: str | Path) -> Image.Image:
+    """The guide (left) and the image drawn from it (right), at the image's size, for the trackers."""
+    g = Image.open(guide).convert("RGB").resize(image.size, Image.NEAREST)
+    out = Image.new("RGB", (image.width * 2, image.height))
+    out.paste(g, (0, 0))
+    out.paste(image.convert("RGB"), (image.width, 0))
+    return out
 
 
 class SampleDrawer:
@@ -110,24 +166,17 @@ class SampleDrawer:
 
     def _draw(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
         models, device = self.models, self.accelerator.device
-        idle = [m for m in (models.vae, models.text_encoder1, models.text_encoder2) if m.device != device]
-        for m in idle:
-            m.to(device)
-        was_training = network.training
-        network.eval()
-        rng_state = torch.get_rng_state()  # sampling must not change the training run's random stream
-        try:
-            with torch.no_grad(), self.accelerator.autocast():
-                for i, spec in enumerate(self.opts.prompts):
-                    request = request_from_prompt_spec(spec, self.defaults)
-                    image = generate(models, [network], request, device=device, progress=False)[0]
-                    seed = image.info.get("seed", request.seed)
-                    meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
-                                            base_model=models.name, lllite=self.name)
-                    save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta)
-            logger.info("wrote %d sample image(s) for step %d to %s", len(self.opts.prompts), step, self.out_dir)
-        finally:
-            torch.set_rng_state(rng_state)
-            network.train(was_training)
-            for m in idle:
-                m.to("cpu")
+        for_trackers: dict[str, tuple[Image.Image, str]] = {}
+        with drawing_with(models, network, self.accelerator):
+            for i, spec in enumerate(self.opts.prompts):
+                request = request_from_prompt_spec(spec, self.defaults)
+                image = generate(models, [network], request, device=device, progress=False)[0]
+                seed = image.info.get("seed", request.seed)
+                meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
+                                        base_model=models.name, lllite=self.name)
+                save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta)
+                if self.accelerator.trackers:
+                    for_trackers[f"samples/{i:02d}"] = (beside_guide(image, spec.guide_images[0]),
+                                                        f"{spec.prompt} (guide | sample, seed {seed}, step {step})")
+        logger.info("wrote %d sample image(s) for step %d to %s", len(self.opts.prompts), step, self.out_dir)
+        log_images(self.accelerator, for_trackers, step)

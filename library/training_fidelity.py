@@ -1,0 +1,143 @@
+"""Control fidelity measured while training: does the LLLite make the images follow held-out guides yet?
+
+With ``--fidelity_guides DIR`` (canny guides, each with a ``<name>.txt`` prompt, as
+``tools/evaluate_control.py`` takes them), the trainer measures edge F1 and SSIM at the sample
+cadence with ``library/control_eval.py``: every guide drawn with the LLLite (multiplier 1), and
+once, at the first measurement, without it (multiplier 0, the base model's own answer; it does not
+change while the LLLite trains). Each guide keeps its seed at every measurement, so the curve shows
+the LLLite and not the noise. The figures go to the log and to the trackers as ``fidelity/*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.cli import check_range
+from library.control_eval import EvalItem, EvalSettings, evaluate_control, items_with_edges, load_eval_set
+from library.errors import UserError
+from library.model_loading import SDXLModels
+from library.tracking import log_values
+from library.training_samples import drawing_with
+from networks.control_net_lllite import ControlNetLLLite
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 20
+DEFAULT_SCALE = 7.0
+DEFAULT_SEED = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("control fidelity during training (not in sd-scripts)")
+    g.add_argument("--fidelity_guides", default=None,
+                   help="folder of held-out canny guide images, each with a <name>.txt prompt beside it (as "
+                        "tools/evaluate_control.py takes them). At the sample cadence (--sample_every_n_steps, "
+                        "--sample_every_n_epochs, --sample_at_first, and at the end) edge F1 and SSIM are measured with "
+                        "the LLLite and, once, without it; they go to the log and to the trackers as fidelity/edge_f1, "
+                        "fidelity/edge_f1_base, fidelity/edge_ssim, fidelity/edge_ssim_base, fidelity/edge_f1_ratio. "
+                        "Guides without any edge are skipped. Images are drawn at the training resolution with "
+                        "--sample_sampler")
+    g.add_argument("--fidelity_steps", type=int, default=None,
+                   help=f"sampling steps of each fidelity image, >= 1 (default {DEFAULT_STEPS}; needs --fidelity_guides)")
+    g.add_argument("--fidelity_scale", type=float, default=None,
+                   help=f"CFG scale of the fidelity images, >= 1 (default {DEFAULT_SCALE:g}; needs --fidelity_guides)")
+    g.add_argument("--fidelity_seed", type=int, default=None,
+                   help=f"guide i is drawn with seed + i at every measurement (default {DEFAULT_SEED}; needs --fidelity_guides)")
+
+
+@dataclass(frozen=True)
+class FidelityOptions:
+    items: tuple[EvalItem, ...] = ()  # the guides with edges, in name order
+    folder: Path | None = None
+    steps: int = DEFAULT_STEPS
+    scale: float = DEFAULT_SCALE
+    seed: int = DEFAULT_SEED
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FidelityOptions":
+        settings = {"fidelity_steps": args.fidelity_steps, "fidelity_scale": args.fidelity_scale,
+                    "fidelity_seed": args.fidelity_seed}
+        if not args.fidelity_guides:
+            given = [k for k, v in settings.items() if v is not None]
+            if given:
+                raise UserError(f"--{given[0]} {settings[given[0]]} sets how --fidelity_guides are drawn: add "
+                                "--fidelity_guides DIR, or drop it")
+            return cls()
+        check_range("fidelity_steps", args.fidelity_steps, low=1)
+        check_range("fidelity_scale", args.fidelity_scale, low=1.0)
+        check_range("fidelity_seed", args.fidelity_seed, low=0, high=2**32 - 1)
+        if not (args.sample_every_n_steps or args.sample_every_n_epochs):
+            raise UserError(f"--fidelity_guides {args.fidelity_guides} is measured at the sample cadence: add "
+                            "--sample_every_n_steps N or --sample_every_n_epochs N")
+        folder = Path(args.fidelity_guides)
+        try:
+            items = load_eval_set(folder, prompt_option=None)
+        except UserError as e:
+            raise UserError(f"--fidelity_guides {folder}: {e}") from None
+        # Edges are looked at again at the training size when the meter starts; here only the plain mistake.
+        kept, _ = items_with_edges(items, _image_size(items[0].guide))
+        if not kept:
+            raise UserError(f"--fidelity_guides {folder}: none of the {len(items)} guide images has any edge "
+                            "(white pixels on black); give canny edge maps")
+        return cls(items=tuple(items), folder=folder,
+                   steps=args.fidelity_steps if args.fidelity_steps is not None else DEFAULT_STEPS,
+                   scale=args.fidelity_scale if args.fidelity_scale is not None else DEFAULT_SCALE,
+                   seed=args.fidelity_seed if args.fidelity_seed is not None else DEFAULT_SEED)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+class FidelityMeter:
+    """Measures the network on the fidelity guides (main process; the others wait) and logs the figures."""
+
+    def __init__(self, opts: FidelityOptions, models: SDXLModels, accelerator, size: tuple[int, int], sampler: str):
+        self.models = models
+        self.accelerator = accelerator
+        self.settings = EvalSettings(width=size[0], height=size[1], steps=opts.steps, scale=opts.scale,
+                                     sampler=sampler, seed=opts.seed)
+        items, blank = items_with_edges(opts.items, size)
+        if blank:
+            logger.warning("--fidelity_guides: skipping %d guide(s) without edges at %dx%d: %s", len(blank), *size,
+                           ", ".join(i.guide.name for i in blank[:5]))
+        if not items:
+            raise UserError(f"--fidelity_guides {opts.folder}: no guide keeps an edge at the training size "
+                            f"{size[0]}x{size[1]}; give canny maps with clearer edges")
+        # Guide i of those kept gets seed + i, as tools/evaluate_control.py numbers a folder without blank guides.
+        self.items = items
+        self.baseline: dict[str, float] | None = None  # multiplier 0: computed once
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
+        if self.accelerator.is_main_process:
+            self.measure(network, step)
+        self.accelerator.wait_for_everyone()
+
+    def measure(self, network: ControlNetLLLite, step: int) -> dict[str, float]:
+        with drawing_with(self.models, network, self.accelerator):
+            if self.baseline is None:
+                self.baseline = self._mean(network, 0.0)
+            now = self._mean(network, 1.0)
+        base = self.baseline
+        figures = {"fidelity/edge_f1": now["f1"], "fidelity/edge_ssim": now["ssim"],
+                   "fidelity/edge_f1_base": base["f1"], "fidelity/edge_ssim_base": base["ssim"]}
+        ratio = now["f1"] / base["f1"] if base["f1"] > 0 else math.nan
+        if base["f1"] > 0:
+            figures["fidelity/edge_f1_ratio"] = ratio
+        logger.info("control fidelity at step %d on %d guides: edge F1 %.3f with the LLLite, %.3f without (%.2fx); "
+                    "edge SSIM %.3f / %.3f", step, len(self.items), now["f1"], base["f1"], ratio, now["ssim"], base["ssim"])
+        self.history.append({"step": step, **figures})
+        log_values(self.accelerator, figures, step)
+        return figures
+
+    def _mean(self, network: ControlNetLLLite, multiplier: float) -> dict[str, float]:
+        results = evaluate_control(self.models, network, self.items, self.settings, (multiplier,), progress=False)
+        return results["mean"][f"{multiplier:g}"]
