@@ -314,10 +314,10 @@ class Saver:
                      lambda n: f"{n:06d}", every)
 
     def _prune_steps(self, step: int) -> None:
-        """Keep the saves of the last N steps (N counted in steps, as in sd-scripts)."""
+        """Keep the saves at most N steps old (N counted in steps, as in sd-scripts)."""
         every = self.opts.every_n_steps or 1
-        self._remove(step - self.opts.last_n_steps if self.opts.last_n_steps else None,
-                     step - self.opts.last_n_steps_state if self.opts.last_n_steps_state else None,
+        self._remove(step - self.opts.last_n_steps - 1 if self.opts.last_n_steps else None,
+                     step - self.opts.last_n_steps_state - 1 if self.opts.last_n_steps_state else None,
                      lambda n: f"step{n:08d}", every)
 
     def _remove(self, model_upto: int | None, state_upto: int | None, tag_of, every: int) -> None:
