@@ -19,6 +19,7 @@ from library.console_logging import setup_console_logging
 from library.dataset import LLLiteDataset, create_dataloader
 from library.debug_dataset import debug_dataset
 from library.errors import run_cli
+from library.hub_upload import download_state, make_uploader
 from library.train_config import parse_training_options
 from library.training import Trainer
 from library.training_caches import fill_caches
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_console_logging(opts.console, quiet=not accelerator.is_local_main_process)
     if opts.run.seed is not None:
         set_seed(opts.run.seed)
+    if opts.hub.resume is not None:  # --resume_from_huggingface: the state comes down before anything loads
+        folder = download_state(opts.hub.resume, opts.hub.token, accelerator)
+        opts = dataclasses.replace(opts, saving=dataclasses.replace(opts.saving, resume=folder))
 
     # 2. The dataset: every pairing and image problem is reported before any model loads.
     dataset = LLLiteDataset(opts.data.datasets, seed=opts.run.seed or 0, text_encoding=opts.data.text_encoding)
@@ -77,7 +81,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         meter = FidelityMeter(opts.fidelity, models, accelerator, resolution, opts.samples.sampler)
     dataloader = create_dataloader(dataset, num_workers=opts.data.num_workers, persistent_workers=opts.data.persistent_workers)
     start_trackers(accelerator, opts.tracking)
-    final = Trainer(opts, accelerator, models, unet, network, dataloader, resolution, combine_hooks(drawer, meter)).run()
+    uploader = make_uploader(opts.hub, opts.saving.output_dir, accelerator)
+    try:
+        final = Trainer(opts, accelerator, models, unet, network, dataloader, resolution,
+                        combine_hooks(drawer, meter), uploader=uploader).run()
+    except BaseException:
+        if uploader is not None:
+            uploader.close(report=False)  # what was saved before the failure still goes up; the failure is the news
+        raise
+    if uploader is not None:
+        uploader.close()  # waits for background uploads; a failed one ends the run with a clear error
     if accelerator.is_main_process:
         logger.info("done: %s", final)
 

@@ -90,7 +90,8 @@ class SavingOptions:
                     "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state"):
             check_range(opt, getattr(args, opt), low=1)
         _check_combinations(args)
-        resume = Path(args.resume) if args.resume else None
+        # With --resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
+        resume = Path(args.resume) if args.resume and not args.resume_from_huggingface else None
         if resume is not None:
             check_state_folder(resume)
         return cls(
@@ -147,7 +148,8 @@ def _data_url(path: Path) -> str:
 
 def check_state_folder(folder: Path) -> None:
     if not folder.is_dir():
-        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state or --save_state_on_train_end)")
+        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state or "
+                        "--save_state_on_train_end; a state on the Hugging Face Hub needs --resume_from_huggingface)")
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"--resume {folder}: {STATE_FILE} is missing; this is not a complete state folder written by --save_state")
 

@@ -26,6 +26,7 @@ from library import (
     console_logging,
     dataset_config,
     diffusion_loss,
+    hub_upload,
     optimizers,
     saving,
     tracking,
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # The concerns, in the order their option groups appear in --help.
 _CONCERNS = (training_models, dataset_config, caching, optimizers, diffusion_loss, training, accelerator_setup,
-             saving, training_samples, training_fidelity, tracking, console_logging)
+             saving, hub_upload, training_samples, training_fidelity, tracking, console_logging)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ class TrainingOptions:
     precision: accelerator_setup.PrecisionOptions
     distributed: accelerator_setup.DistributedOptions
     saving: saving.SavingOptions
+    hub: hub_upload.HubOptions
     samples: training_samples.SampleOptions
     fidelity: training_fidelity.FidelityOptions
     tracking: tracking.TrackingOptions
@@ -92,6 +94,7 @@ def resolve(args: argparse.Namespace) -> TrainingOptions:
         precision=accelerator_setup.PrecisionOptions.from_args(args),
         distributed=accelerator_setup.DistributedOptions.from_args(args),
         saving=saving.SavingOptions.from_args(args),
+        hub=hub_upload.HubOptions.from_args(args),
         samples=training_samples.SampleOptions.from_args(args),
         fidelity=training_fidelity.FidelityOptions.from_args(args),
         tracking=tracking.TrackingOptions.from_args(args),
