@@ -401,10 +401,22 @@ def _metadata_images(sub: SubsetConfig, problems: list[str]) -> tuple[dict[str, 
     return _by_stem(found, "metadata_file", sub.metadata_file, problems), captions
 
 
+_Pair = tuple[int, SubsetConfig, Path, Path | None]  # (dataset index, subset, image, conditioning image or None)
+
+
 def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
     """Pair, check and bucket every image of every subset; one ``UserError`` lists all problems."""
     problems: list[str] = []
-    pairs: list[tuple[int, SubsetConfig, Path, Path | None]] = []
+    pairs, listed_captions = _pair_subsets(configs, problems)
+    sizes = _probe_pairs(pairs, problems)
+    if problems:
+        raise UserError("the dataset cannot be used:\n  " + "\n  ".join(problems))
+    return _make_items(configs, pairs, sizes, listed_captions)
+
+
+def _pair_subsets(configs: Sequence[DatasetConfig], problems: list[str]) -> tuple[list[_Pair], dict[tuple[int, Path], str]]:
+    """Every (image, conditioning image) pair; ``listed_captions`` holds the captions of metadata files."""
+    pairs: list[_Pair] = []
     listed_captions: dict[tuple[int, Path], str] = {}  # (subset id, image) -> caption from a metadata file
     for ds_index, ds in enumerate(configs):
         for sub in ds.subsets:
@@ -433,7 +445,11 @@ def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
                     f"the same basename in {sub.image_dir}: {_names(no_image)}"
                 )
             pairs.extend((ds_index, sub, images[s], conds[s]) for s in images if s in conds)
+    return pairs, listed_captions
 
+
+def _probe_pairs(pairs: list[_Pair], problems: list[str]) -> dict[Path, Size]:
+    """The size of every image (from the info caches where allowed); unreadable images become problems."""
     info_dirs = {folder for _, sub, img, cond in pairs if sub.cache_info for folder in (img.parent, cond and cond.parent) if folder}
     folders = {folder for _, _, img, cond in pairs for folder in (img.parent, cond and cond.parent) if folder}
     caches = {folder: _ImageInfoCache(folder, folder in info_dirs) for folder in folders}
@@ -443,9 +459,12 @@ def scan_datasets(configs: Sequence[DatasetConfig]) -> list[ImageItem]:
         cache.save()
     if unreadable:
         problems.append(f"{len(unreadable)} image(s) cannot be read (fix or remove them): " + _names(unreadable))
-    if problems:
-        raise UserError("the dataset cannot be used:\n  " + "\n  ".join(problems))
+    return sizes
 
+
+def _make_items(configs: Sequence[DatasetConfig], pairs: list[_Pair], sizes: dict[Path, Size],
+                listed_captions: dict[tuple[int, Path], str]) -> list[ImageItem]:
+    """Captions and buckets of the checked pairs, with warnings for what looks wrong but can train."""
     plans = [
         BucketPlan(ds.resolution, ds.enable_bucket, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps, ds.bucket_no_upscale)
         for ds in configs

@@ -609,6 +609,13 @@ def build_dataset_configs(args: Any) -> list[DatasetConfig]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The dataset options of the training command line (each also a [general]-level default for the TOML)."""
+    _add_dataset_arguments(parser)
+    _add_caption_arguments(parser)
+    _add_image_arguments(parser)
+    add_text_encoding_arguments(parser)
+
+
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
     g.add_argument("--dataset_config", help="dataset TOML (see docs/dataset.md)")
     g.add_argument("--train_data_dir", help="training images (when no --dataset_config)")
@@ -645,6 +652,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
                 type=float, reference_default=1.0)
 
+
+def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captions")
     g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt; sd-scripts: .caption)")
     g.add_argument("--caption_extention", default=None,
@@ -682,6 +691,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
                         "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
 
+
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("images, guides and masks")
     g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
     g.add_argument("--color_aug", action="store_true", default=None,
@@ -714,7 +725,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--conditioning_preprocessor_args", nargs="*", default=None,
                    help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
                         "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
-    add_text_encoding_arguments(parser)
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,9 @@ class ModelOptions:
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
         if not args.pretrained_model_name_or_path:
             raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
-        check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
-        if args.vae and not Path(args.vae).expanduser().exists():
+        if not args.debug_dataset:  # checking the dataset needs no model, so it may not be there yet
+            check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        if args.vae and not args.debug_dataset and not Path(args.vae).expanduser().exists():
             raise UserError(f"--vae {args.vae}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
         return cls(path=args.pretrained_model_name_or_path, vae=args.vae, no_half_vae=args.no_half_vae,
                    v_parameterization=args.v_parameterization, tokenizer_cache_dir=args.tokenizer_cache_dir,
