@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -25,16 +26,19 @@ def test_bundled_model_is_small_and_loads():
 
 
 def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
-    """Every stage on a small scale (drawn dataset, canny, real training script, evaluation, grid),
-    and the trained LLLite must already raise edge F1 on held-out guides clearly above the base
-    model's (measured here: 0.106 -> 0.206, 1.94x; with input and middle blocks only it was 1.41x, and
-    6 guides with 200 steps once gave only 1.01x)."""
+    """Every stage on a small scale (drawn dataset, canny guides made in the training pipeline, real
+    training script measuring fidelity as it trains, evaluation, grid, curve), and the trained LLLite
+    must already raise edge F1 on held-out guides clearly above the base model's (measured here:
+    0.106 -> 0.205, 1.93x; with input and middle blocks only it was 1.41x, and 6 guides with 200
+    steps once gave only 1.01x)."""
     out = tmp_path / "demo"
     results = demo.main(["--out", str(out), "--train_images", "48", "--eval_images", "12",
-                         "--train_steps", "300", "--gen_steps", "12"])
+                         "--train_steps", "300", "--gen_steps", "12", "--fidelity_every", "150"])
     images = sorted(p.name for p in (out / "dataset" / "images").glob("*.png"))
-    cannies = sorted(p.name for p in (out / "dataset" / "canny").glob("*.png"))
-    assert 40 <= len(images) <= 48 and images == cannies  # pairs without clear edges are dropped together
+    assert 40 <= len(images) <= 48  # drawings without clear edges are dropped
+    assert sorted(p.name for p in (out / "dataset" / "images").glob("*.txt")) == [i[:-4] + ".txt" for i in images]
+    assert 'conditioning_preprocessor = "canny"' in (out / "dataset.toml").read_text()
+    assert not (out / "dataset" / "canny").exists()  # the guides are made in the pipeline, not on disk
     from library.weights_io import read_weights
 
     sd, _ = read_weights(out / "lllite" / "demo_canny.safetensors")
@@ -47,8 +51,15 @@ def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
     assert set(fid) == {"0", "1"} and all(0.0 <= v <= 1.0 for f in fid.values() for v in f.values())
     assert fid["0"]["shape"] > 0.5  # the base model alone draws the asked-for shape most of the time
     assert results["mean"]["1"]["f1"] >= 1.5 * results["mean"]["0"]["f1"], results["mean"]
-    from PIL import Image
-
+    # The curve the training script logged to TensorBoard: the same guides, seeds and settings, so it starts at the
+    # baseline and ends at the final evaluation's figures.
+    curve = results["fidelity_curve"]
+    assert [c["step"] for c in curve] == [0, 150, 300]
+    assert all(c["edge_f1_base"] == pytest.approx(results["mean"]["0"]["f1"], abs=1e-6) for c in curve)
+    assert curve[0]["edge_f1"] == pytest.approx(results["mean"]["0"]["f1"], abs=1e-6)
+    assert curve[-1]["edge_f1"] == pytest.approx(results["mean"]["1"]["f1"], abs=1e-6)
+    assert curve[-1]["edge_ssim"] == pytest.approx(results["mean"]["1"]["ssim"], abs=1e-6)
+    assert Image.open(out / "fidelity_curve.png").size == (640, 360)
     grid = Image.open(out / "grid.png")
     assert grid.width > 2 * 3 * 128 and grid.height > 8 * 128  # 12 guides: two groups of up to 8 rows
     assert (out / "fidelity.json").is_file()
@@ -62,8 +73,9 @@ def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_raises_edge_f1(tmp_path):
-    """The README's command. The issue aims at 2x the baseline; the README's run measured 1.99x, and
-    runs with other image counts, timesteps and seeds 1.85-2.04x, so this asserts a margin below all."""
+    """The README's command. The issue aims at 2x the baseline; the README's run measured 1.92x (1.99x
+    before the guides were made in the training pipeline), and runs with other image counts, timesteps
+    and seeds 1.85-2.04x, so this asserts a margin below all."""
     results = demo.main(["--out", str(tmp_path / "demo")])
     assert results["mean"]["1"]["f1"] >= 1.6 * results["mean"]["0"]["f1"], results["mean"]
 

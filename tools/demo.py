@@ -2,17 +2,21 @@
 
     python tools/demo.py [--out demo_output]
 
-1. builds a canny LLLite dataset the recommended way: images drawn by the base model itself,
-   conditioning images made from them with OpenCV Canny, captions, and a dataset TOML;
-2. trains an LLLite with the real training script and a TOML config;
-3. generates on held-out guide images with and without the LLLite;
-4. writes a side-by-side grid (guide | without | with) and prints the edge-F1 fidelity numbers.
+1. builds a canny LLLite dataset the recommended way: images drawn by the base model itself, with
+   captions and a dataset TOML whose subset makes the canny guides in the data pipeline
+   (``conditioning_preprocessor = "canny"``); held-out guides are drawn the same way;
+2. trains an LLLite with the real training script and a TOML config, which measures control
+   fidelity on the held-out guides as it trains (``--fidelity_guides``) and logs it to TensorBoard;
+3. generates on the held-out guides with and without the LLLite;
+4. writes a side-by-side grid (guide | without | with), the fidelity curve read back from the
+   TensorBoard logs, and prints the edge-F1 fidelity numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     # timesteps, 1.74x from 200, 2.04x from 300 (1.87x with another training seed), 1.98x from 400,
     # 1.89x from 500; 900 steps from 300 gave 1.88x.
     p.add_argument("--min_timestep", type=int, default=300, help="lowest training timestep (0 = all)")
+    p.add_argument("--fidelity_every", type=int, default=100,
+                   help="measure control fidelity on the held-out guides every N training steps (and before the first)")
     p.add_argument("--no_output_blocks", action="store_true",
                    help="train the layout of published files (input and middle blocks only); controls less here")
     p.add_argument("--network_dim", type=int, default=64)
@@ -89,22 +95,45 @@ def draw_images(models, captions: list[str], out_dir: Path, first_seed: int, arg
 MIN_EDGE_FRACTION = 0.005  # of the pixels; a canny map with fewer edges gives no shape to follow
 
 
+CANNY = {"low_threshold": 100, "high_threshold": 200}  # the training pipeline's and the held-out guides' canny
+
+
+def has_clear_edges(canny_rgb) -> bool:
+    from library.control_metrics import guide_edge_map
+
+    return bool(guide_edge_map(canny_rgb).mean() >= MIN_EDGE_FRACTION)
+
+
 def keep_with_edges(canny_paths: list[Path], n: int) -> list[Path]:
     """The first ``n`` canny maps with at least MIN_EDGE_FRACTION edge pixels.
 
     The base model sometimes draws a faint shape whose outline canny does not pick up; such a pair
     teaches nothing and such a guide measures nothing.
     """
-    import numpy as np
-    from PIL import Image
+    from library.conditioning_preprocessors import load_image_rgb
 
-    from library.control_metrics import guide_edge_map
-
-    kept = [p for p in canny_paths
-            if guide_edge_map(np.asarray(Image.open(p).convert("RGB"))).mean() >= MIN_EDGE_FRACTION]
+    kept = [p for p in canny_paths if has_clear_edges(load_image_rgb(p))]
     if len(kept) < n:
         logger.warning("only %d of %d drawn images have clear edges (wanted %d)", len(kept), len(canny_paths), n)
     return kept[:n]
+
+
+def drop_images_without_edges(images: list[Path]) -> list[Path]:
+    """Remove the drawn training images (and captions) whose canny guide would be nearly empty.
+
+    The pipeline makes the guides while training; this runs the same canny on the same 64x64 image
+    once beforehand, only to choose the images.
+    """
+    from library.conditioning_preprocessors import canny, load_image_rgb
+
+    kept = []
+    for image in images:
+        if has_clear_edges(canny(load_image_rgb(image), **CANNY)):
+            kept.append(image)
+        else:
+            image.unlink()
+            image.with_suffix(".txt").unlink()
+    return kept
 
 
 def write_configs(work: Path, args) -> Path:
@@ -119,7 +148,8 @@ batch_size = {args.batch_size}
 
   [[datasets.subsets]]
   image_dir = "{(work / 'dataset' / 'images').as_posix()}"
-  conditioning_data_dir = "{(work / 'dataset' / 'canny').as_posix()}"
+  conditioning_preprocessor = "canny"
+  conditioning_preprocessor_args = {{ low = {CANNY['low_threshold']}, high = {CANNY['high_threshold']} }}
 """
     )
     train = work / "train.toml"
@@ -141,9 +171,88 @@ seed = {args.seed}
 cache_latents = true
 cache_text_encoder_outputs = true
 save_model_as = "safetensors"
+logging_dir = "{(work / 'logs').as_posix()}"
+log_prefix = "demo_"
+fidelity_guides = "{(work / 'eval' / 'guides').as_posix()}"
+sample_every_n_steps = {args.fidelity_every}
+sample_at_first = true
+sample_sampler = "{args.sampler}"
+fidelity_steps = {args.gen_steps}
+fidelity_scale = {args.scale}
+fidelity_seed = {eval_seed(args)}
 """
     )
     return train
+
+
+def eval_seed(args) -> int:
+    """Guide i is drawn with this + i, in the final evaluation and in every measurement while training."""
+    return args.seed + 200_000
+
+
+def read_fidelity_curve(log_dir: Path) -> list[dict]:
+    """The fidelity figures the training script logged, read back from its TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it reports the end of each event file at INFO
+    runs = sorted(log_dir.glob("demo_*/lllite_control_net_train"))
+    if not runs:
+        raise UserError(f"no TensorBoard run in {log_dir}: the training script logged nothing")
+    acc = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
+    acc.Reload()
+    series = {tag.removeprefix("fidelity/"): {e.step: e.value for e in acc.Scalars(tag)}
+              for tag in acc.Tags()["scalars"] if tag.startswith("fidelity/")}
+    return [{"step": step, **{name: values[step] for name, values in series.items() if step in values}}
+            for step in sorted(series["edge_f1"])]
+
+
+def plot_fidelity_curve(curve: list[dict], out: Path, reference_f1: float | None = None) -> None:
+    """Edge F1 on the held-out guides against training steps: with the LLLite, without, and the reference."""
+    from PIL import Image, ImageDraw
+
+    w, h, left, right, top, bottom = 640, 360, 48, 16, 48, 44
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    steps = [c["step"] for c in curve]
+    values = [c["edge_f1"] for c in curve] + [c["edge_f1_base"] for c in curve] + ([reference_f1] if reference_f1 else [])
+    tick = 0.05
+    n_ticks = max(1, math.ceil(max(values) * 1.05 / tick))
+    y_max = n_ticks * tick
+    x_max = max(steps) or 1
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (w - left - right) * step / x_max, h - bottom - (h - top - bottom) * value / y_max)
+
+    for i in range(n_ticks + 1):  # horizontal grid and F1 ticks
+        v = tick * i
+        y = xy(0, v)[1]
+        d.line([(left, y), (w - right, y)], fill=(225, 225, 225))
+        d.text((6, y - 6), f"{v:.2f}", fill=(60, 60, 60))
+    for s in steps:
+        x = xy(s, 0)[0]
+        d.line([(x, h - bottom), (x, h - bottom + 4)], fill=(60, 60, 60))
+        d.text((x - 10, h - bottom + 8), str(s), fill=(60, 60, 60))
+    d.rectangle([left, top, w - right, h - bottom], outline=(60, 60, 60))
+    d.text((left, 8), "edge F1 on the held-out guides while training (tools/demo.py)", fill=(0, 0, 0))
+    d.text((w // 2 - 40, h - 18), "training step", fill=(60, 60, 60))
+    lines = [("with the LLLite", [c["edge_f1"] for c in curve], (200, 40, 40)),
+             ("without (base model)", [c["edge_f1_base"] for c in curve], (40, 90, 200))]
+    for name, ys, colour in lines:
+        pts = [xy(s, v) for s, v in zip(steps, ys)]
+        d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    legend = lines + ([("reference: img2img from the source", None, (120, 120, 120))] if reference_f1 else [])
+    if reference_f1:
+        y = xy(0, reference_f1)[1]
+        for x in range(left, w - right, 12):  # dashed
+            d.line([(x, y), (min(x + 6, w - right), y)], fill=(120, 120, 120), width=2)
+    x = left
+    for name, _, colour in legend:  # one row between the title and the plot
+        d.line([(x, 32), (x + 20, 32)], fill=colour, width=2)
+        d.text((x + 26, 26), name, fill=(0, 0, 0))
+        x += 26 + int(d.textlength(name)) + 24
+    img.save(out)
 
 
 def make_grid(items, image_dir: Path, out: Path, size: int, rows_per_column: int = 8) -> None:
@@ -211,57 +320,63 @@ def run_demo(args) -> dict:
     t0 = time.time()
     models = load_sdxl(args.ckpt)
 
-    # 1. The dataset: the base model draws the images; Canny makes the conditioning images.
-    logger.info("step 1/4: the base model draws %d training images", args.train_images)
+    # 1. The dataset: the base model draws the images; the training pipeline makes their canny guides.
+    logger.info("step 1/4: the base model draws %d training images and the held-out guides", args.train_images)
     _, captions, _ = shapes_domain.generate(args.train_images, seed=args.seed, combinations=shapes_domain.training_combinations())
     images_dir = work / "dataset" / "images"
-    draw_images(models, captions, images_dir, first_seed=args.seed, args=args)
-    cannies = convert_folder(images_dir, work / "dataset" / "canny", "canny", overwrite=True)
-    kept = set(keep_with_edges(cannies, len(cannies)))
-    for c in cannies:
-        if c not in kept:  # the trainer would refuse an image without its conditioning image
-            for p in (c, images_dir / c.name, images_dir / f"{c.stem}.txt"):
-                p.unlink()
+    drawn = draw_images(models, captions, images_dir, first_seed=args.seed, args=args)
+    kept = drop_images_without_edges(drawn)
+    logger.info("%d of %d drawn images have clear edges and train", len(kept), len(drawn))
+    # Held-out guides: other captions and seeds than the training images; the base model draws them.
+    candidates = args.eval_images + args.eval_images // 2 + 2  # some drawings have no clear outline
+    eval_captions = shapes_domain.evaluation_captions(candidates)
+    guide_src = work / "eval" / "drawn"
+    draw_images(models, eval_captions, guide_src, first_seed=args.seed + 100_000, args=args)
+    all_guides = convert_folder(guide_src, work / "eval" / "guides", "canny", CANNY, overwrite=True)
+    guides = keep_with_edges(all_guides, args.eval_images)
+    for g in set(all_guides) - set(guides):
+        g.unlink()
+    items = [EvalItem(g, eval_captions[int(g.stem)], guide_src / g.name) for g in guides]
+    for item in items:  # eval/guides is then a guide folder that tools/evaluate_control.py and training take
+        item.guide.with_suffix(".txt").write_text(item.prompt)
     train_toml = write_configs(work, args)
 
-    # 2. Train with the real training script.
-    logger.info("step 2/4: training the LLLite (%d steps) with sdxl_train_control_net_lllite.py", args.train_steps)
+    # 2. Train with the real training script; it measures fidelity on the held-out guides as it goes.
+    logger.info("step 2/4: training the LLLite (%d steps) with sdxl_train_control_net_lllite.py, fidelity every %d "
+                "steps", args.train_steps, args.fidelity_every)
     cmd = [sys.executable, str(ROOT / "sdxl_train_control_net_lllite.py"), "--config_file", str(train_toml)]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     if res.returncode != 0:
         raise UserError(f"training failed (exit code {res.returncode}); its messages are above")
     lllite_path = work / "lllite" / "demo_canny.safetensors"
 
-    # 3. Held-out guides: other captions and seeds than the training images; the base model draws them.
-    logger.info("step 3/4: %d held-out guides, generated with and without the LLLite", args.eval_images)
-    candidates = args.eval_images + args.eval_images // 2 + 2  # some drawings have no clear outline
-    eval_captions = shapes_domain.evaluation_captions(candidates)
-    guide_src = work / "eval" / "drawn"
-    draw_images(models, eval_captions, guide_src, first_seed=args.seed + 100_000, args=args)
-    all_guides = convert_folder(guide_src, work / "eval" / "guides", "canny", overwrite=True)
-    guides = keep_with_edges(all_guides, args.eval_images)
-    for g in set(all_guides) - set(guides):
-        g.unlink()
-    items = [EvalItem(g, eval_captions[int(g.stem)], guide_src / g.name) for g in guides]
-    for item in items:  # eval/guides is then a guide folder that tools/evaluate_control.py takes as it is
-        item.guide.with_suffix(".txt").write_text(item.prompt)
+    # 3. The held-out guides with and without the trained LLLite, and the reference row.
+    logger.info("step 3/4: %d held-out guides, generated with and without the LLLite", len(items))
     network = ControlNetLLLite.from_file(models.unet, lllite_path)
     settings = EvalSettings(width=args.size, height=args.size, steps=args.gen_steps, scale=args.scale,
-                            sampler=args.sampler, seed=args.seed + 200_000)
+                            sampler=args.sampler, seed=eval_seed(args))
     results = evaluate_control(models, network, items, settings, (0.0, 1.0), work / "eval" / "generated")
 
-    # 4. The grid and the numbers.
+    # 4. The grid, the curve and the numbers.
     grid = work / "grid.png"
     make_grid(items, work / "eval" / "generated", grid, max(args.size, 128))
     results["prompt_fidelity"] = prompt_fidelity(items, work / "eval" / "generated", list(results["mean"]))
+    results["fidelity_curve"] = read_fidelity_curve(work / "logs")
+    reference = results["reference"]["f1"] if results.get("reference") else None
+    plot_fidelity_curve(results["fidelity_curve"], work / "fidelity_curve.png", reference)
     write_json(results, work / "fidelity.json")
     print("\nControl fidelity on held-out canny guides (edge F1 against Canny of the output):")
     print(format_table(results))
+    print("\nMeasured while training (the same guides and settings; TensorBoard logs in "
+          f"{work / 'logs'}):\n| step | edge F1 with | without | edge SSIM with | without |\n|---:|---:|---:|---:|---:|")
+    for c in results["fidelity_curve"]:
+        print(f"| {c['step']} | {c['edge_f1']:.3f} | {c['edge_f1_base']:.3f} | {c['edge_ssim']:.3f} | "
+              f"{c['edge_ssim_base']:.3f} |")
     print("\nPrompt fidelity (share of outputs with the prompt's colour / shape / both):")
     print("| multiplier | colour | shape | both |\n|---:|---:|---:|---:|")
     for mult, f in results["prompt_fidelity"].items():
         print(f"| {mult} | {f['colour']:.0%} | {f['shape']:.0%} | {f['both']:.0%} |")
-    print(f"\ngrid: {grid}\nLLLite: {lllite_path}\nfigures: {work / 'fidelity.json'}\n"
+    print(f"\ngrid: {grid}\ncurve: {work / 'fidelity_curve.png'}\nLLLite: {lllite_path}\nfigures: {work / 'fidelity.json'}\n"
           f"total time: {time.time() - t0:.0f} s")
     return results
 
