@@ -177,8 +177,9 @@ class _Problems:
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        head = f"{len(self.items)} problem(s) in the dataset config {self.source}:"
-        raise UserError("\n  ".join([head, *self.items]) + "\nSee docs/dataset.md for every key and its meaning.")
+        # The problems come last, so that the last line a user sees is one of them.
+        head = f"{len(self.items)} problem(s) in the dataset config {self.source} (docs/dataset.md has every key):"
+        raise UserError("\n  ".join([head, *self.items]))
 
 
 def _parse_pair(value: Any) -> tuple[float, float] | None:
