@@ -317,7 +317,7 @@ def per_model(values: Sequence[float] | None, n_models: int, default: float, lab
 def control_settings(request: GenerationRequest, n_models: int) -> tuple[list[float], list[float], list[float]]:
     """(multipliers, starts, ratios), one per model; a model whose window holds no step is refused."""
     multipliers, starts, ratios = (
-        per_model(getattr(request, name), n_models, default, f"{option} ({name})", kind)
+        per_model(getattr(request, name), n_models, default, option, kind)
         for name, option, default, kind in CONTROL_FIELDS
     )
     for i, (start, ratio) in enumerate(zip(starts, ratios), start=1):

@@ -10,78 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from library.errors import run_cli
-from library.lora import lora_name_map, make_lora_state_dict
-from library.model_loading import save_sdxl_single_file
 from library.png_metadata import read_png_parameters
-from library.tiny_sdxl import build_random_models
-from library.weights_io import write_weights
-from networks.control_net_lllite import ControlNetLLLite
-
-import sdxl_gen_img
+from tests.gen_helpers import SMALL, make_gen_files, pngs, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--W", "64", "--H", "64", "--steps", "3", "--sampler", "euler", "--no_progress"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny checkpoint, two LLLite files with non-zero up layers, guide/init/mask images, a LoRA, an embedding."""
-    d = tmp_path_factory.mktemp("gen_script")
-    unet, vae, te1, te2 = build_random_models()
-    save_sdxl_single_file(d / "tiny.safetensors", unet, vae, te1, te2)
-    out = {"ckpt": str(d / "tiny.safetensors"), "dir": d}
-    for i in (1, 2):
-        torch.manual_seed(i)
-        net = ControlNetLLLite(unet, cond_emb_dim=8, network_dim=8)
-        for _, m in net.lllite_modules():
-            torch.nn.init.normal_(m.up[0].weight, std=1.0)
-        net.save(d / f"lllite{i}.safetensors")
-        out[f"lllite{i}"] = str(d / f"lllite{i}.safetensors")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / f"guide{i}.png")
-        out[f"guide{i}"] = str(d / f"guide{i}.png")
-    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(d / "init.png")
-    out["init"] = str(d / "init.png")
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = 255
-    Image.fromarray(mask).save(d / "mask.png")
-    out["mask"] = str(d / "mask.png")
-    (d / "broken.png").write_bytes(b"not a png at all")
-    out["broken"] = str(d / "broken.png")
-    names = lora_name_map(unet, te1, te2)
-    chosen = [n for n in names if "attn1_to_q" in n or "self_attn_q_proj" in n]
-    write_weights(d / "lora.safetensors", make_lora_state_dict(names, rank=2, generator=torch.Generator().manual_seed(0),
-                                                                names=chosen))
-    out["lora"] = str(d / "lora.safetensors")
-    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}, str(d / "myemb.safetensors"))
-    out["emb"] = str(d / "myemb.safetensors")
-    return out
+    return make_gen_files(tmp_path_factory.mktemp("gen_script"))
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(ROOT / "sdxl_gen_img.py"), *args], capture_output=True, text=True,
                           env=env, timeout=300)
-
-
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """main() in this process, wrapped like the script: (exit code, stderr)."""
-    code = 0
-    try:
-        run_cli(lambda: sdxl_gen_img.main(list(args)))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def pngs(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.png"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""Every bad input is refused before any work starts: exit code 2, no traceback, the value on the last line, nothing written.
+
+The module is a harness and tables of cases, one table per entry script. A case gives the arguments
+(``{name}`` is replaced by a file of the ``bad_files`` fixture, ``{tmp}`` by the case's own folder),
+the text the last line of stderr must contain (the value that is wrong), and whether the mistake
+is one that needs no model: for those the model loader is replaced by one that fails the test if
+it is called. The scripts' ``main`` runs in this process (importing torch per case in a subprocess
+would cost more than all the cases together).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from library.errors import run_cli
+from library.lora import lora_name_map, make_lora_state_dict
+from library.tiny_sdxl import build_random_models
+from library.weights_io import read_weights, write_weights
+from tests.gen_helpers import make_gen_files
+
+# ----------------------------------------------------------------------------------------------
+# Harness
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One mistake: the arguments that make it and the text the last line of stderr must name."""
+
+    name: str
+    argv: tuple[str, ...]
+    named: str
+    before_load: bool = True  # found before any model loads (the loader must not be called)
+
+
+def expand(template: str, files: dict[str, str], tmp: Path) -> str:
+    return template.format(tmp=tmp, **files)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def forbid_model_loading(monkeypatch) -> None:
+    """Make loading a model fail the test: an option error must be found before it."""
+
+    def loader(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("library.model_loading.load_sdxl", loader)
+
+
+def run_refused(main: Callable[[list[str]], object], argv: list[str], capsys) -> tuple[int, str]:
+    """``main(argv)`` under ``run_cli``, as the script runs it: (exit code, stderr)."""
+    code = 0
+    try:
+        run_cli(lambda: main(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def check_refusal(case: BadInput, main, files: dict[str, str], tmp: Path, capsys, monkeypatch) -> None:
+    """Run ``case`` and assert: exit code 2, no traceback, the value on the last line, nothing written."""
+    if case.before_load:
+        forbid_model_loading(monkeypatch)
+    before = files_under(tmp)
+    argv = [expand(a, files, tmp) for a in case.argv]
+    code, err = run_refused(main, argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    named = expand(case.named, files, tmp)
+    assert lines and named in lines[-1], f"last line {lines[-1] if lines else None!r} does not name {named!r}"
+    assert files_under(tmp) == before, f"written: {files_under(tmp) - before}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, good and bad
+# ----------------------------------------------------------------------------------------------
+
+
+def _bad_weight_files(d: Path, good: dict[str, str], out: dict[str, str]) -> None:
+    unet, _, te1, te2 = build_random_models()
+    names = lora_name_map(unet, te1, te2)
+    name = next(n for n in names if n.endswith("attn1_to_q"))
+    sd = make_lora_state_dict(names, rank=2, names=[name])
+    sd[name + ".lora_down.weight"] = torch.zeros(2, 7)  # the layer takes another width
+    write_weights(d / "lora_shape.safetensors", sd)
+    sd15 = {f"lora_unet_down_blocks_0_attentions_{i}_proj_in.{k}": v for i in range(5)
+            for k, v in make_lora_state_dict({"x": torch.nn.Linear(4, 4)}, names=["x"]).items() for k in [k.split(".", 1)[1]]}
+    write_weights(d / "lora_sd15.safetensors", sd15)
+    lllite, _ = read_weights(good["lllite1"])
+    write_weights(d / "lllite_other.safetensors", {k.replace("input_blocks_1_1", "input_blocks_40_1"): v
+                                                   for k, v in lllite.items()})
+    key = next(k for k in lllite if k.endswith("down.0.weight"))
+    write_weights(d / "lllite_shape.safetensors", {**lllite, key: torch.zeros(3, 3)})
+    save_file({"clip_l": torch.zeros(2, 48), "clip_g": torch.zeros(2, 64)}, str(d / "ti_width.safetensors"))
+    (d / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for key in ("lora_shape", "lora_sd15", "lllite_other", "lllite_shape", "ti_width", "damaged"):
+        out[key] = str(d / f"{key}.safetensors")
+
+
+def _bad_images_and_prompts(d: Path, good: dict[str, str], out: dict[str, str]) -> None:
+    (d / "broken.png").write_bytes(b"not a png at all")
+    (d / "empty.png").write_bytes(b"")
+    (d / "truncated.png").write_bytes(Path(good["guide0"]).read_bytes()[:80])
+    (d / "no_images").mkdir()
+    (d / "no_images" / "readme.txt").write_text("no images here")
+    (d / "a_file").write_text("a file, not a folder")
+    prompts = {"unknown": "a cat --zz 3\n", "value": "a cat\na dog --s zero\n", "small": "a cat --w 16\n",
+               "cn": "a cat --cn missing_guide.png\n", "am": "a cat --am 0.5\n", "empty": "# nothing\n\n",
+               "glt": "a cat --glt 500\n"}
+    for key, text in prompts.items():
+        (d / f"p_{key}.txt").write_text(text)
+        out[f"p_{key}"] = str(d / f"p_{key}.txt")
+    (d / "p_syntax.toml").write_text('prompt = [ { prompt = "x" ')
+    (d / "p_latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for key in ("broken", "empty", "truncated"):
+        out[key] = str(d / f"{key}.png")
+    out.update(no_images=str(d / "no_images"), a_file=str(d / "a_file"), p_syntax=str(d / "p_syntax.toml"),
+               p_latin1=str(d / "p_latin1.txt"))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("bad_inputs")
+    out = make_gen_files(d)
+    _bad_weight_files(d, out, out)
+    _bad_images_and_prompts(d, out, out)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "black.png")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sdxl_gen_img.py
+# ----------------------------------------------------------------------------------------------
+
+G = ("--ckpt", "{ckpt}", "--outdir", "{tmp}/out", "--W", "64", "--H", "64", "--steps", "2", "--no_progress")
+P = G + ("--prompt", "a cat")
+L = P + ("--control_net_lllite_models", "{lllite1}", "--guide_image_path", "{guide0}")
+LORA = P + ("--network_weights", "{lora}")
+
+
+def _gen(name: str, argv: tuple[str, ...], named: str, before_load: bool = True) -> BadInput:
+    return BadInput(name, argv, named, before_load)
+
+
+GENERATION_CASES = [
+    # sizes
+    _gen("W zero", P + ("--W", "0"), "--W 0 is too small: the smallest size is 8 px"),
+    _gen("H negative", P + ("--H", "-64"), "--H -64 is too small"),
+    _gen("W under 32 with LLLite", L + ("--W", "24"), "--W 24 is too small: the smallest size is 32 px with LLLite"),
+    _gen("line width under 32 with LLLite", L[:-6] + ("--from_file", "{p_small}", "--control_net_lllite_models",
+                                                       "{lllite1}", "--guide_image_path", "{guide0}"), "--w 16"),
+    _gen("highres first pass too small", L + ("--highres_fix_scale", "0.25"), "--highres_fix_scale 0.25 makes the first pass 16x16"),
+    _gen("W not a number", P + ("--W", "abc"), "'abc'"),
+    # counts, ranges, numbers
+    _gen("steps zero", P + ("--steps", "0"), "--steps 0 is out of range: it must be at least 1"),
+    _gen("images_per_prompt zero", P + ("--images_per_prompt", "0"), "--images_per_prompt 0"),
+    _gen("n_iter negative", P + ("--n_iter", "-1"), "--n_iter -1"),
+    _gen("batch_size zero", P + ("--batch_size", "0"), "--batch_size 0"),
+    _gen("scale not finite", P + ("--scale", "nan"), "--scale nan"),
+    _gen("seed negative", P + ("--seed", "-5"), "--seed -5 is out of range: it must be at least 0"),
+    _gen("clip_skip zero", P + ("--clip_skip", "0"), "--clip_skip 0"),
+    _gen("max_embeddings_multiples zero", P + ("--max_embeddings_multiples", "0"), "--max_embeddings_multiples 0"),
+    _gen("crop negative", P + ("--crop_top", "-8"), "--crop_top -8"),
+    _gen("original size zero", P + ("--original_width_negative", "0"), "--original_width_negative 0"),
+    _gen("vae_slices one", P + ("--vae_slices", "1"), "--vae_slices 1 is out of range: it must be at least 2"),
+    _gen("vae_batch_size zero", P + ("--vae_batch_size", "0"), "--vae_batch_size 0"),
+    _gen("sampler unknown", P + ("--sampler", "warp"), "'warp'"),
+    # img2img, inpainting, highres fix
+    _gen("strength above one", P + ("--image_path", "{init}", "--strength", "1.5"), "--strength 1.5 is out of range"),
+    _gen("strength without an image", P + ("--strength", "0.5"), "--strength 0.5 does nothing without --image_path"),
+    _gen("mask without an image", P + ("--mask_path", "{mask}"), "--mask_path {mask} does nothing without --image_path"),
+    _gen("highres scale one", P + ("--highres_fix_scale", "1"), "--highres_fix_scale 1 is out of range"),
+    _gen("highres steps without scale", P + ("--highres_fix_steps", "10"), "--highres_fix_steps 10 does nothing"),
+    _gen("highres strength without image", P + ("--highres_fix_scale", "0.5", "--highres_fix_strength", "0.5"),
+         "--highres_fix_strength 0.5 does nothing without --image_path"),
+    _gen("upscaler unknown", P + ("--highres_fix_scale", "0.5", "--highres_fix_upscaler", "tools.latent_upscaler"),
+         "'tools.latent_upscaler' is not an upscaler here"),
+    _gen("upscaler args for a latent upscaler", P + ("--highres_fix_scale", "0.5", "--highres_fix_upscaler",
+                                                     "latent_bicubic", "--highres_fix_upscaler_args", "sharpen=1"),
+         "'sharpen=1': the latent upscaler latent_bicubic takes no arguments"),
+    # Deep Shrink, Gradual Latent
+    _gen("deep shrink depth 9", P + ("--ds_depth_1", "9"), "--ds_depth_1 9 is out of range: it must be at least 0 and at most 8"),
+    _gen("deep shrink ratio 1.5", P + ("--ds_depth_1", "3", "--ds_ratio", "1.5"), "--ds_ratio 1.5"),
+    _gen("deep shrink timesteps without depth", P + ("--ds_timesteps_1", "500"), "--ds_timesteps_1 500 does nothing"),
+    _gen("gradual latent with euler", P + ("--gradual_latent_timesteps", "650", "--sampler", "euler"),
+         "got --sampler euler"),
+    _gen("gradual latent unsharp", P + ("--gradual_latent_timesteps", "650", "--gradual_latent_unsharp_params", "2,1"),
+         "--gradual_latent_unsharp_params '2,1'"),
+    _gen("gradual latent with a mask", P + ("--gradual_latent_timesteps", "650", "--image_path", "{init}",
+                                             "--mask_path", "{mask}"), "inpainting (--mask_path) cannot follow it"),
+    # LLLite options
+    _gen("control ratio above one", L + ("--control_net_ratios", "1.5"), "--control_net_ratios 1.5 is out of range"),
+    _gen("more multipliers than models", L + ("--control_net_multipliers", "1", "0.5"),
+         "--control_net_multipliers 1 0.5"),
+    _gen("start not below ratio", L + ("--control_net_starts", "0.5", "--control_net_ratios", "0.5"),
+         "--control_net_starts 0.5 of LLLite model 1 is not below its --control_net_ratios 0.5"),
+    _gen("guide without a model", P + ("--guide_image_path", "{guide0}"), "--guide_image_path {guide0} does nothing"),
+    _gen("fewer guides than models", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}", "--guide_image_path",
+                                          "{guide0}"), "2 LLLite models but only 1 guide image"),
+    _gen("guides that fill no group", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}",
+                                           "--guide_image_path", "{guide0}", "{guide1}", "{guide2}"),
+         "3 guide images for 2 LLLite models"),
+    # LoRA options
+    _gen("too many multipliers", LORA + ("--network_mul", "1", "0.5"), "--network_mul 1 0.5"),
+    _gen("merge more models than files", LORA + ("--network_merge_n_models", "2"), "--network_merge_n_models 2"),
+    _gen("pre_calc with everything merged", LORA + ("--network_merge", "--network_pre_calc"), "--network_pre_calc"),
+    _gen("network module other", LORA + ("--network_module", "lycoris.kohya"), "--network_module lycoris.kohya"),
+    _gen("line multiplier without LoRA", G + ("--from_file", "{p_am}"), "--am 0.5 does nothing without --network_weights"),
+    # refused and conflicting options
+    _gen("network_args", LORA + ("--network_args", "conv_dim=4"), "--network_args conv_dim=4"),
+    _gen("regional mask colours", LORA + ("--network_regional_mask_max_color_codes", "3"),
+         "--network_regional_mask_max_color_codes 3"),
+    _gen("clip vision strength", P + ("--clip_vision_strength", "0.5"), "--clip_vision_strength 0.5"),
+    _gen("fp16 and bf16", P + ("--fp16", "--bf16"), "--fp16 and --bf16 both given"),
+    _gen("sdpa and xformers", P + ("--sdpa", "--xformers"), "--sdpa and --xformers both given"),
+    _gen("device unknown", P + ("--device", "gpu7"), "--device gpu7"),
+    _gen("no prompt", G, "nothing to draw: give --prompt, --from_file or --interactive"),
+    # files: checkpoint, VAE, weights
+    _gen("ckpt missing", P[:1] + ("{tmp}/nope.safetensors",) + P[2:], "--ckpt {tmp}/nope.safetensors: no such file"),
+    _gen("ckpt is an LLLite file", P[:1] + ("{lllite1}",) + P[2:], "--ckpt {lllite1} is a ControlNet-LLLite file"),
+    _gen("ckpt is a LoRA file", P[:1] + ("{lora}",) + P[2:], "--ckpt {lora} is a LoRA file"),
+    _gen("ckpt damaged", P[:1] + ("{damaged}",) + P[2:], "{damaged}"),
+    _gen("vae missing", P + ("--vae", "{tmp}/vae.safetensors"), "--vae {tmp}/vae.safetensors: no such file"),
+    _gen("LLLite file missing", P + ("--control_net_lllite_models", "{tmp}/x.safetensors", "--guide_image_path",
+                                     "{guide0}"), "--control_net_lllite_models {tmp}/x.safetensors: no such file"),
+    _gen("LLLite file is a LoRA", P + ("--control_net_lllite_models", "{lora}", "--guide_image_path", "{guide0}"),
+         "--control_net_lllite_models {lora} is not a ControlNet-LLLite file"),
+    _gen("LLLite file damaged", P + ("--control_net_lllite_models", "{damaged}", "--guide_image_path", "{guide0}"),
+         "{damaged}"),
+    _gen("LoRA file is an LLLite file", P + ("--network_weights", "{lllite1}"), "--network_weights {lllite1} is not a LoRA"),
+    _gen("LLLite for another model", P + ("--control_net_lllite_models", "{lllite_other}", "--guide_image_path",
+                                          "{guide0}"), "{lllite_other} does not fit this U-Net", before_load=False),
+    _gen("LLLite with a wrong shape", P + ("--control_net_lllite_models", "{lllite_shape}", "--guide_image_path",
+                                           "{guide0}"), "{lllite_shape}", before_load=False),
+    _gen("LoRA with a wrong shape", P + ("--network_weights", "{lora_shape}"), "{lora_shape}: LoRA layer",
+         before_load=False),
+    _gen("LoRA for SD1.5", P + ("--network_weights", "{lora_sd15}"), "{lora_sd15}: 5 of 5 LoRA entries match no layer",
+         before_load=False),
+    _gen("textual inversion of another width", P + ("--textual_inversion_embeddings", "{ti_width}"), "{ti_width}",
+         before_load=False),
+    _gen("textual inversion missing", P + ("--textual_inversion_embeddings", "{tmp}/emb.safetensors"),
+         "--textual_inversion_embeddings {tmp}/emb.safetensors: no such file"),
+    # images
+    _gen("guide not an image", L[:-1] + ("{broken}",), "cannot read guide image {broken}"),
+    _gen("guide empty file", L[:-1] + ("{empty}",), "cannot read guide image {empty}"),
+    _gen("guide truncated", L[:-1] + ("{truncated}",), "{truncated}"),
+    _gen("guide folder without images", L[:-1] + ("{no_images}",), "guide image folder {no_images} holds no images"),
+    _gen("guide missing", L[:-1] + ("{tmp}/edges.png",), "--guide_image_path {tmp}/edges.png: no such file"),
+    _gen("init not an image", P + ("--image_path", "{broken}"), "cannot read init image (--image_path) {broken}"),
+    _gen("mask empty", P + ("--image_path", "{init}", "--mask_path", "{empty}"), "{empty}"),
+    _gen("line guide missing", L + ("--prompt", "a cat --cn {tmp}/g.png"), "{tmp}/g.png"),
+    # prompt files and lines
+    _gen("prompt file missing", G + ("--from_file", "{tmp}/p.txt"), "--from_file {tmp}/p.txt: no such file"),
+    _gen("prompt line unknown option", G + ("--from_file", "{p_unknown}"), "{p_unknown} line 1: unknown prompt option --zz"),
+    _gen("prompt line bad value", G + ("--from_file", "{p_value}"), "{p_value} line 2: --s 'zero' is not valid"),
+    _gen("prompt file syntax", G + ("--from_file", "{p_syntax}"), "syntax error in prompt file {p_syntax}"),
+    _gen("prompt file empty", G + ("--from_file", "{p_empty}"), "prompt file {p_empty} contains no prompts"),
+    _gen("prompt file not UTF-8", G + ("--from_file", "{p_latin1}"), "prompt file {p_latin1} is not UTF-8"),
+    _gen("prompt line gradual latent with euler", G + ("--from_file", "{p_glt}", "--sampler", "euler"),
+         "{p_glt} line 1: Gradual Latent"),
+    _gen("--prompt unknown option", G + ("--prompt", "a cat --W2 512"), "--prompt: unknown prompt option --W2"),
+    # folders
+    _gen("outdir under a file", P[:3] + ("{a_file}/out",) + P[4:], "--outdir {a_file}/out: cannot create or write"),
+    _gen("log file under a file", P + ("--console_log_file", "{a_file}/log.txt"), "--console_log_file {a_file}"),
+    _gen("log file is a folder", P + ("--console_log_file", "{tmp}"), "--console_log_file {tmp} is a folder"),
+    _gen("tokenizer cache is a file", P + ("--tokenizer_cache_dir", "{a_file}"), "--tokenizer_cache_dir {a_file} is a file"),
+]
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES, ids=[c.name for c in GENERATION_CASES])
+def test_generation_bad_input(case, bad_files, tmp_path, capsys, monkeypatch):
+    import sdxl_gen_img
+
+    check_refusal(case, sdxl_gen_img.main, bad_files, tmp_path, capsys, monkeypatch)
+
+
+def test_generation_table_covers_enough():
+    assert len(GENERATION_CASES) >= 35 and len({c.name for c in GENERATION_CASES}) == len(GENERATION_CASES)
+    json.dumps([c.name for c in GENERATION_CASES])
