@@ -228,10 +228,10 @@ class GenerationRequest:
     negative_prompt: str = ""
     width: int = 1024
     height: int = 1024
+    seed: int | None = None  # None: a random seed (stored in the image's info["seed"])
     steps: int = 28
     scale: float = 7.0
     negative_scale: float | None = None
-    seed: int | None = None  # None: a random seed (stored in the image's info["seed"])
     sampler: str = DEFAULT_SAMPLER
     # LLLite, in model order; a model without a value gets the default (1.0, 0.0, 1.0) as in sd-scripts
     guide_images: list[ImageLike | None] = field(default_factory=list)

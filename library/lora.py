@@ -52,23 +52,15 @@ def _flat(name: str) -> str:
 
 def unet_lora_names(unet: nn.Module) -> dict[str, nn.Module]:
     """kohya LoRA name (``lora_unet_...``) -> Linear/Conv2d module of a diffusers SDXL U-Net."""
-    pairs = sorted(sdxl_keys.unet_prefix_pairs(unet.config), key=lambda p: -len(p[0]))
-    renames = sdxl_keys.UNET_RESNET_RENAMES
     out: dict[str, nn.Module] = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        dotted = name + "."
-        for d_prefix, s_prefix in pairs:
-            if dotted.startswith(d_prefix):
-                rest = dotted[len(d_prefix):]
-                if ".resnets." in d_prefix:
-                    for old, new in renames:
-                        if rest.startswith(old):
-                            rest = new + rest[len(old):]
-                            break
-                out["lora_unet_" + _flat((s_prefix + rest).rstrip("."))] = module
-                break
+        try:  # the sgm name of the module's weight, by the table that writes single-file checkpoints
+            (key,) = sdxl_keys.unet_diffusers_to_sgm({name + ".weight": module}, unet.config)
+        except KeyError:
+            continue
+        out["lora_unet_" + _flat(key[len(sdxl_keys.UNET_PREFIX): -len(".weight")])] = module
     return out
 
 

@@ -106,42 +106,54 @@ class LineOption:
     accumulate: bool = False  # a repeated option adds to the earlier values instead of replacing them
 
 
+# name, PromptSpec field, value kind, LIMITS kind every number must meet (- for none), meaning.
+_TABLE = """
+n     negative_prompt           text        -                  negative prompt (replaces --negative_prompt)
+c     clip_prompt               text        -                  CLIP prompt, stored in the PNG only as in sd-scripts' SDXL script
+w     width                     int         -                  width
+h     height                    int         -                  height
+ow    original_width            int         size_conditioning  SDXL original width
+oh    original_height           int         size_conditioning  SDXL original height
+nw    original_width_negative   int         size_conditioning  original width of the negative half of CFG
+nh    original_height_negative  int         size_conditioning  original height of the negative half of CFG
+ct    crop_top                  int         crop               SDXL crop top
+cl    crop_left                 int         crop               SDXL crop left
+s     steps                     int         count              number of steps
+d     seeds                     ints        seed               seed, or a comma list of seeds
+l     scale                     float       number             CFG scale
+nl    negative_scale            float/none  number             negative scale (none switches it off)
+t     strength                  float       strength           img2img strength
+am    network_multipliers       floats      number             LoRA multipliers, one per --network_weights file
+ss    sampler                   sampler     -                  sampler
+cn    guide_images              paths       -                  guide image path(s), one per LLLite model
+dsd1  ds_depth_1                int         ds_depth           Deep Shrink depth 1
+dst1  ds_timesteps_1            int         timesteps          Deep Shrink timesteps 1
+dsd2  ds_depth_2                int         ds_depth           Deep Shrink depth 2
+dst2  ds_timesteps_2            int         timesteps          Deep Shrink timesteps 2
+dsr   ds_ratio                  float       shrink_ratio       Deep Shrink ratio
+glt   gl_timesteps              int         timesteps          Gradual Latent: start growing below this timestep
+glr   gl_ratio                  float       shrink_ratio       Gradual Latent start ratio
+gle   gl_every_n_steps          int         count              Gradual Latent: grow every n steps
+gls   gl_ratio_step             float       ratio_step         Gradual Latent ratio step
+glsn  gl_s_noise                float       s_noise            Gradual Latent s_noise
+glus  gl_unsharp                unsharp     -                  Gradual Latent unsharp mask ksize,sigma,strength[,target_x]
+"""
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "text": _text, "int": _int, "float": _float, "float/none": _float_or_none, "sampler": _sampler,
+    "ints": lambda v: [_int(x) for x in _items(v)], "floats": lambda v: [_float(x) for x in _items(v)],
+    "paths": lambda v: [_nonempty_text(x) for x in _items(v)], "unsharp": Unsharp.parse,
+}
+_ACCUMULATE = {"cn"}  # a repeated --cn adds guide images
+
+
 def _line_options() -> tuple[LineOption, ...]:
-    ints, floats = _int, _float
-    return (
-        LineOption("n", "negative_prompt", _text, meaning="negative prompt (replaces --negative_prompt)"),
-        LineOption("c", "clip_prompt", _text, meaning="CLIP prompt: stored in the PNG only, as in sd-scripts' SDXL"),
-        LineOption("w", "width", ints, meaning="width"),
-        LineOption("h", "height", ints, meaning="height"),
-        LineOption("ow", "original_width", ints, "size_conditioning", "SDXL original width"),
-        LineOption("oh", "original_height", ints, "size_conditioning", "SDXL original height"),
-        LineOption("nw", "original_width_negative", ints, "size_conditioning", "original width of the negative"),
-        LineOption("nh", "original_height_negative", ints, "size_conditioning", "original height of the negative"),
-        LineOption("ct", "crop_top", ints, "crop", "SDXL crop top"),
-        LineOption("cl", "crop_left", ints, "crop", "SDXL crop left"),
-        LineOption("s", "steps", ints, "count", "steps"),
-        LineOption("d", "seeds", lambda v: [_int(x) for x in _items(v)], "seed", "seed, or a comma list of seeds"),
-        LineOption("l", "scale", floats, "number", "CFG scale"),
-        LineOption("nl", "negative_scale", _float_or_none, "number", "negative scale; none switches it off"),
-        LineOption("t", "strength", floats, "strength", "img2img strength"),
-        LineOption("am", "network_multipliers", lambda v: [_float(x) for x in _items(v)], "number",
-                   "LoRA multipliers, one per --network_weights file"),
-        LineOption("ss", "sampler", _sampler, meaning="sampler"),
-        LineOption("cn", "guide_images", lambda v: [_nonempty_text(x) for x in _items(v)],
-                   meaning="guide image path(s), one per LLLite model", accumulate=True),
-        LineOption("dsd1", "ds_depth_1", ints, "ds_depth", "Deep Shrink depth 1"),
-        LineOption("dst1", "ds_timesteps_1", ints, "timesteps", "Deep Shrink timesteps 1"),
-        LineOption("dsd2", "ds_depth_2", ints, "ds_depth", "Deep Shrink depth 2"),
-        LineOption("dst2", "ds_timesteps_2", ints, "timesteps", "Deep Shrink timesteps 2"),
-        LineOption("dsr", "ds_ratio", floats, "shrink_ratio", "Deep Shrink ratio"),
-        LineOption("glt", "gl_timesteps", ints, "timesteps", "Gradual Latent: start upscaling below this timestep"),
-        LineOption("glr", "gl_ratio", floats, "shrink_ratio", "Gradual Latent start ratio"),
-        LineOption("gle", "gl_every_n_steps", ints, "count", "Gradual Latent: grow every n steps"),
-        LineOption("gls", "gl_ratio_step", floats, "ratio_step", "Gradual Latent ratio step"),
-        LineOption("glsn", "gl_s_noise", floats, "s_noise", "Gradual Latent s_noise"),
-        LineOption("glus", "gl_unsharp", Unsharp.parse, None,
-                   "Gradual Latent unsharp mask: ksize,sigma,strength[,target_x]"),
-    )
+    options = []
+    for row in _TABLE.strip().splitlines():
+        name, field, kind, limit, meaning = row.split(None, 4)
+        options.append(LineOption(name, field, _CONVERTERS[kind], None if limit == "-" else limit, meaning,
+                                  name in _ACCUMULATE))
+    return tuple(options)
 
 
 OPTIONS: dict[str, LineOption] = {o.name: o for o in _line_options()}
