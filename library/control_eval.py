@@ -30,6 +30,7 @@ from library.control_metrics import evaluate_pair, guide_edge_map
 from library.errors import UserError
 from library.generation import GenerationRequest, generate
 from library.model_loading import SDXLModels
+from library.samplers import DEFAULT_SAMPLER
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class EvalSettings:
     height: int = 1024
     steps: int = 20
     scale: float = 7.0
-    sampler: str = "euler_a"
+    sampler: str = DEFAULT_SAMPLER
     seed: int = 0
     negative_prompt: str = ""
     low_threshold: int = 100

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.errors import UserError, run_cli  # noqa: E402
+from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--H", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scale", type=float, default=7.0)
-    p.add_argument("--sampler", default="euler_a")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, type=str.lower, choices=SAMPLER_NAMES)
     p.add_argument("--seed", type=int, default=0, help="guide i uses seed + i at every multiplier")
     p.add_argument("--low_threshold", type=int, default=100, help="Canny thresholds for the generated images")
     p.add_argument("--high_threshold", type=int, default=200)
