@@ -163,8 +163,9 @@ def deep_shrink(unet: nn.Module, settings: DeepShrink) -> Iterator[_State]:
             handles.append(end.register_forward_hook(hooks.after_pair(block, j)))
     last = unet.conv_norm_out if getattr(unet, "conv_norm_out", None) is not None else unet.conv_out
     handles.append(last.register_forward_pre_hook(hooks.restore_size))
-    logger.info("Deep Shrink: depth %s until timestep %s, depth %s until %s, ratio %g", settings.depth_1,
-                settings.timesteps_1, settings.depth_2, settings.timesteps_2, settings.ratio)
+    second = "" if settings.depth_2 is None else f", block {settings.depth_2} down to timestep {settings.timesteps_2}"
+    logger.info("Deep Shrink: input block %d shrunk by %g while the timestep is at least %d%s", settings.depth_1,
+                settings.ratio, settings.timesteps_1, second)
     try:
         yield state
     finally:

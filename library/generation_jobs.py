@@ -119,7 +119,7 @@ def collect_images(inputs: InputOptions, specs: list[PromptSpec]) -> ImageInputs
     n_models = len(inputs.lllite_models)
     guides = expand_images(inputs.guide_paths, "guide image")
     groups: list[list[str]] = []
-    if guides or (n_models and (inputs.interactive or not all(s.guide_images for s in specs))):
+    if guides or (n_models and specs and not all(s.guide_images for s in specs)):
         groups = guide_groups(guides, n_models)  # raises when there are fewer guide images than models
     inits = expand_images([inputs.image_path], "init image (--image_path)") if inputs.image_path else []
     masks = expand_images([inputs.mask_path], "mask image (--mask_path)") if inputs.mask_path else []
@@ -208,6 +208,9 @@ class Planner:
                 changes = {"seed": self._seed(spec, k, iteration)}
                 img = self.images
                 if self.n_models and not spec.guide_images:
+                    if not img.groups:
+                        raise UserError(f"{spec.where}: {self.n_models} LLLite model(s) but no guide image: give --cn "
+                                        "in the line, or --guide_image_path")
                     changes["guide_images"] = list(img.groups[self.index % len(img.groups)])
                 if img.inits:
                     changes["init_image"] = img.inits[self.index % len(img.inits)]

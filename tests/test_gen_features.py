@@ -393,3 +393,14 @@ def test_bench_vae_decode_smoke(capsys):
     assert "--vae_slices" in capsys.readouterr().out
     assert [c["slices"] for c in res["cases"]] == [None, 2, 4]
     assert all(d["max_levels"] < 1 for d in res["differences"])
+
+
+def test_interactive_lines_bring_their_own_guides_and_a_bad_line_is_skipped(files, tmp_path, capsys):
+    lines = f"a cat --d 1 --cn {files['guide0']}\na dog --d 2\na fox --d 3 --zz 1\na cow --d 4 --cn {files['guide1']}\n\n"
+    with stdin_lines(lines):
+        code, err = run_main(capsys, "--ckpt", files["ckpt"], "--interactive", "--no_preview",
+                             "--control_net_lllite_models", files["lllite1"], "--outdir", str(tmp_path), *SMALL)
+    assert code == 0, err
+    assert "interactive line 2: 1 LLLite model(s) but no guide image" in err
+    assert "interactive line 3: unknown prompt option --zz" in err
+    assert sorted(read_png_parameters(f)["seed"] for f in pngs(tmp_path)) == [1, 4]
