@@ -404,3 +404,23 @@ def test_interactive_lines_bring_their_own_guides_and_a_bad_line_is_skipped(file
     assert "interactive line 2: 1 LLLite model(s) but no guide image" in err
     assert "interactive line 3: unknown prompt option --zz" in err
     assert sorted(read_png_parameters(f)["seed"] for f in pngs(tmp_path)) == [1, 4]
+
+
+def test_images_of_odd_kinds_are_read_as_rgb_and_grey(files, tmp_path, capsys):
+    """16-bit grey, CMYK, palette with transparency, a rotated JPEG: guides, init and mask all open."""
+    rng = np.random.default_rng(3)
+    Image.fromarray((rng.random((48, 80)) * 65535).astype(np.uint16)).save(tmp_path / "guide16.png")
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).convert("CMYK").save(tmp_path / "init.jpg")
+    mask = Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8) * 255).convert("P")
+    mask.info["transparency"] = 0
+    mask.save(tmp_path / "mask.png")
+    rotated = Image.fromarray((rng.random((32, 64, 3)) * 255).astype(np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    code, err = run_main(capsys, "--ckpt", files["ckpt"], "--prompt", "x --d 1", "--control_net_lllite_models",
+                         files["lllite1"], files["lllite2"], "--guide_image_path", str(tmp_path / "guide16.png"),
+                         str(tmp_path / "rotated.jpg"), "--image_path", str(tmp_path / "init.jpg"), "--mask_path",
+                         str(tmp_path / "mask.png"), "--outdir", str(tmp_path / "out"), *SMALL)
+    assert code == 0, err
+    assert Image.open(pngs(tmp_path / "out")[0]).size == (64, 64)
