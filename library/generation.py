@@ -159,6 +159,10 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 # ----------------------------------------------------------------------------------------------
 # One generation call
 # ----------------------------------------------------------------------------------------------
@@ -399,33 +403,41 @@ def generate(
     Returns:
         PIL images; ``image.info["seed"]`` holds the seed used.
     """
-    requests = [request] if isinstance(request, GenerationRequest) else list(request)
-    if not requests:
-        raise ValueError("generate() needs at least one request")
-    if len({batch_key(r) for r in requests}) > 1:
-        raise ValueError("the requests of one batch must agree on everything but per-image fields (see batch_key)")
     lllites = list(lllites)
-    for q in requests:
-        validate_request(q, len(lllites))
-        _check_guides(q, len(lllites))
+    requests = _checked_requests(request, len(lllites))
     r = requests[0]
-    width, height = round_size(r.width, r.height, len(lllites))
-    requests = [dataclasses.replace(q, width=width, height=height) for q in requests]
     seeds = [q.seed if q.seed is not None else random.randint(0, 2**32 - 1) for q in requests]
-    _, starts, ratios = control_settings(r, len(lllites))
+    multipliers, starts, ratios = control_settings(r, len(lllites))
     unet_dtype = _module_dtype(models.unet)
-    run = _Run(models, requests, lllites, torch.device(device) if device is not None else next(models.unet.parameters()).device,
-               dtype or unet_dtype, unet_dtype, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
-               list(zip(starts, ratios)), progress=progress, on_step=on_step)
+    run = _Run(
+        models, requests, lllites, device=torch.device(device) if device is not None else _module_device(models.unet),
+        dtype=dtype or unet_dtype, unet_dtype=unet_dtype,
+        generators=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds], windows=list(zip(starts, ratios)),
+        progress=progress, on_step=on_step,
+    )
     vae = VaeRunner(models.vae, vae_batch_size, vae_slices)
     with _inference_state(models, lllites), deep_shrink(models.unet, r.deep_shrink):
-        for net, mult in zip(lllites, control_settings(r, len(lllites))[0]):
+        for net, mult in zip(lllites, multipliers):
             net.set_multiplier(mult)
         run.cond = _encode_text(models, requests, run.device, run.dtype)
         images = tensor_to_images(vae.decode(_draw_passes(run, vae, first_pass)))
     for im, seed in zip(images, seeds):
         im.info["seed"] = seed
     return images
+
+
+def _checked_requests(request: GenerationRequest | Sequence[GenerationRequest], n_models: int) -> list[GenerationRequest]:
+    """The batch's requests, each checked, with the size rounded down to multiples of 8."""
+    requests = [request] if isinstance(request, GenerationRequest) else list(request)
+    if not requests:
+        raise ValueError("generate() needs at least one request")
+    if len({batch_key(r) for r in requests}) > 1:
+        raise ValueError("the requests of one batch must agree on everything but per-image fields (see batch_key)")
+    for q in requests:
+        validate_request(q, n_models)
+        _check_guides(q, n_models)
+    width, height = round_size(requests[0].width, requests[0].height, n_models)
+    return [dataclasses.replace(q, width=width, height=height) for q in requests]
 
 
 def _check_guides(q: GenerationRequest, n_models: int) -> None:
