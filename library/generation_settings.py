@@ -94,7 +94,7 @@ LIMITS: dict[str, Limit] = {
     "s_noise": Limit(0),
     "vae_slices": Limit(2),
     "vae_batch_size": Limit(0, low_open=True),
-    "clip_skip": Limit(1),
+    "clip_skip": Limit(1, 12),  # SDXL's first text encoder has 12 layers
 }
 
 

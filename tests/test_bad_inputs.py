@@ -172,6 +172,8 @@ GENERATION_CASES = [
     _gen("scale not finite", P + ("--scale", "nan"), "--scale nan"),
     _gen("seed negative", P + ("--seed", "-5"), "--seed -5 is out of range: it must be at least 0"),
     _gen("clip_skip zero", P + ("--clip_skip", "0"), "--clip_skip 0"),
+    _gen("clip_skip beyond the encoder", P + ("--clip_skip", "13"), "--clip_skip 13 is out of range: it must be at least 1 "
+                                                                      "and at most 12"),
     _gen("max_embeddings_multiples zero", P + ("--max_embeddings_multiples", "0"), "--max_embeddings_multiples 0"),
     _gen("crop negative", P + ("--crop_top", "-8"), "--crop_top -8"),
     _gen("original size zero", P + ("--original_width_negative", "0"), "--original_width_negative 0"),
