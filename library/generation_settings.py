@@ -72,8 +72,11 @@ class Limit:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def words(self) -> str:
-        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {self.low:g}"
-        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        def shown(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {shown(self.low)}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {shown(self.high)}"
         return " and ".join(w for w in (low, high) if w) or "a finite number"
 
 
