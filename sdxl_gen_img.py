@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from library.console_logging import ConsoleLogOptions
+from library.atomic_io import remove_empty
+from library.console_logging import ConsoleLogOptions, console_logging, quiet_third_party
 from library.errors import UserError, run_cli
 from library.generation_jobs import (
     Job,
@@ -31,15 +32,13 @@ from library.generation_jobs import (
     read_interactive,
     read_prompt_specs,
 )
-from library.generation_options import GenOptions, build_parser, options_summary, prepare_folders, remove_empty, resolve
+from library.generation_options import GenOptions, build_parser, options_summary, prepare_folders, resolve
 from library.generation_setup import (
     LoraMultipliers,
     check_weight_files,
-    scoped_console_logging,
     load_models,
     load_networks,
     pick_device,
-    quiet_third_party,
     show_meta,
 )
 
@@ -88,7 +87,7 @@ def draw(opts: GenOptions, planner: Planner, jobs: list[Job]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     quiet_third_party()
-    with scoped_console_logging(ConsoleLogOptions.from_args(args)) as log_to_file:
+    with console_logging(ConsoleLogOptions.from_args(args)) as log_to_file:
         opts = resolve(args)
         pick_device(opts.model.device)
         planner, jobs = plan(opts)

@@ -15,12 +15,13 @@ from typing import Sequence
 from accelerate.utils import set_seed
 
 from library.accelerator_setup import create_accelerator
-from library.console_logging import setup_console_logging
+from library.atomic_io import make_output_folders, remove_empty
+from library.console_logging import console_logging
 from library.dataset import LLLiteDataset, create_dataloader
 from library.debug_dataset import debug_dataset
 from library.errors import run_cli
 from library.hub_upload import download_state, make_uploader
-from library.train_config import parse_training_options
+from library.train_config import TrainingOptions, output_folders, parse_training_options
 from library.training import Trainer
 from library.training_caches import fill_caches
 from library.training_fidelity import FidelityMeter
@@ -32,13 +33,24 @@ logger = logging.getLogger("sdxl_train_control_net_lllite")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # 1. Every option checked, before anything is loaded or written.
+    # 1. Every option checked, then the output folders made, before anything is loaded.
     opts = parse_training_options(argv)
-    accelerator = create_accelerator(opts.precision, opts.distributed, log_with=list(opts.tracking.trackers) or None,
-                                     project_dir=opts.tracking.run_dir,
-                                     gradient_accumulation_steps=opts.run.gradient_accumulation_steps,
-                                     batch_size=opts.data.datasets[0].batch_size, max_grad_norm=opts.optimizer.max_grad_norm)
-    setup_console_logging(opts.console, quiet=not accelerator.is_local_main_process)
+    created = make_output_folders(output_folders(opts))
+    try:
+        accelerator = create_accelerator(
+            opts.precision, opts.distributed, log_with=list(opts.tracking.trackers) or None,
+            project_dir=opts.tracking.run_dir, gradient_accumulation_steps=opts.run.gradient_accumulation_steps,
+            batch_size=opts.data.datasets[0].batch_size, max_grad_norm=opts.optimizer.max_grad_norm)
+        with console_logging(opts.console, quiet=not accelerator.is_local_main_process) as log_to_file:
+            log_to_file()
+            train(opts, accelerator)
+    except BaseException:
+        remove_empty(created)  # a run that fails before writing anything leaves no empty folder behind
+        raise
+
+
+def train(opts: TrainingOptions, accelerator) -> None:
+    """The recipe, once the options are checked and the folders exist."""
     if opts.run.seed is not None:
         set_seed(opts.run.seed)
     if opts.hub.resume is not None:  # --resume_from_huggingface: the state comes down before anything loads

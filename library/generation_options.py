@@ -24,6 +24,7 @@ from typing import Any
 
 from library import console_logging
 from library.console_logging import ConsoleLogOptions
+from library.atomic_io import make_output_folders
 from library.errors import UserError
 from library.generation_settings import (
     DEEP_SHRINK_FIELDS,
@@ -528,51 +529,17 @@ def resolve(args: argparse.Namespace) -> GenOptions:
     )
 
 
-def _make_folder(label: str, folder: Path, created: list[Path]) -> None:
-    missing = []
-    p = folder
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".sdxl_gen_img_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{label} {folder}: cannot create or write this folder ({e.strerror or e}); give a writable "
-                        "folder") from None
-    finally:
-        created.extend(reversed([m for m in missing if m.exists()]))
-
-
 def prepare_folders(opts: GenOptions) -> list[Path]:
     """Create the output folders (checked by writing into them); on failure nothing created is left behind.
 
-    Returns the folders this created, deepest last, so that a run that fails later can remove them.
+    Returns the folders this created, for ``atomic_io.remove_empty`` when the run fails later.
     """
-    created: list[Path] = []
     folders = [("--outdir", opts.output.outdir)]
     if opts.output.log.file is not None:
         folders.append(("--console_log_file", opts.output.log.file.parent))
     if opts.model.tokenizer_cache_dir:
         folders.append(("--tokenizer_cache_dir", Path(opts.model.tokenizer_cache_dir)))
-    try:
-        for label, folder in folders:
-            _make_folder(label, folder, created)
-    except UserError:
-        remove_empty(created)
-        raise
-    return created
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove the folders (deepest first) that are still empty."""
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
+    return make_output_folders(folders)
 
 
 def options_summary(opts: GenOptions) -> dict[str, Any]:

@@ -9,13 +9,11 @@ the LoRA multipliers for each batch. Heavy libraries are imported inside the fun
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation_jobs import lora_multipliers
 from library.generation_options import GenOptions, LoraSpec, ModelOptions
@@ -27,60 +25,6 @@ if TYPE_CHECKING:
     from library.model_loading import SDXLModels
 
 logger = logging.getLogger(__name__)
-
-# Third-party messages a user of this script can do nothing about, silenced at their logger only.
-_UNACTIONABLE = {
-    # bitsandbytes (installed for training's 8-bit optimizers) looks for optional CPU kernels on import
-    "bitsandbytes.backends.cpu.ops": logging.ERROR,
-}
-
-
-def quiet_third_party() -> None:
-    """Silence the third-party messages in ``_UNACTIONABLE`` (before the libraries are imported)."""
-    for name, level in _UNACTIONABLE.items():
-        logging.getLogger(name).setLevel(level)
-
-
-@contextlib.contextmanager
-def scoped_console_logging(opts: ConsoleLogOptions) -> Iterator[Callable[[], None]]:
-    """Console logging (``--console_log_level``, ``--console_log_simple``) for the block only.
-
-    Yields ``to_file()``, called once the folders are known to be writable: from then on
-    ``--console_log_file`` gets every message at the chosen level and the console keeps warnings
-    and errors (as ``library.console_logging`` sets up the trainer). Unlike the trainer's set-up,
-    the handlers are added beside the ones already there and removed on exit, so ``main`` can run
-    in a process that logs elsewhere too (tests, callers) and twice without stacking handlers.
-    """
-    root = logging.getLogger()
-    level = getattr(logging, opts.level)
-    fmt = logging.Formatter("%(levelname)s: %(message)s" if opts.simple else "%(asctime)s %(levelname)s %(name)s: "
-                            "%(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    console.setLevel(level)
-    saved_level = root.level
-    added: list[logging.Handler] = [console]
-    root.addHandler(console)
-    root.setLevel(level)
-
-    def to_file() -> None:
-        if opts.file is None:
-            return
-        handler = logging.FileHandler(opts.file, mode="w", encoding="utf-8")
-        handler.setFormatter(fmt)
-        handler.setLevel(level)
-        root.addHandler(handler)
-        added.append(handler)
-        console.setLevel(max(level, logging.WARNING))
-
-    try:
-        yield to_file
-    finally:
-        for handler in added:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(saved_level)
-
 
 def pick_dtype(precision: str) -> torch.dtype:
     """The U-Net, text encoder and LLLite dtype of ``fp32``, ``fp16`` or ``bf16``."""

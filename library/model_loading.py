@@ -28,41 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 
-class _DropThirdPartyNoise(logging.Filter):
-    """Drops the records of one third-party logger whose message starts with one of ``prefixes``."""
+from library.console_logging import quiet_third_party  # noqa: E402  (before diffusers: see its docstring)
 
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-def _silence_unactionable_loading_messages() -> None:
-    """Silence, at their source loggers, third-party messages a user of this tool cannot act on.
-
-    Only these exact messages are dropped; everything else those libraries log is kept.
-    - diffusers logs "There are modules in UNet2DConditionModel that should be kept in float32: []"
-      whenever a U-Net or VAE is cast with ``.to(dtype)``, even when no module needs float32 (the
-      list is empty for SDXL's U-Net and VAE).
-    - bitsandbytes, imported by diffusers and transformers, logs that it could not fetch an optional
-      CPU 4-bit kernel from the hub; nothing here uses 4-bit weights. It logs this while being
-      imported, so the filter must be in place before diffusers is.
-    """
-    for name, prefixes in (
-        ("diffusers.models.modeling_utils", (
-            "There are modules in UNet2DConditionModel that should be kept in float32",
-            "There are modules in AutoencoderKL that should be kept in float32",
-        )),
-        ("bitsandbytes.backends.cpu.ops", ("Failed to load CPU gemm_4bit_forward from kernels-community",)),
-    ):
-        source = logging.getLogger(name)
-        if not any(isinstance(f, _DropThirdPartyNoise) for f in source.filters):
-            source.addFilter(_DropThirdPartyNoise(*prefixes))
-
-
-_silence_unactionable_loading_messages()
+quiet_third_party()
 
 import torch  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402

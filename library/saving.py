@@ -154,18 +154,6 @@ def check_state_folder(folder: Path) -> None:
         raise UserError(f"--resume {folder}: {STATE_FILE} is missing; this is not a complete state folder written by --save_state")
 
 
-def prepare_output_dir(folder: Path, option: str = "--output_dir") -> None:
-    """Create ``folder`` and prove it writable, so a bad path fails now and not after training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{option} {folder}: cannot create or write this folder ({e.strerror or e}); "
-                        "choose a folder you can write to") from None
-
-
 # ---------------------------------------------------------------------------------------------- run state
 
 

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import toml
@@ -123,15 +124,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPars
 
 
 def parse_training_options(argv: Sequence[str] | None = None) -> TrainingOptions:
-    """Everything the user gave, checked once, before any model or dataset work.
-
-    The output folder is created last, so a run refused for any other reason writes nothing.
-    """
+    """Everything the user gave, checked once, before any model or dataset work."""
     parser, args = parse_args(argv)
     check_refused(parser, args)
-    options = resolve(args)
-    saving.prepare_output_dir(options.saving.output_dir)
-    return options
+    return resolve(args)
+
+
+def output_folders(options: TrainingOptions) -> list[tuple[str, Path]]:
+    """The folders a run writes to, by the option that names them (created last, after every other check)."""
+    folders = [("--output_dir", options.saving.output_dir)]
+    if options.console.file is not None:
+        folders.append(("--console_log_file", options.console.file.parent))
+    if options.model.tokenizer_cache_dir:
+        folders.append(("--tokenizer_cache_dir", Path(options.model.tokenizer_cache_dir)))
+    if options.tracking.run_dir:
+        folders.append(("--logging_dir", Path(options.tracking.run_dir).parent))
+    return folders
 
 
 def write_config(args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from library import model_loading, sdxl_keys, weights_io
+from library import sdxl_keys, weights_io
+from library.console_logging import quiet_third_party
 from library.errors import UserError
 from library.model_loading import load_sdxl, load_vae, save_sdxl_single_file
 from library.tiny_sdxl import build_random_models, tiny_configs
@@ -569,5 +570,5 @@ def test_noise_filters_are_narrow(third_party_log):
 
 def test_model_loading_filters_registered_once():
     n = len(logging.getLogger("diffusers.models.modeling_utils").filters)
-    model_loading._silence_unactionable_loading_messages()
+    quiet_third_party()
     assert len(logging.getLogger("diffusers.models.modeling_utils").filters) == n

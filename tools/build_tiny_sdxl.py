@@ -27,7 +27,6 @@ keep colour through SDXL's 32 groups in both the VAE and the U-Net, see ``GroupN
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -41,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from library import shapes_domain
@@ -609,7 +607,6 @@ def build(args) -> None:
     timings = {}
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
 
     configs = drawing_configs()
     unet, vae, te1, te2 = build_random_models(configs, seed=args.seed)
