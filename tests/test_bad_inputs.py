@@ -292,3 +292,139 @@ def test_generation_bad_input(case, bad_files, tmp_path, capsys, monkeypatch):
 def test_generation_table_covers_enough():
     assert len(GENERATION_CASES) >= 35 and len({c.name for c in GENERATION_CASES}) == len(GENERATION_CASES)
     json.dumps([c.name for c in GENERATION_CASES])
+
+
+# ----------------------------------------------------------------------------------------------
+# sdxl_train_control_net_lllite.py
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_files(bad_files, tmp_path_factory) -> dict[str, str]:
+    """A good dataset beside datasets, configs, states and prompt files with one mistake each."""
+    from tests.conftest import make_shape_dataset
+
+    d = tmp_path_factory.mktemp("bad_train")
+    out = dict(bad_files)
+    good = make_shape_dataset(d / "good", n=2, size=64)
+    out.update(data=str(good), images=str(d / "good" / "images"), cond=str(d / "good" / "conditioning"))
+    toml_text = good.read_text()
+    (d / "unknown_key.toml").write_text(toml_text.replace("batch_size = 2", "batch_size = 2\nbatch_sise = 4"))
+    (d / "bad_syntax.toml").write_text(toml_text.replace("[[datasets]]", "[[datasets]"))
+    (d / "neg_repeats.toml").write_text(toml_text + "  num_repeats = -1\n")
+    unpaired = make_shape_dataset(d / "unpaired", n=2, size=64)
+    (d / "unpaired" / "conditioning" / "001.png").unlink()
+    corrupt = make_shape_dataset(d / "corrupt", n=2, size=64)
+    (d / "corrupt" / "images" / "001.png").write_bytes(b"not an image")
+    out.update(unknown_key=str(d / "unknown_key.toml"), bad_syntax=str(d / "bad_syntax.toml"),
+               neg_repeats=str(d / "neg_repeats.toml"), unpaired=str(unpaired), corrupt=str(corrupt))
+    (d / "typo.toml").write_text("learning_rte = 1e-4\n")
+    (d / "wrong_type.toml").write_text('network_dim = "64"\n')
+    (d / "v2.toml").write_text("v2 = true\n")
+    (d / "half_state").mkdir()
+    (d / "no_cn.txt").write_text("a red square --w 64 --h 64\n")
+    out.update(typo=str(d / "typo.toml"), wrong_type=str(d / "wrong_type.toml"), v2=str(d / "v2.toml"),
+               half_state=str(d / "half_state"), no_cn=str(d / "no_cn.txt"))
+    return out
+
+
+T = ("--pretrained_model_name_or_path", "{ckpt}", "--dataset_config", "{data}", "--output_dir", "{tmp}/out",
+     "--max_train_steps", "2", "--network_dim", "4", "--cond_emb_dim", "4")
+
+
+def _train(name: str, extra: tuple[str, ...], named: str, before_load: bool = True, base: tuple[str, ...] = T) -> BadInput:
+    return BadInput(name, base + extra, named, before_load)
+
+
+def _without(option: str) -> tuple[str, ...]:
+    i = T.index(option)
+    return T[:i] + T[i + 2:]
+
+
+TRAINING_CASES = [
+    # the seven of issue #16, and their neighbours
+    _train("output_dir under a file", ("--output_dir", "{a_file}/out"), "--output_dir {a_file}/out: cannot create or write"),
+    _train("network_dropout 1.5", ("--network_dropout", "1.5"), "--network_dropout 1.5 is out of range: it must be >= 0 and < 1"),
+    _train("learning_rate negative", ("--learning_rate=-1e-4",), "--learning_rate -0.0001 is out of range: it must be > 0"),
+    _train("max_train_steps -1", ("--max_train_steps", "-1"), "--max_train_steps -1 is out of range: it must be >= 1"),
+    _train("max_train_steps 0", ("--max_train_steps", "0"), "--max_train_steps 0"),
+    _train("max_train_epochs 0", ("--max_train_epochs", "0"), "--max_train_epochs 0"),
+    _train("network_dim 0", ("--network_dim", "0"), "--network_dim 0"),
+    _train("cond_emb_dim odd", ("--cond_emb_dim", "7"), "--cond_emb_dim 7"),
+    _train("gradient_accumulation_steps 0", ("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps 0"),
+    _train("seed negative", ("--seed", "-3"), "--seed -3"),
+    _train("vae_batch_size 0", ("--vae_batch_size", "0"), "--vae_batch_size 0"),
+    _train("save_every_n_steps 0", ("--save_every_n_steps", "0"), "--save_every_n_steps 0"),
+    _train("max_grad_norm negative", ("--max_grad_norm", "-1"), "--max_grad_norm -1"),
+    # noise, loss, schedule, optimizer
+    _train("timesteps crossed", ("--min_timestep", "500", "--max_timestep", "400"), "--min_timestep 500 must be below --max_timestep 400"),
+    _train("max_timestep 2000", ("--max_timestep", "2000"), "--max_timestep 2000"),
+    _train("noise_offset negative", ("--noise_offset", "-0.1"), "--noise_offset -0.1"),
+    _train("huber_c zero", ("--loss_type", "huber", "--huber_c", "0"), "--huber_c 0"),
+    _train("optimizer misspelled", ("--optimizer_type", "adamx"), "'adamx'"),
+    _train("scheduler misspelled", ("--lr_scheduler", "cosinee"), "'cosinee'"),
+    _train("mixed precision fp8", ("--mixed_precision", "fp8"), "'fp8'"),
+    _train("full_bf16 without bf16", ("--full_bf16",), "--full_bf16 needs --mixed_precision bf16"),
+    _train("caption dropout 1.5", ("--caption_dropout_rate", "1.5"), "1.5"),
+    # combinations
+    _train("save_last_n_epochs alone", ("--save_last_n_epochs", "2"), "--save_last_n_epochs 2 prunes files saved by"),
+    _train("sample cadence without prompts", ("--sample_every_n_steps", "5"), "--sample_prompts"),
+    _train("dynamo_backend without compile", ("--dynamo_backend", "eager"), "--dynamo_backend eager only applies with --torch_compile"),
+    _train("DeepSpeed option without deepspeed", ("--zero_stage", "3"), "--zero_stage is a DeepSpeed option"),
+    _train("deepspeed not installed", ("--deepspeed",), "pip install deepspeed"),
+    _train("wandb name without wandb", ("--wandb_run_name", "x"), "--wandb_run_name x applies to Weights & Biases"),
+    _train("network_module lora", ("--network_module", "networks.lora"), "trains ControlNet-LLLite only"),
+    # refused options
+    _train("v2", ("--v2",), "--v2 : SDXL has no v2"),
+    _train("reg_data_dir", ("--reg_data_dir", "{tmp}"), "--reg_data_dir {tmp}: regularization images"),
+    _train("prior_loss_weight", ("--prior_loss_weight", "0.5"), "--prior_loss_weight 0.5"),
+    _train("fused_backward_pass", ("--fused_backward_pass",), "--fused_backward_pass"),
+    # files and folders that must exist
+    _train("model missing", ("--pretrained_model_name_or_path", "{tmp}/model.safetensors"), "{tmp}/model.safetensors: not found"),
+    _train("vae missing", ("--vae", "{tmp}/vae.safetensors"), "--vae {tmp}/vae.safetensors: no such file"),
+    _train("network_weights missing", ("--network_weights", "{tmp}/net.safetensors"), "--network_weights {tmp}/net.safetensors"),
+    _train("resume missing", ("--resume", "{tmp}/state"), "--resume {tmp}/state: no such state folder"),
+    _train("resume incomplete", ("--resume", "{half_state}"), "train_state.json is missing"),
+    _train("sample prompts missing", ("--sample_prompts", "{tmp}/p.txt"), "{tmp}/p.txt"),
+    _train("sample prompt without a guide", ("--sample_prompts", "{no_cn}"), "has no --cn guide image"),
+    _train("thumbnail missing", ("--metadata_thumbnail", "{tmp}/t.png"), "--metadata_thumbnail {tmp}/t.png: no such file"),
+    _train("log file is a folder", ("--console_log_file", "{a_file}/x/log.txt"), "--console_log_file {a_file}/x"),
+    _train("tracker config missing", ("--logging_dir", "{tmp}/logs", "--log_tracker_config", "{tmp}/t.toml"),
+           "--log_tracker_config {tmp}/t.toml"),
+    # config files
+    _train("config file missing", ("--config_file", "{tmp}/train.toml"), "config file not found: {tmp}/train.toml"),
+    _train("config typo", ("--config_file", "{typo}"), 'unknown option "learning_rte". Did you mean "learning_rate"?'),
+    _train("config wrong type", ("--config_file", "{wrong_type}"), "network_dim must be an integer, got '64'"),
+    _train("config refused option", ("--config_file", "{v2}"), "--v2 : SDXL has no v2"),
+    # dataset TOMLs and folders
+    _train("dataset config missing", ("--dataset_config", "{tmp}/d.toml"), "dataset config {tmp}/d.toml does not exist"),
+    _train("dataset unknown key", ("--dataset_config", "{unknown_key}"), 'batch_sise'),
+    _train("dataset bad syntax", ("--dataset_config", "{bad_syntax}"), "is not valid TOML"),
+    _train("dataset negative repeats", ("--dataset_config", "{neg_repeats}"), "num_repeats"),
+    _train("dataset with and without a TOML", ("--train_data_dir", "{images}"), "cannot be combined with --dataset_config"),
+    _train("image folder missing", ("--train_data_dir", "{tmp}/img", "--conditioning_data_dir", "{cond}"), "{tmp}/img",
+           base=_without("--dataset_config")),
+    _train("image folder without images", ("--train_data_dir", "{no_images}", "--conditioning_data_dir", "{cond}"),
+           "contains no images", base=_without("--dataset_config")),
+    _train("unpaired image", ("--dataset_config", "{unpaired}"), "have no conditioning image with the same basename"),
+    _train("corrupt image", ("--dataset_config", "{corrupt}"), "001.png"),
+    # weight files of the wrong kind or damaged: named when they are opened
+    _train("LLLite file as checkpoint", ("--pretrained_model_name_or_path", "{lllite1}"), "{lllite1}", before_load=False),
+    _train("damaged checkpoint", ("--pretrained_model_name_or_path", "{damaged}"), "{damaged}", before_load=False),
+    _train("LoRA as network_weights", ("--network_weights", "{lora}"), "{lora}", before_load=False),
+    _train("damaged network_weights", ("--network_weights", "{damaged}"), "{damaged}", before_load=False),
+]
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES, ids=[c.name for c in TRAINING_CASES])
+def test_training_bad_input(case, train_files, tmp_path, capsys, monkeypatch):
+    import sdxl_train_control_net_lllite
+
+    if case.before_load:  # the trainer calls the loader through library.training_models
+        monkeypatch.setattr("library.training_models.load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
+    check_refusal(case, sdxl_train_control_net_lllite.main, train_files, tmp_path, capsys, monkeypatch)
+
+
+def test_tables_cover_both_scripts():
+    assert len(TRAINING_CASES) >= 50 and len({c.name for c in TRAINING_CASES}) == len(TRAINING_CASES)
+    assert len(GENERATION_CASES) + len(TRAINING_CASES) >= 60
