@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--full_bf16", action="store_true", help="LLLite weights in bf16 too")
 
     g = parser.add_argument_group("multi-GPU (DDP)")
-    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a silent process fails the run (default: accelerate's, 30)")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a silent process fails the run, >= 1 (default: accelerate's, 30)")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradients as views of its buckets (less memory)")
     g.add_argument("--ddp_static_graph", action="store_true", help="tell DDP the graph is the same every step (faster)")
 

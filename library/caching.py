@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_latents", action="store_true", help="encode every image with the VAE once, before training")
     g.add_argument("--cache_latents_to_disk", action="store_true",
                    help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
-    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call while caching")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call while caching, >= 1")
     g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, before training")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")

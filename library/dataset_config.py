@@ -630,18 +630,18 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_repeats", type=int, default=None,
                    help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
                         "--in_json datasets, here a default for every subset)")
-    g.add_argument("--resolution", help='training area, "1024" or "1024,1024"').joins_list = True
-    g.add_argument("--train_batch_size", type=int, default=None, help="batch size (when the dataset TOML gives none)")
+    g.add_argument("--resolution", help='training area, "1024" or "width,height": positive multiples of 8 (default 1024)').joins_list = True
+    g.add_argument("--train_batch_size", type=int, default=None, help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
     g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
-    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side")
-    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side")
-    g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this")
+    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
+    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 2048)")
+    g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
     g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
     g.add_argument("--cache_info", action="store_true", default=None,
                    help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
                         "later runs skip decoding unchanged images")
     g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes, >= 0 (0: load in the training process)")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
     add_refused(g, "dataset_class", "custom dataset classes are not supported: the dataset is built from folders. Use "
                 "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "

@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="old spelling of --optimizer_type Lion (needs lion-pytorch); cannot be combined with another "
                         "--optimizer_type")
     g.add_argument("--learning_rate", type=float, default=2e-4, help="learning rate (> 0)")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping to this norm, >= 0; 0 turns it off")
     add_refused(g, "fused_backward_pass", _FUSED_BACKWARD_REASON, flag=True)
     g.add_argument("--lr_scheduler", default="constant",
                    help=f"one of {', '.join(LR_SCHEDULERS)} (transformers' schedules of these names; piecewise_constant "

@@ -41,17 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format of saved LLLite files")
     g.add_argument("--save_precision", default=None, choices=list(SAVE_PRECISIONS),
                    help="dtype of saved files (default: as trained, fp32)")
-    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save an LLLite file every N epochs")
-    g.add_argument("--save_every_n_steps", type=int, default=None, help="save an LLLite file every N steps")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save an LLLite file every N epochs, >= 1")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save an LLLite file every N steps, >= 1")
     g.add_argument("--save_n_epoch_ratio", type=int, default=None,
-                   help="save at least N files over the run, evenly spaced by epochs (instead of --save_every_n_epochs)")
-    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N files saved by epoch")
+                   help="save at least N files over the run, evenly spaced by epochs, >= 1 (instead of --save_every_n_epochs)")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N files saved by epoch, >= 1 (needs --save_every_n_epochs or --save_n_epoch_ratio)")
     g.add_argument("--save_last_n_epochs_state", type=int, default=None,
-                   help="keep only the last N states saved by epoch (default: --save_last_n_epochs)")
+                   help="keep only the last N states saved by epoch, >= 1 (default: --save_last_n_epochs; needs --save_state)")
     g.add_argument("--save_last_n_steps", type=int, default=None,
-                   help="keep the files saved by step during the last N steps, remove older ones")
+                   help="keep the files saved by step at most N steps old and remove older ones, >= 1 (needs --save_every_n_steps; as sd-scripts, N counts steps, not files)")
     g.add_argument("--save_last_n_steps_state", type=int, default=None,
-                   help="as --save_last_n_steps, for states (default: --save_last_n_steps)")
+                   help="as --save_last_n_steps, for states, >= 1 (default: --save_last_n_steps; needs --save_state)")
     g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state with each file, to resume from")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save a state at the end of training (to continue it later)")
     g.add_argument("--resume", help="a state folder written with --save_state or --save_state_on_train_end")

@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training length")
-    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train (overrides --max_train_steps)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    g.add_argument("--seed", type=int, default=None, help="seed for data order, noise and initial weights")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train, >= 1")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train, >= 1 (overrides --max_train_steps)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step, >= 1")
+    g.add_argument("--seed", type=int, default=None, help="seed for data order, noise and initial weights, 0 .. 2**32-1")
 
 
 @dataclass(frozen=True)

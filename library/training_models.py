@@ -65,9 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
 
     g = parser.add_argument_group("network (LLLite)")
-    g.add_argument("--cond_emb_dim", type=int, default=32, help="conditioning embedding channels C (default 32)")
-    g.add_argument("--network_dim", type=int, default=64, help="LLLite rank R (default 64)")
-    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0..1")
+    g.add_argument("--cond_emb_dim", type=int, default=32, help="conditioning embedding channels C: an even number >= 2 (default 32, as published files)")
+    g.add_argument("--network_dim", type=int, default=64, help="LLLite rank R, >= 1 (default 64, as published files)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0 <= p < 1")
     g.add_argument("--include_output_blocks", action="store_true",
                    help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
                         "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
