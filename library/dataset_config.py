@@ -304,12 +304,16 @@ def _read_section(
     return out
 
 
-def _resolve_dir(value: str, key: str, where: str, base_dir: Path | None, problems: _Problems) -> Path | None:
+def _path_candidates(value: str, base_dir: Path | None) -> list[Path]:
     """Relative paths are taken from the current directory, then from the TOML file's folder."""
     path = Path(os.path.expanduser(value))
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
-    if base_dir is not None and not path.is_absolute():
-        candidates.append(base_dir / path)
+    if path.is_absolute():
+        return [path]
+    return [Path.cwd() / path] + ([base_dir / path] if base_dir is not None else [])
+
+
+def _resolve_dir(value: str, key: str, where: str, base_dir: Path | None, problems: _Problems) -> Path | None:
+    candidates = _path_candidates(value, base_dir)
     for cand in candidates:
         if cand.is_dir():
             return cand.resolve()
@@ -373,11 +377,7 @@ def _check_buckets(values: Mapping[str, Any], where: str, problems: _Problems) -
 
 
 def _resolve_file(value: str, key: str, where: str, base_dir: Path | None, problems: _Problems) -> Path | None:
-    """Like ``_resolve_dir``, for a file."""
-    path = Path(os.path.expanduser(value))
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
-    if base_dir is not None and not path.is_absolute():
-        candidates.append(base_dir / path)
+    candidates = _path_candidates(value, base_dir)
     for cand in candidates:
         if cand.is_file():
             return cand.resolve()
