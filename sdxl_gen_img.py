@@ -6,11 +6,11 @@
 
 See docs/generation.md for every option and worked examples. The recipe in main():
 
-1. every option is checked and turned into typed objects (library/generation_options.py);
-2. the prompt lines and images are read, and every image is planned and checked (library/generation_jobs.py);
+1. every option is checked and turned into typed objects (library/generation/options.py);
+2. the prompt lines and images are read, and every image is planned and checked (library/generation/jobs.py);
 3. the output folders are created;
-4. only then do the models and networks load (library/generation_setup.py) and the images get drawn
-   (library/generation.py) and saved.
+4. only then do the models and networks load (library/generation/setup.py) and the images get drawn
+   (library/generation/pipeline.py) and saved.
 
 Any mistake a user can fix stops the run with exit code 2 and one line that names it, before step 4.
 """
@@ -20,9 +20,13 @@ from __future__ import annotations
 import logging
 
 from library.atomic_io import remove_empty
-from library.console_logging import ConsoleLogOptions, console_logging, quiet_third_party
+from library.console_logging import (
+    ConsoleLogOptions,
+    console_logging,
+    quiet_third_party,
+)
 from library.errors import UserError, run_cli
-from library.generation_jobs import (
+from library.generation.jobs import (
     Job,
     Planner,
     Writer,
@@ -32,8 +36,14 @@ from library.generation_jobs import (
     read_interactive,
     read_prompt_specs,
 )
-from library.generation_options import GenOptions, build_parser, options_summary, prepare_folders, resolve
-from library.generation_setup import (
+from library.generation.options import (
+    GenOptions,
+    build_parser,
+    options_summary,
+    prepare_folders,
+    resolve,
+)
+from library.generation.setup import (
     LoraMultipliers,
     check_weight_files,
     load_models,
@@ -57,8 +67,8 @@ def plan(opts: GenOptions) -> tuple[Planner, list[Job]]:
 
 def draw(opts: GenOptions, planner: Planner, jobs: list[Job]) -> None:
     """Load the models and networks, then draw and save ``jobs`` and any interactive lines."""
-    from library.generation import generate
-    from library.prompt_lines import parse_prompt_line
+    from library.generation.pipeline import generate
+    from library.generation.prompt_lines import parse_prompt_line
 
     device = pick_device(opts.model.device)
     models = load_models(opts.model, device)

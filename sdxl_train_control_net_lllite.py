@@ -14,20 +14,24 @@ from typing import Sequence
 
 from accelerate.utils import set_seed
 
-from library.accelerator_setup import create_accelerator
 from library.atomic_io import make_output_folders, remove_empty
 from library.console_logging import console_logging
-from library.dataset import LLLiteDataset, create_dataloader
-from library.debug_dataset import debug_dataset
+from library.data.dataset import LLLiteDataset, create_dataloader
+from library.data.debug_dataset import debug_dataset
 from library.errors import run_cli
-from library.hub_upload import download_state, make_uploader
-from library.train_config import TrainingOptions, output_folders, parse_training_options
-from library.training import Trainer
-from library.training_caches import fill_caches
-from library.training_fidelity import FidelityMeter
-from library.training_models import create_network, load_base_model, prepare_unet
-from library.training_samples import SampleDrawer, combine_hooks
-from library.tracking import start_trackers
+from library.training.accelerator import create_accelerator
+from library.training.caches import fill_caches
+from library.training.config import (
+    TrainingOptions,
+    output_folders,
+    parse_training_options,
+)
+from library.training.fidelity import FidelityMeter
+from library.training.hub_upload import download_state, make_uploader
+from library.training.loop import Trainer
+from library.training.models import create_network, load_base_model, prepare_unet
+from library.training.samples import SampleDrawer, combine_hooks
+from library.training.tracking import start_trackers
 
 logger = logging.getLogger("sdxl_train_control_net_lllite")
 

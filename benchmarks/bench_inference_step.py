@@ -19,9 +19,20 @@ import statistics
 
 import common  # noqa: F401  (sets sys.path)
 import torch
+from common import (
+    add_common_args,
+    build_random_unet,
+    fmt,
+    machine_info,
+    print_table,
+    resolve_common,
+    summary,
+    text_dims,
+    timed,
+    unet_config,
+    write_json,
+)
 
-from common import (add_common_args, build_random_unet, fmt, machine_info, print_table, resolve_common, summary,
-                    text_dims, timed, unet_config, write_json)
 from networks.control_net_lllite import ControlNetLLLite
 
 CASES = ("plain", "lllite_x1", "lllite_x2")

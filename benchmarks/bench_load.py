@@ -3,7 +3,7 @@
 A single-file SDXL checkpoint with random weights is written in the plain sgm layout (``--save_dtype``,
 fp16 by default: 6.9 GB, 2,513 tensors), once per text-encoder-1 key layout (``text_model`` keys as
 transformers 4 writes them, and without ``text_model.`` as tools on transformers 5 write them). Each
-file is loaded with ``library.model_loading.load_sdxl`` in each ``--dtypes``, each load in a fresh
+file is loaded with ``library.sdxl.loading.load_sdxl`` in each ``--dtypes``, each load in a fresh
 process, and then deleted. Only one file exists at a time (about 8 GB of disk with fp16).
 
 Memory is the loading process's anonymous resident memory (``RssAnon`` in ``/proc/<pid>/status``):
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import common  # noqa: F401  (sets sys.path)
 import torch
-
 from common import machine_info, print_table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,8 +63,8 @@ def _mem_available_bytes() -> int | None:
 
 
 def _configs(config: str) -> dict[str, dict]:
-    from library.model_loading import bundled_config
-    from library.tiny_sdxl import tiny_configs
+    from library.sdxl.loading import bundled_config
+    from library.sdxl.tiny import tiny_configs
 
     if config == "tiny":
         return tiny_configs()
@@ -81,9 +80,14 @@ def write_random_checkpoint(path: Path, config: str, te1_layout: str, save_dtype
     from accelerate import init_empty_weights
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from library import sdxl_keys
-    from library.model_loading import build_text_encoder, build_unet, build_vae, sgm_state_dict
-    from library.weights_io import write_weights
+    from library.sdxl import keys as sdxl_keys
+    from library.sdxl.loading import (
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        sgm_state_dict,
+    )
+    from library.sdxl.weights_io import write_weights
 
     cfg = _configs(config)
     with init_empty_weights():
@@ -110,7 +114,7 @@ def _child_load(path: str, dtype: str, disable_mmap: bool) -> None:
     """Runs in a fresh process: reports its memory before loading, waits for the parent, loads, reports."""
     import itertools
 
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
 
     baseline = _status_kib("self", "RssAnon")
     print(json.dumps({"ready": True, "baseline_anon_kib": baseline}), flush=True)
@@ -193,7 +197,7 @@ def main(argv=None) -> dict:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    from library.model_loading import bundled_config  # noqa: F401  (fail early on a broken checkout)
+    from library.sdxl.loading import bundled_config  # noqa: F401  (fail early on a broken checkout)
 
     rows, cases = [], []
     for layout in args.te1_layouts:

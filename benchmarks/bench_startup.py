@@ -7,7 +7,7 @@ files were just written, so they are in the page cache: the figures are warm-cac
 
 Timed, each ``--repeats`` times (median):
 
-* ``load_checkpoint``: ``library.model_loading.load_sdxl`` (read, convert, build) to the CPU in ``--dtype``;
+* ``load_checkpoint``: ``library.sdxl.loading.load_sdxl`` (read, convert, build) to the CPU in ``--dtype``;
 * ``unet_to_device``: moving that U-Net to ``--device``;
 * ``lllite_load_attach``: ``ControlNetLLLite.from_file`` on that U-Net, ``.to(device)``, ``attach()``;
 * ``lllite_embed``: ``set_cond_image`` for one guide image (once per image in generation).
@@ -26,15 +26,30 @@ from pathlib import Path
 
 import common  # noqa: F401  (sets sys.path)
 import torch
-
-from common import DTYPES, add_common_args, machine_info, print_table, resolve_common, summary, sync, unet_config, write_json
+from common import (
+    DTYPES,
+    add_common_args,
+    machine_info,
+    print_table,
+    resolve_common,
+    summary,
+    sync,
+    unet_config,
+    write_json,
+)
 
 
 def write_random_checkpoint(path: Path, config: str, save_dtype: torch.dtype) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from library.model_loading import bundled_config, build_text_encoder, build_unet, build_vae, save_sdxl_single_file
-    from library.tiny_sdxl import tiny_configs
+    from library.sdxl.loading import (
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        bundled_config,
+        save_sdxl_single_file,
+    )
+    from library.sdxl.tiny import tiny_configs
 
     torch.manual_seed(0)
     unet_cfg = unet_config(config)
@@ -66,7 +81,7 @@ def main(argv=None) -> dict:
     resolve_common(args)
     device, dtype = args.torch_device, args.torch_dtype
 
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
     with tempfile.TemporaryDirectory() as tmp:

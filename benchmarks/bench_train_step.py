@@ -3,8 +3,8 @@
 The LLLite case is the trainer's step: a frozen U-Net in the weight dtype, the LLLite network in
 fp32 (bf16 with ``--full_bf16``), autocast when the weight dtype is half (as accelerate does for
 ``--mixed_precision bf16``), cached latents and text-encoder outputs (random tensors of the real
-shapes), ``library.training.compute_loss`` (noise, timesteps, the ControlNetLLLite forward, the
-loss), backward, and an AdamW / AdamW8bit step from ``library.optimizers``.
+shapes), ``library.training.loop.compute_loss`` (noise, timesteps, the ControlNetLLLite forward, the
+loss), backward, and an AdamW / AdamW8bit step from ``library.training.optimizers``.
 
 The U-Net-alone case runs the same forward and a backward to the input latents (what a frozen
 U-Net costs when something upstream needs gradients), with no optimizer: the difference is what
@@ -31,10 +31,22 @@ import types
 
 import common  # noqa: F401  (sets sys.path)
 import torch
-
-from common import (DEFAULT_PEAK_TFLOPS, TRAIN_STEP_TFLOP_1024, add_common_args, build_random_unet, gib,
-                    machine_info, print_table, proc_status_kib, resolve_common, summary, text_dims, timed,
-                    unet_config, write_json)
+from common import (
+    DEFAULT_PEAK_TFLOPS,
+    TRAIN_STEP_TFLOP_1024,
+    add_common_args,
+    build_random_unet,
+    gib,
+    machine_info,
+    print_table,
+    proc_status_kib,
+    resolve_common,
+    summary,
+    text_dims,
+    timed,
+    unet_config,
+    write_json,
+)
 
 MODELS = ("unet", "lllite")
 
@@ -60,10 +72,10 @@ class _Autocast:
 
 def run_case(args: argparse.Namespace) -> dict:
     """One (model, gradient checkpointing, dtype) case in this process."""
-    from library import diffusion_loss as dl
-    from library.model_loading import bundled_config
-    from library.optimizers import build_optimizer
-    from library.training import compute_loss
+    from library.sdxl.loading import bundled_config
+    from library.training import loss as dl
+    from library.training.loop import compute_loss
+    from library.training.optimizers import build_optimizer
     from networks.control_net_lllite import ControlNetLLLite
 
     device, wdtype = args.torch_device, args.torch_dtype

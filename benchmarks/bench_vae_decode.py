@@ -1,7 +1,7 @@
 """The VAE decode with and without ``--vae_slices``: peak memory, time, and how far the image moves.
 
 Memory and time: SDXL's VAE (its published config, random weights) decodes one image at
-``--resolution`` through ``library.generation_vae.VaeRunner``, as ``sdxl_gen_img.py`` runs it, once
+``--resolution`` through ``library.generation.vae.VaeRunner``, as ``sdxl_gen_img.py`` runs it, once
 whole and once for each ``--slices`` count. Each case runs in its own process; on the CPU the
 figure is the rise of the peak resident set (VmHWM) over the resident set after set-up, on a GPU
 ``torch.cuda.max_memory_allocated`` above the memory after set-up.
@@ -25,15 +25,14 @@ import tempfile
 
 import common  # noqa: F401  (sets sys.path)
 import torch
-
 from common import ROOT, machine_info, print_table, proc_status_kib, timed, write_json
 
 BUNDLED = ROOT / "models" / "tiny_sdxl" / "tiny_sdxl.safetensors"
 
 
 def _vae(config: str, device: torch.device):
-    from library.model_loading import build_vae, bundled_config
-    from library.tiny_sdxl import tiny_configs
+    from library.sdxl.loading import build_vae, bundled_config
+    from library.sdxl.tiny import tiny_configs
 
     torch.manual_seed(0)
     cfg = bundled_config("vae") if config == "sdxl" else tiny_configs()["vae"]
@@ -54,7 +53,7 @@ def reset_peak_rss() -> None:
 
 def run_case(args: argparse.Namespace, slices: int | None) -> dict:
     """One decode (after one untimed warm-up at 1/4 of the size), in this process."""
-    from library.generation_vae import VaeRunner
+    from library.generation.vae import VaeRunner
 
     device = torch.device(args.device)
     vae = _vae(args.config, device)
@@ -84,8 +83,8 @@ def picture_latents(vae, size: int) -> torch.Tensor:
     """The latents of a test picture: coloured shapes on a gradient, encoded by ``vae``."""
     from PIL import Image, ImageDraw
 
-    from library.generation import image_to_tensor
-    from library.generation_vae import VaeRunner
+    from library.generation.pipeline import image_to_tensor
+    from library.generation.vae import VaeRunner
 
     image = Image.linear_gradient("L").resize((size, size)).convert("RGB")
     draw = ImageDraw.Draw(image)
@@ -98,8 +97,8 @@ def picture_latents(vae, size: int) -> torch.Tensor:
 
 def differences(args: argparse.Namespace) -> list[dict]:
     """Max and mean pixel difference (levels of 255) of each slice count from the whole decode."""
-    from library.generation_vae import VaeRunner
-    from library.model_loading import load_sdxl
+    from library.generation.vae import VaeRunner
+    from library.sdxl.loading import load_sdxl
 
     vae = (load_sdxl(str(BUNDLED)).vae if BUNDLED.is_file() else _vae("tiny", torch.device("cpu"))).eval()
     z = picture_latents(vae, args.resolution)

@@ -22,11 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as ``python benchmarks/x.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
+import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-from library.model_loading import build_unet, bundled_config  # noqa: E402
-
-import diffusers  # noqa: E402
+from library.sdxl.loading import build_unet, bundled_config  # noqa: E402
 
 diffusers.logging.set_verbosity_error()  # the "kept in float32" notice on .to(bf16) is noise here
 
@@ -53,7 +52,7 @@ def unet_config(name: str) -> dict:
                    transformer_layers_per_block=[1, 1, 2])
         return cfg
     if name == "tiny":
-        from library.tiny_sdxl import tiny_configs
+        from library.sdxl.tiny import tiny_configs
 
         return tiny_configs()["unet"]
     raise SystemExit(f"unknown --config {name!r}; choose from {', '.join(CONFIGS)}")

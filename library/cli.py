@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Any, Iterable
+
+import tomllib
 
 from library.errors import UserError
 

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from library.weights_io import KIND_LLLITE, read_weights, weights_kind, write_weights
+from library.sdxl.weights_io import (
+    KIND_LLLITE,
+    read_weights,
+    weights_kind,
+    write_weights,
+)
 
 logger = logging.getLogger(__name__)
 

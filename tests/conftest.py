@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.model_loading import save_sdxl_single_file
-from library.tiny_sdxl import build_random_models
+from library.sdxl.loading import save_sdxl_single_file
+from library.sdxl.tiny import build_random_models
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
@@ -47,8 +47,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_diffusers_folder(tmp_path_factory, tiny_models) -> Path:
     """The same pipeline as a diffusers folder."""
-    from library.model_loading import bundled_config
-    from library.text_encoding import load_sdxl_tokenizers
+    from library.sdxl.loading import bundled_config
+    from library.sdxl.text_encoding import load_sdxl_tokenizers
 
     root = tmp_path_factory.mktemp("diffusers") / "tiny_sdxl"
     unet, vae, te1, te2 = tiny_models

@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from library.errors import run_cli
-from library.lora import lora_name_map, make_lora_state_dict
-from library.model_loading import save_sdxl_single_file
-from library.tiny_sdxl import build_random_models
-from library.weights_io import write_weights
+from library.sdxl.loading import save_sdxl_single_file
+from library.sdxl.lora import lora_name_map, make_lora_state_dict
+from library.sdxl.tiny import build_random_models
+from library.sdxl.weights_io import write_weights
 from networks.control_net_lllite import ControlNetLLLite
 
 SMALL = ["--W", "64", "--H", "64", "--steps", "3", "--sampler", "euler", "--no_progress"]

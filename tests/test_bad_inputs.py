@@ -22,9 +22,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from library.errors import run_cli
-from library.lora import lora_name_map, make_lora_state_dict
-from library.tiny_sdxl import build_random_models
-from library.weights_io import read_weights, write_weights
+from library.sdxl.lora import lora_name_map, make_lora_state_dict
+from library.sdxl.tiny import build_random_models
+from library.sdxl.weights_io import read_weights, write_weights
 from tests.gen_helpers import make_gen_files
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def forbid_model_loading(monkeypatch) -> None:
     def loader(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr("library.model_loading.load_sdxl", loader)
+    monkeypatch.setattr("library.sdxl.loading.load_sdxl", loader)
 
 
 def run_refused(main: Callable[[list[str]], object], argv: list[str], capsys) -> tuple[int, str]:
@@ -420,8 +420,8 @@ TRAINING_CASES = [
 def test_training_bad_input(case, train_files, tmp_path, capsys, monkeypatch):
     import sdxl_train_control_net_lllite
 
-    if case.before_load:  # the trainer calls the loader through library.training_models
-        monkeypatch.setattr("library.training_models.load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
+    if case.before_load:  # the trainer calls the loader through library.training.models
+        monkeypatch.setattr("library.training.models.load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
     check_refusal(case, sdxl_train_control_net_lllite.main, train_files, tmp_path, capsys, monkeypatch)
 
 

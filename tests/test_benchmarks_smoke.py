@@ -50,7 +50,7 @@ def test_startup(capsys):
 def test_load(capsys, tmp_path):
     import bench_load
 
-    from library.tiny_sdxl import build_random_models
+    from library.sdxl.tiny import build_random_models
 
     res = bench_load.main(["--tiny", "--work_dir", str(tmp_path), "--te1_layouts", "no_text_model", "--dtypes", "bf16"])
     assert "peak anon rise GB" in capsys.readouterr().out

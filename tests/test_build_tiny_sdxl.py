@@ -19,8 +19,8 @@ TOY = ["--seed", "3", "--threads", "1", "--num_images", "24", "--vae_steps", "2"
 
 
 def test_build_writes_a_loadable_checkpoint_and_reuses_its_vae(tmp_path, caplog):
-    from library.model_loading import load_sdxl
-    from library.weights_io import read_metadata
+    from library.sdxl.loading import load_sdxl
+    from library.sdxl.weights_io import read_metadata
 
     work, first, second = tmp_path / "work", tmp_path / "first", tmp_path / "second"
     build_tiny_sdxl.main(TOY + ["--output_dir", str(first), "--work_dir", str(work)])

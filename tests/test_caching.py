@@ -12,15 +12,20 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-import library.caching as caching
-from library.caching import Processes, cache_latents, cache_text_encoder_outputs, validate_caching_options
+import library.data.caching as caching
+from library.data.caching import (
+    Processes,
+    cache_latents,
+    cache_text_encoder_outputs,
+    validate_caching_options,
+)
+from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset import LLLiteDataset, load_training_image
+from library.errors import UserError
+from library.sdxl.text_encoding import TextEncodingOptions
+from library.training.caches import text_cache_id
 
 QUIET = Processes(show_progress=False)
-from library.dataset import LLLiteDataset, load_training_image
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.errors import UserError
-from library.text_encoding import TextEncodingOptions
-from library.training_caches import text_cache_id
 
 
 def draw(path: Path, size: tuple[int, int], left: int, background: int) -> None:

@@ -11,13 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-import library.training as training
-from library import diffusion_loss as dl
-from library.captions import (face_info_from_name, metadata_caption, process_caption, read_caption,
-                              read_metadata_file)
-from library.dataset_config import SubsetConfig
+import library.training.loop as training
+from library.data.captions import (
+    face_info_from_name,
+    metadata_caption,
+    process_caption,
+    read_caption,
+    read_metadata_file,
+)
+from library.data.config import SubsetConfig
 from library.errors import UserError
-from library.text_encoding import TextEncodingOptions
+from library.sdxl.text_encoding import TextEncodingOptions
+from library.training import loss as dl
 
 
 def opts(**kw) -> SubsetConfig:

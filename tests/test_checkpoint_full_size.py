@@ -12,9 +12,9 @@ import torch
 from accelerate import init_empty_weights
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from library import sdxl_keys
 from library.errors import UserError
-from library.model_loading import (
+from library.sdxl import keys as sdxl_keys
+from library.sdxl.loading import (
     build_text_encoder,
     build_unet,
     build_vae,

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturbed_tiny_models
 from safetensors.torch import save_file
 
-from library import sdxl_keys, weights_io
 from library.console_logging import quiet_third_party
 from library.errors import UserError
-from library.model_loading import load_sdxl, load_vae, save_sdxl_single_file
-from library.tiny_sdxl import build_random_models, tiny_configs
-from library.weights_io import read_weights
-
-from conftest import perturbed_tiny_models
+from library.sdxl import keys as sdxl_keys
+from library.sdxl import weights_io
+from library.sdxl.loading import load_sdxl, load_vae, save_sdxl_single_file
+from library.sdxl.tiny import build_random_models, tiny_configs
+from library.sdxl.weights_io import read_weights
 
 TE1 = sdxl_keys.TE1_PREFIX
 TE2 = sdxl_keys.TE2_PREFIX
@@ -180,7 +180,7 @@ def test_v_prediction_markers(ztsnr, plain_sd, tiny_models, tmp_path, caplog):
     if ztsnr:
         sd["ztsnr"] = torch.tensor([])
     path = _write(tmp_path / "vpred.safetensors", sd)
-    with caplog.at_level(logging.INFO, logger="library.model_loading"):
+    with caplog.at_level(logging.INFO, logger="library.sdxl.loading"):
         models = load_sdxl(str(path))
     assert_models_equal(models, tiny_models)
     assert models.v_prediction and models.scheduler_config["prediction_type"] == "v_prediction"

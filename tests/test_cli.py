@@ -6,7 +6,14 @@ import argparse
 
 import pytest
 
-from library.cli import add_refused, check_choice, check_range, check_refused, load_config_file, parse_key_values
+from library.cli import (
+    add_refused,
+    check_choice,
+    check_range,
+    check_refused,
+    load_config_file,
+    parse_key_values,
+)
 from library.errors import UserError
 
 

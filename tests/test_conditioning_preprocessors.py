@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library import conditioning_preprocessors as cp
+from library.data import conditioning_preprocessors as cp
 from library.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from library.control_eval import load_eval_set
 from library.errors import UserError
-from library.tiny_sdxl import build_random_models
+from library.evaluation.control_eval import load_eval_set
+from library.sdxl.tiny import build_random_models
 from networks.control_net_lllite import ControlNetLLLite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -91,7 +91,7 @@ def test_sources_must_cover_every_guide(tmp_path, tiny_checkpoint):
 
 
 def test_guides_without_edges_are_refused(tmp_path):
-    from library.control_eval import EvalItem, EvalSettings, evaluate_control
+    from library.evaluation.control_eval import EvalItem, EvalSettings, evaluate_control
 
     Image.new("RGB", (16, 16), 0).save(tmp_path / "blank.png")
     with pytest.raises(UserError, match="none of the guide images has any edges"):
@@ -99,7 +99,7 @@ def test_guides_without_edges_are_refused(tmp_path):
 
 
 def test_table_reads_the_lllite_against_the_reference():
-    from library.control_eval import format_table
+    from library.evaluation.control_eval import format_table
 
     results = {"mean": {"0": {"f1": 0.1, "ssim": 0.3}, "1": {"f1": 0.15, "ssim": 0.35}},
                "reference": {"strength": 0.5, "f1": 0.3, "ssim": 0.5}}

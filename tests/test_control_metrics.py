@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from library.conditioning_preprocessors import canny
-from library.control_metrics import (
+from library.data.conditioning_preprocessors import canny
+from library.errors import UserError
+from library.evaluation.metrics import (
     canny_edges,
     edge_f1,
     edge_precision_recall_f1,
     evaluate_pair,
     ssim,
 )
-from library.errors import UserError
 
 
 def square(size=64, lo=16, hi=48):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from library.buckets import BucketPlan, crop_position, make_buckets, resized_size
-from library.captions import process_caption
-from library.dataset import LLLiteDataset, create_dataloader
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.debug_dataset import debug_dataset
+from library.data.buckets import BucketPlan, crop_position, make_buckets, resized_size
+from library.data.captions import process_caption
+from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset import LLLiteDataset, create_dataloader
+from library.data.debug_dataset import debug_dataset
 from library.errors import UserError
 
 RECT = (10, 8, 40, 30)  # left, top, right, bottom of the white shape in a 96x64 image
@@ -108,7 +108,7 @@ def test_missing_captions_give_one_warning_with_count(tmp_path, caplog):
     make_pair(tmp_path, "a", caption=None)
     make_pair(tmp_path, "b", caption=None)
     make_pair(tmp_path, "c", caption="with caption")
-    with caplog.at_level(logging.WARNING, logger="library.dataset"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset"):
         ds = LLLiteDataset([config(tmp_path)])
     warnings = [r for r in caplog.records if "no caption" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].getMessage().startswith("2 image(s)")

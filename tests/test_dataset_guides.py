@@ -10,11 +10,11 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
-from library.caching import Processes, cache_latents
-from library.conditioning_preprocessors import canny
-from library.dataset import LLLiteDataset, to_tensor
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.debug_dataset import debug_dataset
+from library.data.caching import Processes, cache_latents
+from library.data.conditioning_preprocessors import canny
+from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset import LLLiteDataset, to_tensor
+from library.data.debug_dataset import debug_dataset
 from tests.test_caching import FakeVAE
 from tests.test_dataset import draw, make_pair
 from tests.test_train_script import base_options, run_train, write_config

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from library import diffusion_loss as dl
-from library.caching import Processes, cache_latents
-from library.dataset import LLLiteDataset
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.model_loading import load_sdxl
-from library.training import compute_loss
+from library.data.caching import Processes, cache_latents
+from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset import LLLiteDataset
+from library.sdxl.loading import load_sdxl
+from library.training import loss as dl
+from library.training.loop import compute_loss
 from networks.control_net_lllite import ControlNetLLLite
 from tests.test_caching import FakeVAE
 from tests.test_dataset import draw

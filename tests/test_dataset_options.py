@@ -11,10 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset import LLLiteDataset, to_tensor
-from library.dataset_config import DatasetConfig, SubsetConfig, build_dataset_configs, load_dataset_config
+from library.data.config import (
+    DatasetConfig,
+    SubsetConfig,
+    build_dataset_configs,
+    load_dataset_config,
+)
+from library.data.dataset import LLLiteDataset, to_tensor
 from library.errors import UserError
-from library.train_config import parse_args
+from library.training.config import parse_args
 from tests.test_dataset import make_pair
 
 

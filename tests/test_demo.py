@@ -14,8 +14,8 @@ import demo  # noqa: E402
 
 
 def test_bundled_model_is_small_and_loads():
-    from library.model_loading import load_sdxl
-    from library.weights_io import read_metadata
+    from library.sdxl.loading import load_sdxl
+    from library.sdxl.weights_io import read_metadata
 
     path = ROOT / "models" / "tiny_sdxl" / "tiny_sdxl.safetensors"
     assert path.stat().st_size <= 30 * 1024 * 1024
@@ -39,7 +39,7 @@ def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
     assert sorted(p.name for p in (out / "dataset" / "images").glob("*.txt")) == [i[:-4] + ".txt" for i in images]
     assert 'conditioning_preprocessor = "canny"' in (out / "dataset.toml").read_text()
     assert not (out / "dataset" / "canny").exists()  # the guides are made in the pipeline, not on disk
-    from library.weights_io import read_weights
+    from library.sdxl.weights_io import read_weights
 
     sd, _ = read_weights(out / "lllite" / "demo_canny.safetensors")
     assert any(k.startswith("lllite_unet_output_blocks_") for k in sd)  # the demo trains the decoder side too
@@ -64,7 +64,7 @@ def test_short_demo_trains_an_lllite_that_follows_the_guides(tmp_path):
     assert grid.width > 2 * 3 * 128 and grid.height > 8 * 128  # 12 guides: two groups of up to 8 rows
     assert (out / "fidelity.json").is_file()
     # eval/guides holds exactly the evaluated guides with their prompts, ready for tools/evaluate_control.py
-    from library.control_eval import load_eval_set
+    from library.evaluation.control_eval import load_eval_set
 
     again = load_eval_set(out / "eval" / "guides", sources=out / "eval" / "drawn")
     assert sorted(str(i.guide) for i in again) == sorted({r["guide"] for r in results["per_item"]})

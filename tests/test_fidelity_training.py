@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from library import training_fidelity
 from library.errors import UserError
-from library.train_config import build_parser
-from library.training_fidelity import FidelityMeter, FidelityOptions
-from library.training_samples import SampleOptions, combine_hooks
+from library.training import fidelity as training_fidelity
+from library.training.config import build_parser
+from library.training.fidelity import FidelityMeter, FidelityOptions
+from library.training.samples import SampleOptions, combine_hooks
 
 
 def guide_folder(root: Path, n: int = 2, blank: int = 0, prompts: bool = True) -> Path:
@@ -99,7 +99,7 @@ class FakeAccelerator:
 
 
 def test_meter_measures_the_baseline_once_and_logs_both(tmp_path, tiny_checkpoint, monkeypatch, caplog):
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
     guides = guide_folder(tmp_path / "g", n=2, blank=1)

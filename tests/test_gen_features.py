@@ -17,15 +17,29 @@ import pytest
 import torch
 from PIL import Image
 
-from library.deep_shrink import input_blocks
-from library.generation import DeepShrink, GenerationRequest, GradualLatent, Unsharp, generate
-from library.generation_vae import VaeRunner
-from library.lora import HookedLoRA, MergedLoRA, read_lora
-from library.model_loading import load_sdxl
-from library.png_metadata import read_png_parameters
-from library.samplers import build_scheduler
+from library.generation.deep_shrink import input_blocks
+from library.generation.pipeline import (
+    DeepShrink,
+    GenerationRequest,
+    GradualLatent,
+    Unsharp,
+    generate,
+)
+from library.generation.png_metadata import read_png_parameters
+from library.generation.samplers import build_scheduler
+from library.generation.vae import VaeRunner
+from library.sdxl.loading import load_sdxl
+from library.sdxl.lora import HookedLoRA, MergedLoRA, read_lora
 from networks.control_net_lllite import ControlNetLLLite, LLLiteModule
-from tests.gen_helpers import SMALL, make_gen_files, pixels, pngs, run_main, run_main_outputs, stdin_lines
+from tests.gen_helpers import (
+    SMALL,
+    make_gen_files,
+    pixels,
+    pngs,
+    run_main,
+    run_main_outputs,
+    stdin_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "tiny_sdxl" / "tiny_sdxl.safetensors"
@@ -359,7 +373,7 @@ def test_iter_same_seed_gives_every_image_of_an_iteration_one_seed(files, tmp_pa
 def test_console_log_level_and_simple_format(files, tmp_path, capsys):
     args = ["--ckpt", files["ckpt"], "--prompt", "x --d 1", "--W", "68", *SMALL[2:]]
     code, err = run_main(capsys, *args, "--outdir", str(tmp_path / "a"))
-    assert code == 0 and re.search(r"\d\d:\d\d:\d\d INFO library\.generation_jobs: saved", err), err
+    assert code == 0 and re.search(r"\d\d:\d\d:\d\d INFO library\.generation\.jobs: saved", err), err
     code, err = run_main(capsys, *args, "--console_log_simple", "--console_log_level", "WARNING",
                          "--outdir", str(tmp_path / "b"))
     assert code == 0 and "INFO" not in err and "WARNING: --W 68 is not a multiple of 8: using 64" in err, err
@@ -368,8 +382,8 @@ def test_console_log_level_and_simple_format(files, tmp_path, capsys):
 def test_model_options_channels_last_and_attention(files, caplog):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from library.generation_options import ModelOptions
-    from library.generation_setup import load_models
+    from library.generation.options import ModelOptions
+    from library.generation.setup import load_models
 
     with caplog.at_level(logging.INFO):
         models = load_models(ModelOptions(files["ckpt"], channels_last=True, attention="xformers"), torch.device("cpu"))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from library.errors import UserError
-from library.generation import GenerationRequest, request_from_prompt_spec
-from library.generation_options import REFUSED, build_parser, resolve
-from library.prompt_lines import OPTIONS, parse_prompt_line
+from library.generation.options import REFUSED, build_parser, resolve
+from library.generation.pipeline import GenerationRequest, request_from_prompt_spec
+from library.generation.prompt_lines import OPTIONS, parse_prompt_line
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.png_metadata import read_png_parameters
+from library.generation.png_metadata import read_png_parameters
 from tests.gen_helpers import SMALL, make_gen_files, pngs, run_main
 
 ROOT = Path(__file__).resolve().parents[1]

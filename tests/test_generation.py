@@ -1,4 +1,4 @@
-"""library/generation.py, samplers.py, lora.py, png_metadata.py on a tiny random SDXL (CPU, fp32, 64x64)."""
+"""library/generation/pipeline.py, samplers.py, lora.py, png_metadata.py on a tiny random SDXL (CPU, fp32, 64x64)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from library.generation import (
+from library.generation.pipeline import (
     GenerationRequest,
     GradualLatent,
     batch_key,
@@ -19,14 +19,19 @@ from library.generation import (
     request_from_prompt_spec,
     round_size,
 )
-from library.lora import lora_name_map, make_lora_state_dict, merge_lora
-from library.model_loading import load_sdxl, save_sdxl_single_file
-from library.png_metadata import format_parameters_text, parse_parameters_text, read_png_parameters, save_png
-from library.prompt_lines import parse_prompt_line
-from library.samplers import SAMPLER_NAMES, build_scheduler
-from library.text_encoding import parse_prompt_attention
-from library.tiny_sdxl import build_random_models
-from library.weights_io import write_weights
+from library.generation.png_metadata import (
+    format_parameters_text,
+    parse_parameters_text,
+    read_png_parameters,
+    save_png,
+)
+from library.generation.prompt_lines import parse_prompt_line
+from library.generation.samplers import SAMPLER_NAMES, build_scheduler
+from library.sdxl.loading import load_sdxl, save_sdxl_single_file
+from library.sdxl.lora import lora_name_map, make_lora_state_dict, merge_lora
+from library.sdxl.text_encoding import parse_prompt_attention
+from library.sdxl.tiny import build_random_models
+from library.sdxl.weights_io import write_weights
 from networks.control_net_lllite import ControlNetLLLite, LLLiteModule
 
 STEPS = 3
@@ -212,15 +217,15 @@ def test_img2img_and_inpainting(models, nets, images):
     assert np.array_equal(i2i, full_mask)  # a white mask regenerates everything: plain img2img
     # a black mask keeps everything: the VAE's reconstruction of the init image
     keep = draw(models, [], init_image=images["init"], strength=0.6, mask=images["black"])
-    from library.generation import image_to_tensor, tensor_to_images
-    from library.generation_vae import VaeRunner
+    from library.generation.pipeline import image_to_tensor, tensor_to_images
+    from library.generation.vae import VaeRunner
 
     vae = VaeRunner(models.vae)
     with torch.no_grad():
         recon = arr(tensor_to_images(vae.decode(vae.encode(image_to_tensor(images["init"], 64, 64)[None])))[0])
     assert np.abs(keep - recon).max() <= 1
     # inpainting: where the mask is black the final latents are exactly the init image's latents
-    import library.generation as gen
+    import library.generation.pipeline as gen
 
     decoded = []
     original_decode = VaeRunner.decode
@@ -245,7 +250,7 @@ def test_img2img_and_inpainting(models, nets, images):
 
 
 def test_highres_fix_runs_both_passes_and_latent_upscaling_skips_the_vae(models, nets, images, monkeypatch):
-    from library.generation_vae import VaeRunner
+    from library.generation.vae import VaeRunner
 
     evaluations, encodes = [], []
     original_encode = VaeRunner.encode
@@ -282,7 +287,7 @@ def test_negative_scale_and_weighting_change_the_image(models):
                                                                  ("cube", 1 / 1.1), (" ", 1.0), ("x", 1.1)]
 
 
-# Written out here, not read from library.samplers, so that a wrong mapping there fails this test.
+# Written out here, not read from library.generation.samplers, so that a wrong mapping there fails this test.
 EXPECTED_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),

@@ -16,9 +16,15 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.hub_upload import HubOptions, HubStateRef, HubUploader, download_state, parse_state_ref
-from library.train_config import build_parser
-from library.weights_io import read_weights
+from library.sdxl.weights_io import read_weights
+from library.training.config import build_parser
+from library.training.hub_upload import (
+    HubOptions,
+    HubStateRef,
+    HubUploader,
+    download_state,
+    parse_state_ref,
+)
 from tests.test_train_script import base_options, run_train, write_config
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.tiny_sdxl import build_random_models
+from library.sdxl.tiny import build_random_models
 from networks.control_net_lllite import ControlNetLLLite
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "lllite_info.py"

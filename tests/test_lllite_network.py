@@ -10,9 +10,9 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.model_loading import build_unet, bundled_config
-from library.tiny_sdxl import build_random_models
-from library.weights_io import read_weights
+from library.sdxl.loading import build_unet, bundled_config
+from library.sdxl.tiny import build_random_models
+from library.sdxl.weights_io import read_weights
 from networks.control_net_lllite import ControlNetLLLite, describe_state_dict
 from tests.conftest import unet_inputs
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
-from library import sdxl_keys
 from library.errors import UserError
-from library.model_loading import build_unet, bundled_config, load_sdxl, load_vae
-from library.tiny_sdxl import tiny_configs
-from library.weights_io import read_weights
+from library.sdxl import keys as sdxl_keys
+from library.sdxl.loading import build_unet, bundled_config, load_sdxl, load_vae
+from library.sdxl.tiny import tiny_configs
+from library.sdxl.weights_io import read_weights
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

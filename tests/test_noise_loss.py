@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from library import diffusion_loss as dl
 from library.errors import UserError
-from library.train_config import build_parser
-from library.training import compute_loss
+from library.training import loss as dl
+from library.training.config import build_parser
+from library.training.loop import compute_loss
 
 SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from library import optimizers as opt
 from library.cli import check_refused
 from library.errors import UserError
-from library.train_config import build_parser
+from library.training import optimizers as opt
+from library.training.config import build_parser
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_bad_optimizer_args_are_a_user_error():
 
 def test_parity_options_train_end_to_end(tmp_path, tiny_checkpoint, tiny_models):
     """The training script with several of these options together, from a TOML file: 2 steps on the tiny model."""
-    from library.weights_io import read_weights
+    from library.sdxl.weights_io import read_weights
     from networks.control_net_lllite import ControlNetLLLite
     from tests.test_train_script import base_options, run_train, write_config
 

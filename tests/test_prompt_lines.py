@@ -7,8 +7,12 @@ import json
 import pytest
 
 from library.errors import UserError
-from library.generation_settings import Unsharp
-from library.prompt_lines import PromptSpec, load_prompt_file, parse_prompt_line
+from library.generation.prompt_lines import (
+    PromptSpec,
+    load_prompt_file,
+    parse_prompt_line,
+)
+from library.generation.settings import Unsharp
 
 
 def test_reference_example():

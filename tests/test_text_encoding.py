@@ -1,4 +1,4 @@
-"""Tests for library/text_encoding.py and the bundled tokenizer assets (CPU, tiny random encoders)."""
+"""Tests for library/sdxl/text_encoding.py and the bundled tokenizer assets (CPU, tiny random encoders)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library.errors import UserError
-from library.text_encoding import (
+from library.sdxl.text_encoding import (
     BUNDLED_TOKENIZER_DIRS,
     encode_prompts,
     load_sdxl_tokenizers,

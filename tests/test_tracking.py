@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from library import tracking
 from library.errors import UserError
-from library.train_config import build_parser
+from library.training import tracking
+from library.training.config import build_parser
 from tests.conftest import make_shape_dataset
 from tests.test_train_script import ROOT, SCRIPT, base_options, run_train, write_config
 
@@ -100,7 +100,7 @@ def test_tensorboard_logs_every_series_under_the_run_folder(tmp_path, tiny_check
     for hidden in ("pretrained_model_name_or_path", "output_dir", "logging_dir", "fidelity_guides", "sample_prompts",
                    "dataset_config", "wandb_api_key", "huggingface_token", "config_file"):
         assert hidden not in hparams
-    assert re.search(r"^\d\d:\d\d:\d\d INFO library\.tracking: logging to tensorboard", res.stderr, re.M)  # full format
+    assert re.search(r"^\d\d:\d\d:\d\d INFO library\.training\.tracking: logging to tensorboard", res.stderr, re.M)  # full format
 
 
 # ---------------------------------------------------------------------------------------------- Weights & Biases

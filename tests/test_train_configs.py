@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from library.weights_io import read_weights
+from library.sdxl.weights_io import read_weights
 from tests.conftest import make_shape_dataset
 from tests.test_train_script import run_train, write_config
 

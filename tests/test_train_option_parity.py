@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from library import accelerator_setup, tracking
 from library.cli import check_refused
 from library.errors import UserError
-from library.train_config import build_parser, parse_args, resolve
+from library.training import accelerator as accelerator_setup
+from library.training import tracking
+from library.training.config import build_parser, parse_args, resolve
 from tests.conftest import make_shape_dataset
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -243,7 +244,7 @@ def files(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
     f["@prompts.txt"] = str(root / "prompts.txt")
     (root / "trackers.toml").write_text('[tensorboard]\nflush_secs = 5\n')
     f["@trackers.toml"] = str(root / "trackers.toml")
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
     ControlNetLLLite(load_sdxl(str(tiny_checkpoint)).unet, cond_emb_dim=8, network_dim=8).save(root / "net.safetensors")

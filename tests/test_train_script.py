@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from library.weights_io import read_weights
+from library.sdxl.weights_io import read_weights
 from networks.control_net_lllite import ControlNetLLLite
 from tests.conftest import make_shape_dataset
 
@@ -205,7 +205,7 @@ def test_sample_prompts_and_trained_file_in_gen_script(tmp_path, tiny_checkpoint
     """Samples during training use the generation code; the trained file then works in sdxl_gen_img.py."""
     import sdxl_gen_img
     from library.errors import run_cli
-    from library.png_metadata import read_png_parameters
+    from library.generation.png_metadata import read_png_parameters
 
     guide = tmp_path / "data" / "conditioning" / "000.png"
     prompts = tmp_path / "prompts.txt"
@@ -245,7 +245,7 @@ def test_every_option_is_in_the_docs():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "write_option_docs.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    from library.train_config import build_parser
+    from library.training.config import build_parser
 
     doc = (ROOT / "docs" / "training.md").read_text()
     options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]

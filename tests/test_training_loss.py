@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from library import diffusion_loss as dl
-from library.dataset import LLLiteDataset
-from library.dataset_config import load_dataset_config
-from library.model_loading import load_sdxl
-from library.training import compute_loss
+from library.data.config import load_dataset_config
+from library.data.dataset import LLLiteDataset
+from library.sdxl.loading import load_sdxl
+from library.training import loss as dl
+from library.training.loop import compute_loss
 from networks.control_net_lllite import ControlNetLLLite
 from tests.conftest import make_shape_dataset
 

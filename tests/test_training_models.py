@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.model_loading import load_sdxl
-from library.training_caches import release
-from library.training_models import quantize_fp8, set_attention, store_weights_in_fp8
+from library.sdxl.loading import load_sdxl
+from library.training.caches import release
+from library.training.models import quantize_fp8, set_attention, store_weights_in_fp8
 from networks.control_net_lllite import ControlNetLLLite
 from tests.conftest import unet_inputs
 
@@ -70,7 +70,10 @@ def test_fp8_base_trains_the_lllite(tiny_models):
 
 
 def test_attention_choices(tiny_models, caplog):
-    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        SlicedAttnProcessor,
+    )
 
     unet = copy.deepcopy(tiny_models[0])
     ref = _out(unet)
@@ -86,7 +89,7 @@ def test_attention_choices(tiny_models, caplog):
 
 
 def test_tokenizer_cache_dir_is_filled_then_used(tmp_path):
-    from library.text_encoding import tokenizers_via_cache_dir
+    from library.sdxl.text_encoding import tokenizers_via_cache_dir
 
     t1, t2 = tokenizers_via_cache_dir(str(tmp_path / "tok"))
     assert (tmp_path / "tok" / "tokenizer" / "tokenizer_config.json").is_file() and (tmp_path / "tok" / "tokenizer_2").is_dir()
@@ -114,8 +117,8 @@ def test_highvram_keeps_modules_on_the_device():
 def test_model_and_network_option_errors(argv, message, tmp_path):
     from library.cli import check_refused
     from library.errors import UserError
-    from library.train_config import parse_args
-    from library.training_models import AttentionOptions, NetworkOptions
+    from library.training.config import parse_args
+    from library.training.models import AttentionOptions, NetworkOptions
 
     parser, args = parse_args(["--pretrained_model_name_or_path", "x.safetensors", *argv])
     with pytest.raises(UserError, match=message.replace("(", r"\(")):

@@ -3,7 +3,7 @@
 
 The model has SDXL's component types and single-file key layout (two CLIP text encoders of different
 widths, a four-level AutoencoderKL, a ``text_time`` UNet2DConditionModel) and is loaded by
-``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`library.shapes_domain`: one
+``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`library.evaluation.shapes_domain`: one
 flat-coloured shape on a plain background at 64x64, captioned "a red circle on a white background".
 
 Stages (one run, reproducible with ``--seed`` and the same ``--threads``; GroupNorm reference channels
@@ -19,7 +19,7 @@ keep colour through SDXL's 32 groups in both the VAE and the U-Net, see ``GroupN
    things are drawn) and an EMA of the weights;
 4. save a single-file fp16 checkpoint with ``save_sdxl_single_file``, reload it with ``load_sdxl``
    and evaluate the reloaded model: images for held-out and seen captions are scored by the
-   procedural check of :func:`library.shapes_domain.score_images`, and a sample grid is written.
+   procedural check of :func:`library.evaluation.shapes_domain.score_images`, and a sample grid is written.
 
 ``--eval`` only runs the evaluation of an existing checkpoint.
 """
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library import shapes_domain
 from library.atomic_io import atomic_write_text
 from library.errors import UserError, run_cli
-from library.sdxl_keys import SDXL_VAE_SCALING_FACTOR
+from library.evaluation import shapes_domain
+from library.sdxl.keys import SDXL_VAE_SCALING_FACTOR
 
 logger = logging.getLogger("build_tiny_sdxl")
 
@@ -105,7 +105,7 @@ def save_grid(images: np.ndarray, cols: int, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 REFERENCE_LEVEL = 20.0
-REFERENCE_PERIOD = 3  # channels per GroupNorm group in library.tiny_sdxl.drawing_configs (widths 96)
+REFERENCE_PERIOD = 3  # channels per GroupNorm group in library.sdxl.tiny.drawing_configs (widths 96)
 
 
 class GroupNormReferences:
@@ -359,7 +359,7 @@ class CaptionTokens:
     """Token ids of every caption, from the same tokenization that ``encode_prompts`` uses."""
 
     def __init__(self, tok1, tok2):
-        from library.text_encoding import tokenize_prompt
+        from library.sdxl.text_encoding import tokenize_prompt
 
         self._tokenize = tokenize_prompt
         self.tok1, self.tok2 = tok1, tok2
@@ -376,7 +376,7 @@ class CaptionTokens:
 
 
 def encode_with_grad(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL conditioning as ``library.text_encoding.encode_prompts`` computes it (which runs without
+    """SDXL conditioning as ``library.sdxl.text_encoding.encode_prompts`` computes it (which runs without
     gradients), for training the encoders: penultimate hidden states of both, concatenated, and
     encoder 2's projected final-layer-normed state at the first end-of-text token."""
     h1 = te1(input_ids=ids1, output_hidden_states=True).hidden_states[-2]
@@ -418,7 +418,7 @@ class EMA:
 
 def train_diffusion(unet, te1, te2, tok1, tok2, lat_mean, lat_std, captions, args, rng, gen,
                     refs: GroupNormReferences | None = None) -> dict:
-    from library.model_loading import bundled_config
+    from library.sdxl.loading import bundled_config
 
     size = args.image_size
     ac = alphas_cumprod(bundled_config("scheduler")).float()
@@ -505,7 +505,7 @@ def make_scheduler(sampler: str, sched_config: dict):
 def generate(models, captions: list[str], *, seed: int, steps: int, cfg: float, sampler: str, size: int = shapes_domain.IMAGE_SIZE,
              batch: int = 32, negative: str = "") -> np.ndarray:
     """Images (N, H, W, 3 uint8) for ``captions`` with classifier-free guidance against ``negative``."""
-    from library.text_encoding import encode_prompts
+    from library.sdxl.text_encoding import encode_prompts
 
     unet, vae = models.unet, models.vae
     sf = vae.config.scaling_factor
@@ -567,7 +567,7 @@ def evaluate(models, args, out_dir: Path | None) -> dict:
 
 def check_round_trip(path: Path, configs: dict, unet, vae, te1, te2):
     """Reload with load_sdxl; the rebuilt architecture must equal the trained one."""
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
 
     models = load_sdxl(str(path))
     for name, mine, theirs in (("unet", unet, models.unet), ("vae", vae, models.vae),
@@ -594,9 +594,9 @@ def check_round_trip(path: Path, configs: dict, unet, vae, te1, te2):
 def build(args) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
 
-    from library.model_loading import save_sdxl_single_file
-    from library.text_encoding import encode_prompts, load_sdxl_tokenizers
-    from library.tiny_sdxl import build_random_models, drawing_configs
+    from library.sdxl.loading import save_sdxl_single_file
+    from library.sdxl.text_encoding import encode_prompts, load_sdxl_tokenizers
+    from library.sdxl.tiny import build_random_models, drawing_configs
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -694,7 +694,7 @@ def build(args) -> None:
         "tiny_sdxl.batch_size": str(args.batch_size),
         "tiny_sdxl.num_images": str(args.num_images),
         "tiny_sdxl.image_size": str(args.image_size),
-        "tiny_sdxl.domain": "library/shapes_domain.py: 'a {colour} {shape} on a {background} background'",
+        "tiny_sdxl.domain": "library/evaluation/shapes_domain.py: 'a {colour} {shape} on a {background} background'",
         "tiny_sdxl.args": json.dumps(vars(args), sort_keys=True),
         "tiny_sdxl.torch": torch.__version__,
         "modelspec.architecture": "stable-diffusion-xl-v1-base",
@@ -733,7 +733,7 @@ single-file key layout, trained from scratch on the CPU so that the whole LLLite
 generate with it) can be tried without a GPU and without downloading SDXL. It is loaded like any SDXL checkpoint:
 
 ```python
-from library.model_loading import load_sdxl
+from library.sdxl.loading import load_sdxl
 models = load_sdxl("models/tiny_sdxl/tiny_sdxl.safetensors")
 ```
 
@@ -747,7 +747,7 @@ It draws one flat-coloured shape on a plain background at **{args.image_size}x{a
 - backgrounds: {", ".join(shapes_domain.BACKGROUNDS)}
 
 The position and size of the shape are random and not in the caption: that is what a control image decides.
-The domain (images, captions, and the procedural check used below) is `library/shapes_domain.py`.
+The domain (images, captions, and the procedural check used below) is `library/evaluation/shapes_domain.py`.
 Five combinations were held out of training: {held}.
 
 ## Components
@@ -759,7 +759,7 @@ Five combinations were held out of training: {held}.
 | text encoder 1 | CLIPTextModel | width {configs["text_encoder"]["hidden_size"]}, {configs["text_encoder"]["num_hidden_layers"]} layers, vocabulary 49408 |
 | text encoder 2 | CLIPTextModelWithProjection | width {configs["text_encoder_2"]["hidden_size"]}, {configs["text_encoder_2"]["num_hidden_layers"]} layers, projection {configs["text_encoder_2"]["projection_dim"]} |
 
-Configs: `library.tiny_sdxl.drawing_configs()`. `load_sdxl` infers the same architecture from the tensor shapes
+Configs: `library.sdxl.tiny.drawing_configs()`. `load_sdxl` infers the same architecture from the tensor shapes
 (the build script checks this). Conditioning is SDXL's: penultimate hidden states of both encoders concatenated
 ({u["cross_attention_dim"]} wide), pooled = encoder 2's projected end-of-text state, time_ids =
 [{args.image_size}, {args.image_size}, 0, 0, {args.image_size}, {args.image_size}]. Noise schedule and prediction
@@ -827,7 +827,7 @@ Recommended generation settings: {args.image_size}x{args.image_size}, {summary["
 
 
 def run_eval(args) -> None:
-    from library.model_loading import load_sdxl
+    from library.sdxl.loading import load_sdxl
 
     path = Path(args.checkpoint or Path(args.output_dir) / CHECKPOINT_NAME)
     if not path.is_file():

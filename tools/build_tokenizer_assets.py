@@ -10,7 +10,7 @@ From it this script derives the vocabulary the same way CLIP does:
 3. one entry per merge (the two halves joined), for the first 49152 - 256 - 2 merges of the file;
 4. ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
 
-That gives 49408 entries. It writes, into ``library/sdxl_assets/tokenizer`` and ``.../tokenizer_2`` by default,
+That gives 49408 entries. It writes, into ``library/sdxl/assets/tokenizer`` and ``.../tokenizer_2`` by default,
 ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``, which
 ``transformers.CLIPTokenizer.from_pretrained(folder)`` loads without a network. Tokenizer 1 pads with
 ``<|endoftext|>`` (49407), tokenizer 2 with ``!`` (id 0), as SDXL was trained.
@@ -159,8 +159,8 @@ def main() -> None:
     parser.add_argument("--bpe", required=True, help="path to bpe_simple_vocab_16e6.txt.gz (from open_clip_torch)")
     parser.add_argument(
         "--out",
-        default=os.path.join(REPO_ROOT, "library", "sdxl_assets"),
-        help="folder that receives tokenizer/ and tokenizer_2/ (default: library/sdxl_assets)",
+        default=os.path.join(REPO_ROOT, "library", "sdxl", "assets"),
+        help="folder that receives tokenizer/ and tokenizer_2/ (default: library/sdxl/assets)",
     )
     parser.add_argument("--no_verify", action="store_true", help="skip loading the result with transformers")
     args = parser.parse_args()

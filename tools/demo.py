@@ -70,7 +70,7 @@ def draw_images(models, captions: list[str], out_dir: Path, first_seed: int, arg
     """Let the base model draw one image per caption; write ``NNNN.png`` + ``NNNN.txt``."""
     from tqdm.auto import tqdm
 
-    from library.generation import GenerationRequest, generate
+    from library.generation.pipeline import GenerationRequest, generate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -99,7 +99,7 @@ CANNY = {"low_threshold": 100, "high_threshold": 200}  # the training pipeline's
 
 
 def has_clear_edges(canny_rgb) -> bool:
-    from library.control_metrics import guide_edge_map
+    from library.evaluation.metrics import guide_edge_map
 
     return bool(guide_edge_map(canny_rgb).mean() >= MIN_EDGE_FRACTION)
 
@@ -110,7 +110,7 @@ def keep_with_edges(canny_paths: list[Path], n: int) -> list[Path]:
     The base model sometimes draws a faint shape whose outline canny does not pick up; such a pair
     teaches nothing and such a guide measures nothing.
     """
-    from library.conditioning_preprocessors import load_image_rgb
+    from library.data.conditioning_preprocessors import load_image_rgb
 
     kept = [p for p in canny_paths if has_clear_edges(load_image_rgb(p))]
     if len(kept) < n:
@@ -124,7 +124,7 @@ def drop_images_without_edges(images: list[Path]) -> list[Path]:
     The pipeline makes the guides while training; this runs the same canny on the same 64x64 image
     once beforehand, only to choose the images.
     """
-    from library.conditioning_preprocessors import canny, load_image_rgb
+    from library.data.conditioning_preprocessors import canny, load_image_rgb
 
     kept = []
     for image in images:
@@ -288,7 +288,7 @@ def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
     import numpy as np
     from PIL import Image
 
-    from library.shapes_domain import score_images
+    from library.evaluation.shapes_domain import score_images
 
     out = {}
     for mult in multipliers:
@@ -301,10 +301,16 @@ def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
 def run_demo(args) -> dict:
     import torch
 
-    from library import shapes_domain
-    from library.conditioning_preprocessors import convert_folder
-    from library.control_eval import EvalItem, EvalSettings, evaluate_control, format_table, write_json
-    from library.model_loading import load_sdxl
+    from library.data.conditioning_preprocessors import convert_folder
+    from library.evaluation import shapes_domain
+    from library.evaluation.control_eval import (
+        EvalItem,
+        EvalSettings,
+        evaluate_control,
+        format_table,
+        write_json,
+    )
+    from library.sdxl.loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
     if not Path(args.ckpt).is_file():

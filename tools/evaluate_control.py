@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.errors import UserError, run_cli  # noqa: E402
-from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
+from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     import torch
 
-    from library.control_eval import EvalSettings, evaluate_control, format_table, load_eval_set, write_json
-    from library.model_loading import load_sdxl
+    from library.evaluation.control_eval import (
+        EvalSettings,
+        evaluate_control,
+        format_table,
+        load_eval_set,
+        write_json,
+    )
+    from library.sdxl.loading import load_sdxl
     from networks.control_net_lllite import ControlNetLLLite
 
     if not 0.0 < args.reference_strength <= 1.0:

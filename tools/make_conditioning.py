@@ -13,7 +13,11 @@ import sys
 # Run as `python tools/make_conditioning.py`: make `library` importable from the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from library.conditioning_preprocessors import PREPROCESSORS, convert_folder, preprocessor_options  # noqa: E402
+from library.data.conditioning_preprocessors import (  # noqa: E402
+    PREPROCESSORS,
+    convert_folder,
+    preprocessor_options,
+)
 from library.errors import UserError, run_cli  # noqa: E402
 
 # Command-line options passed through under the same name; each applies only to the types that take it.

@@ -20,12 +20,22 @@ from PIL import Image
 
 from library.cli import check_range
 from library.errors import UserError
-from library.generation import GenerationRequest, check_image_readable, generate, request_from_prompt_spec, request_metadata
-from library.model_loading import SDXLModels
-from library.png_metadata import save_png
-from library.tracking import log_images
-from library.prompt_lines import PromptSpec, load_prompt_file
-from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, normalize_sampler_name
+from library.generation.pipeline import (
+    GenerationRequest,
+    check_image_readable,
+    generate,
+    request_from_prompt_spec,
+    request_metadata,
+)
+from library.generation.png_metadata import save_png
+from library.generation.prompt_lines import PromptSpec, load_prompt_file
+from library.generation.samplers import (
+    DEFAULT_SAMPLER,
+    SAMPLER_NAMES,
+    normalize_sampler_name,
+)
+from library.sdxl.loading import SDXLModels
+from library.training.tracking import log_images
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)

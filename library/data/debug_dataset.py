@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from library.atomic_io import atomic_write_text
-from library.dataset import ImageItem, LLLiteDataset
+from library.data.dataset import ImageItem, LLLiteDataset
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from library.atomic_io import atomic_write_text
-from library.conditioning_preprocessors import is_image_file
-from library.control_metrics import evaluate_pair, guide_edge_map
+from library.data.conditioning_preprocessors import is_image_file
 from library.errors import UserError
-from library.generation import GenerationRequest, generate
-from library.model_loading import SDXLModels
-from library.samplers import DEFAULT_SAMPLER
+from library.evaluation.metrics import evaluate_pair, guide_edge_map
+from library.generation.pipeline import GenerationRequest, generate
+from library.generation.samplers import DEFAULT_SAMPLER
+from library.sdxl.loading import SDXLModels
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 With ``--fidelity_guides DIR`` (canny guides, each with a ``<name>.txt`` prompt, as
 ``tools/evaluate_control.py`` takes them), the trainer measures edge F1 and SSIM at the sample
-cadence with ``library/control_eval.py``: every guide drawn with the LLLite (multiplier 1), and
+cadence with ``library/evaluation/control_eval.py``: every guide drawn with the LLLite (multiplier 1), and
 once, at the first measurement, without it (multiplier 0, the base model's own answer; it does not
 change while the LLLite trains). Each guide keeps its seed at every measurement, so the curve shows
 the LLLite and not the noise. The figures go to the log and to the trackers as ``fidelity/*``.
@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.cli import check_range
-from library.control_eval import EvalItem, EvalSettings, evaluate_control, items_with_edges, load_eval_set
 from library.errors import UserError
-from library.model_loading import SDXLModels
-from library.tracking import log_values
-from library.training_samples import drawing_with
+from library.evaluation.control_eval import (
+    EvalItem,
+    EvalSettings,
+    evaluate_control,
+    items_with_edges,
+    load_eval_set,
+)
+from library.sdxl.loading import SDXLModels
+from library.training.samples import drawing_with
+from library.training.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)

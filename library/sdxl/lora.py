@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library import sdxl_keys
 from library.errors import UserError
-from library.weights_io import KIND_LORA, read_weights, weights_kind
+from library.sdxl import keys as sdxl_keys
+from library.sdxl.weights_io import KIND_LORA, read_weights, weights_kind
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Fill the latent and text-encoder caches from the loaded models, then free the device for training.
 
-``library/caching.py`` does the caching itself and never sees a model; this module hands it the
+``library/data/caching.py`` does the caching itself and never sees a model; this module hands it the
 encoders and decides where the models live afterwards.
 """
 
@@ -12,10 +12,15 @@ import logging
 
 import torch
 
-from library.caching import CachingOptions, Processes, cache_latents, cache_text_encoder_outputs
-from library.dataset import LLLiteDataset
-from library.model_loading import SDXLModels
-from library.text_encoding import TextEncodingOptions, encode_prompts
+from library.data.caching import (
+    CachingOptions,
+    Processes,
+    cache_latents,
+    cache_text_encoder_outputs,
+)
+from library.data.dataset import LLLiteDataset
+from library.sdxl.loading import SDXLModels
+from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ mode, LLLite multiplier/active state, no hooks left). The loop is the plain diff
     -> VAE decode (in fp32 where the fp16 SDXL VAE would overflow; in strips with vae_slices)
 
 Options on top: img2img (``init_image`` + ``strength``), latent-blend inpainting (``mask``), a
-two-pass highres fix with a choice of upscalers (``library/upscalers.py``), Deep Shrink
-(``library/deep_shrink.py``), Gradual Latent (``library/gradual_latent.py``), per-model LLLite
-multipliers and step windows. What a request is and its rules: ``library/generation_settings.py``.
+two-pass highres fix with a choice of upscalers (``library/generation/upscalers.py``), Deep Shrink
+(``library/generation/deep_shrink.py``), Gradual Latent (``library/generation/gradual_latent.py``), per-model LLLite
+multipliers and step windows. What a request is and its rules: ``library/generation/settings.py``.
 
 Definitions used here (also in docs/generation.md):
 
@@ -47,9 +47,11 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from library.deep_shrink import deep_shrink
 from library.errors import UserError
-from library.generation_settings import (  # noqa: F401  (re-exported: the public API of generation)
+from library.generation.deep_shrink import deep_shrink
+from library.generation.gradual_latent import GradualLatentRun
+from library.generation.samplers import build_scheduler, step_accepts_generator
+from library.generation.settings import (  # noqa: F401  (re-exported: the public API of generation)
     DEFAULT_STRENGTH,
     LATENT_FACTOR,
     PER_IMAGE_FIELDS,
@@ -65,12 +67,10 @@ from library.generation_settings import (  # noqa: F401  (re-exported: the publi
     request_from_prompt_spec,
     validate_request,
 )
-from library.generation_vae import VaeRunner
-from library.gradual_latent import GradualLatentRun
-from library.model_loading import SDXLModels
-from library.samplers import build_scheduler, step_accepts_generator
-from library.text_encoding import encode_prompts
-from library.upscalers import upscale
+from library.generation.upscalers import upscale
+from library.generation.vae import VaeRunner
+from library.sdxl.loading import SDXLModels
+from library.sdxl.text_encoding import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -470,7 +470,7 @@ def _feature_metadata(r: GenerationRequest) -> dict[str, Any]:
 
 
 def request_metadata(request: GenerationRequest, seed: int | None = None, **extra: Any) -> dict[str, Any]:
-    """The parameters of a request as a flat dict for PNG metadata (see library.png_metadata)."""
+    """The parameters of a request as a flat dict for PNG metadata (see library.generation.png_metadata)."""
     r = request
     negative_size = (r.original_width_negative, r.original_height_negative)
     meta: dict[str, Any] = {

@@ -27,15 +27,19 @@ import argparse
 import difflib
 import math
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from library import conditioning_preprocessors
+import tomllib
+
 from library.cli import add_refused, parse_key_values
+from library.data import conditioning_preprocessors
 from library.errors import UserError
-from library.text_encoding import TextEncodingOptions, add_training_arguments as add_text_encoding_arguments
+from library.sdxl.text_encoding import TextEncodingOptions
+from library.sdxl.text_encoding import (
+    add_training_arguments as add_text_encoding_arguments,
+)
 
 # The resize filters of resize_interpolation (sd-scripts' names; linear = bilinear, cubic = bicubic).
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")

@@ -29,7 +29,7 @@ from library.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from library.generation_vae import VaeRunner
+    from library.generation.vae import VaeRunner
 
 # name -> (space, torch interpolate mode or "lanczos")
 UPSCALERS: dict[str, tuple[str, str]] = {

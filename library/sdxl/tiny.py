@@ -13,7 +13,12 @@ import copy
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from library.model_loading import build_text_encoder, build_unet, build_vae, bundled_config
+from library.sdxl.loading import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    bundled_config,
+)
 
 TE1_WIDTH = 32
 TE2_WIDTH = 64

@@ -38,9 +38,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel  # noqa: E402
 
-from library import sdxl_keys  # noqa: E402
+from library.sdxl import keys as sdxl_keys  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.weights_io import (  # noqa: E402
+from library.sdxl.weights_io import (  # noqa: E402
     KIND_CONTROLNET,
     KIND_DIFFUSERS_UNET,
     KIND_FLUX,
@@ -57,7 +57,7 @@ from library.weights_io import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "sdxl_assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def bundled_config(component: str) -> dict:
@@ -395,7 +395,7 @@ def load_sdxl(
     Raises ``UserError`` naming the file and what is wrong for anything that is not an SDXL base model
     in a layout read here.
     """
-    from library.text_encoding import load_sdxl_tokenizers
+    from library.sdxl.text_encoding import load_sdxl_tokenizers
 
     read_device, final_device = _devices(lowram, device)
     path = Path(path_or_id).expanduser()
@@ -522,7 +522,7 @@ def _no_transformers_progress_bar() -> Iterator[None]:
 def _load_diffusers_folder(
     path: Path, dtype, vae_dtype, read_device: torch.device, disable_mmap: bool, *, with_vae: bool = True
 ) -> SDXLModels:
-    from library.text_encoding import load_sdxl_tokenizers
+    from library.sdxl.text_encoding import load_sdxl_tokenizers
 
     _check_diffusers_folder(path, with_vae)
     parts = [("unet", UNet2DConditionModel, "torch_dtype", dtype),

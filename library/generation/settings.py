@@ -2,8 +2,8 @@
 
 This module imports no torch, diffusers or PIL, so that ``sdxl_gen_img.py`` can check every option
 and every prompt line before anything heavy loads. The rules live here once and serve three
-callers: the command-line options (``library/generation_options.py``), prompt lines
-(``library/prompt_lines.py``) and :func:`validate_request`, which :func:`library.generation.generate`
+callers: the command-line options (``library/generation/options.py``), prompt lines
+(``library/generation/prompt_lines.py``) and :func:`validate_request`, which :func:`library.generation.pipeline.generate`
 runs for every caller (the trainer's sample images too).
 
 Definitions (also in docs/generation.md):
@@ -29,12 +29,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from library.errors import UserError
-from library.samplers import ANCESTRAL_EULER, DEFAULT_SAMPLER, normalize_sampler_name
+from library.generation.samplers import (
+    ANCESTRAL_EULER,
+    DEFAULT_SAMPLER,
+    normalize_sampler_name,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from library.prompt_lines import PromptSpec
+    from library.generation.prompt_lines import PromptSpec
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +266,7 @@ class GenerationRequest:
     highres_fix_strength: float | None = None  # pass 1's img2img strength (needs init_image); default strength
     highres_fix_disable_control_net: bool = False
     highres_fix_latents_upscaling: bool = False  # the same as highres_fix_upscaler="latent_bilinear"
-    highres_fix_upscaler: str | None = None  # library.upscalers name; default bicubic on pixels
+    highres_fix_upscaler: str | None = None  # library.generation.upscalers name; default bicubic on pixels
     highres_fix_upscaler_args: tuple[tuple[str, float], ...] = ()
     deep_shrink: DeepShrink = DeepShrink()
     gradual_latent: GradualLatent = GradualLatent()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from library.conditioning_preprocessors import canny
+from library.data.conditioning_preprocessors import canny
 from library.errors import UserError
 
 # SSIM constants of Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03.

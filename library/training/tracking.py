@@ -14,10 +14,11 @@ import inspect
 import logging
 import os
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from library.errors import UserError
 

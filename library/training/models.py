@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 
 from library.cli import add_refused, check_choice, check_range
 from library.errors import UserError
-from library.model_loading import SDXLModels, check_model_source, load_sdxl
-from library.text_encoding import tokenizers_via_cache_dir
+from library.sdxl.loading import SDXLModels, check_model_source, load_sdxl
+from library.sdxl.text_encoding import tokenizers_via_cache_dir
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,10 @@ def load_base_model(opts: ModelOptions, weight_dtype: torch.dtype, device: torch
 
 def set_attention(unet: torch.nn.Module, attention: str) -> str:
     """Pick the U-Net's attention processor; returns what is in use, for the log."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        SlicedAttnProcessor,
+    )
 
     if attention == "mem_eff":
         # Sliced attention is diffusers' memory-efficient attention: one slice of heads at a time.

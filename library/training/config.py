@@ -21,24 +21,19 @@ from typing import Sequence
 
 import toml
 
-from library import (
-    accelerator_setup,
-    caching,
-    console_logging,
-    dataset_config,
-    diffusion_loss,
-    hub_upload,
-    optimizers,
-    saving,
-    tracking,
-    training,
-    training_fidelity,
-    training_models,
-    training_samples,
-)
+from library import console_logging
 from library.atomic_io import atomic_write_text
 from library.cli import check_refused, load_config_file
+from library.data import caching
+from library.data import config as dataset_config
 from library.errors import UserError
+from library.training import accelerator as accelerator_setup
+from library.training import fidelity as training_fidelity
+from library.training import hub_upload, optimizers, saving, tracking
+from library.training import loop as training
+from library.training import loss as diffusion_loss
+from library.training import models as training_models
+from library.training import samples as training_samples
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from library.errors import UserError
-from library.saving import STATE_FILE
+from library.training.saving import STATE_FILE
 
 logger = logging.getLogger(__name__)
 

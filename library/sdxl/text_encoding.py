@@ -7,7 +7,7 @@ SDXL conditions its U-Net on two CLIP text encoders:
 * ``text_embeds`` / pooled (batch, projection_dim2): encoder 2's final-layer-normed hidden state at the
   end-of-text token of the first 77-token chunk, passed through ``text_projection``.
 
-Tokenizers. The bundled ``library/sdxl_assets/tokenizer{,_2}`` folders hold CLIP's BPE vocabulary (built by
+Tokenizers. The bundled ``library/sdxl/assets/tokenizer{,_2}`` folders hold CLIP's BPE vocabulary (built by
 ``tools/build_tokenizer_assets.py``). They load with ``transformers.CLIPTokenizer.from_pretrained``. In
 transformers 5 there is only one CLIP tokenizer class, backed by the Rust ``tokenizers`` library
 (``use_fast=False`` returns the same class). It is used because it loads offline from vocab.json + merges.txt
@@ -45,7 +45,7 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdxl_assets")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED_TOKENIZER_DIRS = (os.path.join(ASSETS_DIR, "tokenizer"), os.path.join(ASSETS_DIR, "tokenizer_2"))
 
 CHUNK_LENGTH = 77  # tokens per encoder call, including bos and eos
@@ -78,7 +78,7 @@ def load_sdxl_tokenizers(path: str | None = None) -> tuple[Any, Any]:
     Args:
         path: a diffusers model folder. When it has ``tokenizer`` and ``tokenizer_2`` subfolders these are
             used; otherwise (``None``, a single-file checkpoint, or a folder without them) the bundled
-            ``library/sdxl_assets`` tokenizers are used.
+            ``library/sdxl/assets`` tokenizers are used.
 
     Returns:
         ``(tokenizer1, tokenizer2)``: tokenizer 1 pads with ``<|endoftext|>`` (49407), tokenizer 2 with ``!`` (0).

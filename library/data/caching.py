@@ -58,11 +58,20 @@ from tqdm import tqdm
 
 from library.atomic_io import atomic_path
 from library.cli import check_range
-from library.captions import dynamic_caption_options
-from library.dataset import (ImageItem, LLLiteDataset, crop_and_flip, image_interpolation, latent_mask,
-                             load_training_image, make_guide, open_alpha, conditioning_interpolation,
-                             static_caption)
-from library.dataset_config import DatasetConfig
+from library.data.captions import dynamic_caption_options
+from library.data.config import DatasetConfig
+from library.data.dataset import (
+    ImageItem,
+    LLLiteDataset,
+    conditioning_interpolation,
+    crop_and_flip,
+    image_interpolation,
+    latent_mask,
+    load_training_image,
+    make_guide,
+    open_alpha,
+    static_caption,
+)
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Only the LLLite network trains; the U-Net, both text encoders and the VAE stay frozen. Each
 micro-batch embeds the conditioning image, adds noise, runs the U-Net with SDXL's conditioning
 and backpropagates; each optimizer step checks the loss once, steps, and hands over to the saver,
-the sample drawer and the trackers. Saving decisions live in ``library/saving.py``.
+the sample drawer and the trackers. Saving decisions live in ``library/training/saving.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from library import diffusion_loss as dl
 from library.cli import check_range
 from library.errors import UserError
-from library.model_loading import SDXLModels
-from library.optimizers import build_lr_scheduler, build_optimizer
-from library.saving import Progress, Saver, TrainingRNG, load_progress, run_metadata
-from library.text_encoding import TextEncodingOptions, encode_prompts
-from library.tracking import log_values
+from library.sdxl.loading import SDXLModels
+from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
+from library.training import loss as dl
+from library.training.optimizers import build_lr_scheduler, build_optimizer
+from library.training.saving import (
+    Progress,
+    Saver,
+    TrainingRNG,
+    load_progress,
+    run_metadata,
+)
+from library.training.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
@@ -272,7 +278,7 @@ class Trainer:
         """Data-parallel processes must end with the same weights; the main process compares them."""
         from accelerate.utils import gather_object
 
-        from library.training_caches import fingerprint
+        from library.training.caches import fingerprint
 
         prints = gather_object([fingerprint(self.raw_network)])
         if self.accelerator.is_main_process:

@@ -1,6 +1,6 @@
 """Models, networks, precision, device and logging for ``sdxl_gen_img.py``, from its checked options.
 
-Turns :class:`library.generation_options.GenOptions` into loaded, placed models: dtype and device,
+Turns :class:`library.generation.options.GenOptions` into loaded, placed models: dtype and device,
 the SDXL checkpoint (with its VAE, tokenizers and textual inversions), the attention backend and
 memory format, the ControlNet-LLLite networks and the LoRAs (hooked, pre-calculated or merged), and
 the LoRA multipliers for each batch. Heavy libraries are imported inside the functions so that
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
-from library.generation_jobs import lora_multipliers
-from library.generation_options import GenOptions, LoraSpec, ModelOptions
+from library.generation.jobs import lora_multipliers
+from library.generation.options import GenOptions, LoraSpec, ModelOptions
 
 if TYPE_CHECKING:
     import torch
 
-    from library.generation import GenerationRequest
-    from library.model_loading import SDXLModels
+    from library.generation.pipeline import GenerationRequest
+    from library.sdxl.loading import SDXLModels
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ def load_models(opts: ModelOptions, device: torch.device) -> SDXLModels:
     """The SDXL checkpoint (``--ckpt``, ``--vae``, tokenizers, textual inversions) on ``device``, ready to draw."""
     import torch
 
-    from library.model_loading import load_sdxl
-    from library.text_encoding import load_textual_inversion, tokenizers_via_cache_dir
+    from library.sdxl.loading import load_sdxl
+    from library.sdxl.text_encoding import (
+        load_textual_inversion,
+        tokenizers_via_cache_dir,
+    )
 
     dtype = pick_dtype(opts.precision)
     # The SDXL VAE overflows in fp16: it is kept in fp16 but decodes in fp32 (its config's force_upcast),
@@ -99,7 +102,7 @@ def load_models(opts: ModelOptions, device: torch.device) -> SDXLModels:
 
 def show_meta(opts: GenOptions) -> None:
     """``--network_show_meta``: each LoRA and LLLite file's metadata on stdout, one ``key: value`` a line."""
-    from library.weights_io import read_metadata
+    from library.sdxl.weights_io import read_metadata
 
     if not opts.show_meta:
         return
@@ -117,7 +120,7 @@ def check_weight_files(opts: GenOptions) -> None:
     A LoRA or LLLite file given as ``--ckpt`` is named here; other wrong checkpoints are named by
     the loader, which reads the whole file anyway.
     """
-    from library.weights_io import KIND_LLLITE, KIND_LORA, read_keys, weights_kind
+    from library.sdxl.weights_io import KIND_LLLITE, KIND_LORA, read_keys, weights_kind
 
     where = {KIND_LLLITE: "--control_net_lllite_models", KIND_LORA: "--network_weights"}
     ckpt = Path(opts.model.ckpt)
@@ -135,7 +138,7 @@ def check_weight_files(opts: GenOptions) -> None:
 
 
 def _load_lora(spec: LoraSpec, models: SDXLModels) -> Any:
-    from library.lora import HookedLoRA, MergedLoRA, read_lora
+    from library.sdxl.lora import HookedLoRA, MergedLoRA, read_lora
 
     lora = read_lora(spec.path, models.unet, models.text_encoder1, models.text_encoder2)
     if spec.mode == "hooked":

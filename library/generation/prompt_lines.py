@@ -22,14 +22,15 @@ import difflib
 import json
 import math
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import tomllib
+
 from library.errors import UserError
-from library.generation_settings import Unsharp, check_limit
-from library.samplers import normalize_sampler_name
+from library.generation.samplers import normalize_sampler_name
+from library.generation.settings import Unsharp, check_limit
 
 # --- value converters: take the text of a line option or a TOML/JSON value; raise ValueError ---
 

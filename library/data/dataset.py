@@ -43,7 +43,7 @@ image_paths            list[str]               the training image files
 flipped                BoolTensor[B]           whether the sample was mirrored (flip_aug)
 =====================  ======================  ==========================================
 
-Caches are attached by ``library.caching``; the dataset only looks them up through the
+Caches are attached by ``library.data.caching``; the dataset only looks them up through the
 ``LatentLookup`` / ``TextLookup`` protocols. The latent cache also holds the alpha masks and the
 guides made by a ``conditioning_preprocessor``; conditioning images from a folder are loaded
 from disk per sample (they go to LLLite in pixel space).
@@ -71,13 +71,25 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from library.atomic_io import atomic_write_text
-from library.buckets import BucketPlan, Size, crop_position, face_crop, flipped_crop_left, resized_size
-from library.captions import (face_info_from_name, metadata_caption, process_caption, read_caption,
-                              read_metadata_file)
-from library.conditioning_preprocessors import apply_preprocessor
-from library.dataset_config import DatasetConfig, SubsetConfig
+from library.data.buckets import (
+    BucketPlan,
+    Size,
+    crop_position,
+    face_crop,
+    flipped_crop_left,
+    resized_size,
+)
+from library.data.captions import (
+    face_info_from_name,
+    metadata_caption,
+    process_caption,
+    read_caption,
+    read_metadata_file,
+)
+from library.data.conditioning_preprocessors import apply_preprocessor
+from library.data.config import DatasetConfig, SubsetConfig
 from library.errors import UserError
-from library.text_encoding import TextEncodingOptions
+from library.sdxl.text_encoding import TextEncodingOptions
 
 logger = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@
   (files or folders), each file checked readable when it is read;
 * planning: prompts x ``images_per_prompt`` x ``n_iter`` become :class:`Job` s with seeds, guide image
   groups, init images and masks (each cycling by image number); every job's request is checked
-  with the same rules :func:`library.generation.generate` applies, before any model loads;
+  with the same rules :func:`library.generation.pipeline.generate` applies, before any model loads;
 * batching: consecutive jobs that can share a U-Net call;
 * writing: file names (time stamp, sequential, original name), PNG parameters, the highres fix's
   first pass, and the interactive preview.
 
-Everything here reads the frozen options of ``library/generation_options.py``; nothing changes them.
+Everything here reads the frozen options of ``library/generation/options.py``; nothing changes them.
 Heavy libraries are imported inside the functions so that option errors stay fast.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from library.errors import UserError
-from library.generation_options import GenOptions, InputOptions, LoraSpec, OutputOptions
-from library.generation_settings import (
+from library.generation.options import GenOptions, InputOptions, LoraSpec, OutputOptions
+from library.generation.settings import (
     GenerationRequest,
     checked_size,
     control_settings,
@@ -37,7 +37,7 @@ from library.generation_settings import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from library.prompt_lines import PromptSpec
+    from library.generation.prompt_lines import PromptSpec
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def read_prompt_specs(inputs: InputOptions) -> list[PromptSpec]:
     """The prompt lines of ``--prompt`` and ``--from_file`` (interactive lines are read later)."""
-    from library.prompt_lines import load_prompt_file, parse_prompt_line
+    from library.generation.prompt_lines import load_prompt_file, parse_prompt_line
 
     specs = []
     if inputs.prompt:
@@ -74,7 +74,7 @@ def read_interactive() -> Iterator[str]:
 
 def expand_images(paths: Iterable[str], what: str) -> list[str]:
     """Files as given; a folder becomes its images in name order. Every file is checked readable now."""
-    from library.generation import check_image_readable
+    from library.generation.pipeline import check_image_readable
 
     out: list[str] = []
     for p in paths:
@@ -171,7 +171,7 @@ class Planner:
 
     def _line_request(self, spec: PromptSpec) -> GenerationRequest:
         """The line's request, with its size rounded and one control value per model (for the metadata)."""
-        from library.generation import check_image_readable
+        from library.generation.pipeline import check_image_readable
 
         where = f"{spec.where}: "
         base = request_from_prompt_spec(spec, self.defaults)
@@ -241,7 +241,7 @@ def check_waiting_settings(opts: GenOptions, jobs: list[Job]) -> None:
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     """Consecutive jobs that can share a U-Net call, at most ``size`` at a time."""
-    from library.generation import batch_key
+    from library.generation.pipeline import batch_key
 
     for _, group in itertools.groupby(jobs, key=lambda j: batch_key(j.request)):
         group = list(group)
@@ -291,8 +291,8 @@ class Writer:
 
     def save(self, job: Job, image: Image.Image) -> Path:
         """Writes ``image`` with its request's parameters; returns the file's path."""
-        from library.generation import request_metadata
-        from library.png_metadata import save_png
+        from library.generation.pipeline import request_metadata
+        from library.generation.png_metadata import save_png
 
         seed = image.info.get("seed", job.request.seed)
         path = self.outdir / f"{self.stem(job, seed)}.png"
@@ -304,8 +304,8 @@ class Writer:
 
     def save_first_pass(self, job: Job, image: Image.Image) -> Path:
         """The highres fix's first pass as ``<stem>_1st.png``, with its own size in the metadata."""
-        from library.generation import first_pass_size, request_metadata
-        from library.png_metadata import save_png
+        from library.generation.pipeline import first_pass_size, request_metadata
+        from library.generation.png_metadata import save_png
 
         width, height = first_pass_size(job.request)
         path = self.outdir / f"{self.stem(job, job.request.seed)}_1st.png"

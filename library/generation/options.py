@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from library import console_logging
-from library.console_logging import ConsoleLogOptions
 from library.atomic_io import make_output_folders
+from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
-from library.generation_settings import (
+from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from library.generation.settings import (
     DEEP_SHRINK_FIELDS,
     GRADUAL_LATENT_FIELDS,
     DeepShrink,
@@ -36,7 +37,6 @@ from library.generation_settings import (
     check_limit,
     checked_size,
 )
-from library.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 LORA_MODULES = ("networks.lora", "lora")
 REFUSED = {
@@ -442,7 +442,11 @@ def _default_request(args: argparse.Namespace, n_models: int) -> GenerationReque
 
 
 def _upscaler(args: argparse.Namespace) -> tuple[str | None, tuple[tuple[str, float], ...]]:
-    from library.upscalers import DEFAULT_UPSCALER, check_upscaler, parse_upscaler_args
+    from library.generation.upscalers import (
+        DEFAULT_UPSCALER,
+        check_upscaler,
+        parse_upscaler_args,
+    )
 
     name = check_upscaler(args.highres_fix_upscaler) if args.highres_fix_upscaler else None
     if name and args.highres_fix_latents_upscaling and name != "latent_bilinear":

@@ -1,0 +1,1 @@
+"""Training data: dataset TOMLs, image/guide pairing, captions, buckets, and the latent/text caches."""

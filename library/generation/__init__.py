@@ -1,0 +1,1 @@
+"""Generation: options, planning, the denoising loop, samplers, Deep Shrink, Gradual Latent and upscalers."""

@@ -1,0 +1,1 @@
+"""The SDXL base model: checkpoints in every common layout, key maps, weight files, text encoders, LoRA."""
