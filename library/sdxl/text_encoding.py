@@ -445,29 +445,8 @@ def _encoder_width(encoder: torch.nn.Module) -> int:
     return int(encoder.get_input_embeddings().weight.shape[1])
 
 
-def load_textual_inversion(
-    path: str,
-    tokenizer1: Any,
-    tokenizer2: Any,
-    text_encoder1: torch.nn.Module,
-    text_encoder2: torch.nn.Module,
-    token: str | None = None,
-) -> list[str]:
-    """Load an SDXL textual-inversion embedding and make its token usable in prompts.
-
-    The file is a safetensors file with ``clip_l`` ``[n, width1]`` and ``clip_g`` ``[n, width2]`` tensors
-    (768 and 1280 for SDXL). ``n`` tokens ``name, name_1, ..., name_{n-1}`` are added to both tokenizers
-    (``name`` is ``token`` or the file stem), both encoders' embedding tables are resized and the rows set to
-    the vectors. Afterwards a prompt containing ``name`` (a whole word, any case) expands to all n tokens.
-    Loading the same name again replaces its vectors.
-
-    Returns:
-        The added token strings, in order.
-
-    Raises:
-        UserError: unreadable file, wrong keys, widths that do not match the encoders, different vector
-            counts, or a name that already is a token of the CLIP vocabulary.
-    """
+def _read_embedding(path: str, text_encoder1: torch.nn.Module, text_encoder2: torch.nn.Module) -> list[torch.Tensor]:
+    """The ``clip_l`` and ``clip_g`` vectors of an SDXL embedding file, checked against the encoders."""
     import safetensors
     from safetensors.torch import load_file
 
@@ -503,15 +482,11 @@ def load_textual_inversion(
             f"textual inversion {path!r}: clip_l has {vectors[0].shape[0]} vectors but clip_g has "
             f"{vectors[1].shape[0]} (shapes: {shapes}); they must match."
         )
+    return vectors
 
-    name = token or os.path.splitext(os.path.basename(path))[0]
-    if not name or re.search(r"\s", name):
-        raise UserError(f"textual inversion token name {name!r} (from {path!r}) must be non-empty without spaces.")
-    count = vectors[0].shape[0]
-    names = [name] + [f"{name}_{i}" for i in range(1, count)]
 
-    # Check both tokenizers before changing either.
-    for tokenizer in (tokenizer1, tokenizer2):
+def _check_new_tokens(names: list[str], path: str, tokenizers: tuple[Any, Any]) -> None:
+    for tokenizer in tokenizers:
         vocab = tokenizer.get_vocab()
         added = tokenizer.get_added_vocab()
         for t in names:
@@ -522,6 +497,39 @@ def load_textual_inversion(
                     f"textual inversion token {t!r} (from {path!r}) is already a token of the CLIP vocabulary "
                     f"({t.lower()!r}); choose another token name (rename the file or pass a token name)."
                 )
+
+
+def load_textual_inversion(
+    path: str,
+    tokenizer1: Any,
+    tokenizer2: Any,
+    text_encoder1: torch.nn.Module,
+    text_encoder2: torch.nn.Module,
+    token: str | None = None,
+) -> list[str]:
+    """Load an SDXL textual-inversion embedding and make its token usable in prompts.
+
+    The file is a safetensors file with ``clip_l`` ``[n, width1]`` and ``clip_g`` ``[n, width2]`` tensors
+    (768 and 1280 for SDXL). ``n`` tokens ``name, name_1, ..., name_{n-1}`` are added to both tokenizers
+    (``name`` is ``token`` or the file stem), both encoders' embedding tables are resized and the rows set to
+    the vectors. Afterwards a prompt containing ``name`` (a whole word, any case) expands to all n tokens.
+    Loading the same name again replaces its vectors.
+
+    Returns:
+        The added token strings, in order.
+
+    Raises:
+        UserError: unreadable file, wrong keys, widths that do not match the encoders, different vector
+            counts, or a name that already is a token of the CLIP vocabulary.
+    """
+    vectors = _read_embedding(path, text_encoder1, text_encoder2)
+    name = token or os.path.splitext(os.path.basename(path))[0]
+    if not name or re.search(r"\s", name):
+        raise UserError(f"textual inversion token name {name!r} (from {path!r}) must be non-empty without spaces.")
+    count = vectors[0].shape[0]
+    names = [name] + [f"{name}_{i}" for i in range(1, count)]
+
+    _check_new_tokens(names, path, (tokenizer1, tokenizer2))  # both before changing either
     for tokenizer, encoder, v in ((tokenizer1, text_encoder1, vectors[0]), (tokenizer2, text_encoder2, vectors[1])):
         tokenizer.add_tokens(names)
         ids = tokenizer.convert_tokens_to_ids(names)
