@@ -232,21 +232,20 @@ class Saver:
         step = progress.global_step
         if not every or step % every or step >= max_steps:
             return
-        tag = f"step{step:08d}"
-        self.save_model(tag, progress)
-        if self.opts.save_state:
-            self.save_state(tag, progress)
+        self._save_tagged(f"step{step:08d}", progress)
         self._prune_steps(step)
 
     def on_epoch_end(self, epoch: int, progress: Progress, max_steps: int) -> None:
         every = self.epoch_interval
         if not every or epoch % every or epoch >= self.num_epochs or progress.global_step >= max_steps:
             return
-        tag = f"{epoch:06d}"
+        self._save_tagged(f"{epoch:06d}", progress)
+        self._prune_epochs(epoch)
+
+    def _save_tagged(self, tag: str, progress: Progress) -> None:
         self.save_model(tag, progress)
         if self.opts.save_state:
             self.save_state(tag, progress)
-        self._prune_epochs(epoch)
 
     def on_train_end(self, progress: Progress) -> Path:
         final = self.save_model(None, progress)
