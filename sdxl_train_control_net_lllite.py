@@ -29,6 +29,7 @@ from library.training.config import (
 from library.training.fidelity import FidelityMeter
 from library.training.hub_upload import download_state, make_uploader
 from library.training.loop import Trainer
+from library.training.loss import with_checkpoint_schedule
 from library.training.models import create_network, load_base_model, prepare_unet
 from library.training.samples import SampleDrawer, combine_hooks
 from library.training.tracking import start_trackers
@@ -47,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=opts.data.datasets[0].batch_size, max_grad_norm=opts.optimizer.max_grad_norm)
         with console_logging(opts.console, quiet=not accelerator.is_local_main_process) as log_to_file:
             log_to_file()
-            train(opts, accelerator)
+            try:
+                train(opts, accelerator)
+            finally:
+                accelerator.end_training()  # closes the trackers, also when the run fails
     except BaseException:
         remove_empty(created)  # a run that fails before writing anything leaves no empty folder behind
         raise
@@ -64,16 +68,15 @@ def train(opts: TrainingOptions, accelerator) -> None:
     # 2. The dataset: every pairing and image problem is reported before any model loads.
     dataset = LLLiteDataset(opts.data.datasets, seed=opts.run.seed or 0, text_encoding=opts.data.text_encoding)
     if opts.data.debug_dataset:
-        paths = debug_dataset(dataset, opts.saving.output_dir / "debug_dataset")
-        logger.info("wrote %d debug images to %s", len(paths), opts.saving.output_dir / "debug_dataset")
+        if accelerator.is_main_process:
+            paths = debug_dataset(dataset, opts.saving.output_dir / "debug_dataset")
+            logger.info("wrote %d debug images to %s", len(paths), opts.saving.output_dir / "debug_dataset")
         return
 
-    # 3. The frozen base model; a v-prediction checkpoint trains as one.
+    # 3. The frozen base model; a v-prediction (or zero-terminal-SNR) checkpoint trains as one.
     wdtype = opts.precision.weight_dtype
     models = load_base_model(opts.model, wdtype, accelerator.device)
-    if models.v_prediction and not opts.loss.v_parameterization:
-        logger.warning("the checkpoint is v-prediction but --v_parameterization is not set; training with v-prediction")
-        opts = dataclasses.replace(opts, loss=dataclasses.replace(opts.loss, v_parameterization=True))
+    opts = dataclasses.replace(opts, loss=with_checkpoint_schedule(opts.loss, models))
 
     # 4. Caches: each image and caption is encoded once (and reused across runs with *_to_disk).
     fill_caches(opts.caching, models, dataset, accelerator, wdtype, keep_on_device=opts.model.highvram)
@@ -92,9 +95,10 @@ def train(opts: TrainingOptions, accelerator) -> None:
     drawer = meter = None
     if opts.samples.prompts:
         drawer = SampleDrawer(opts.samples, models, accelerator, opts.saving.output_dir / "sample",
-                              opts.saving.output_name, resolution, opts.run.seed)
+                              opts.saving.output_name, resolution, opts.run.seed, opts.data.text_encoding)
     if opts.fidelity.items:
-        meter = FidelityMeter(opts.fidelity, models, accelerator, resolution, opts.samples.sampler)
+        meter = FidelityMeter(opts.fidelity, models, accelerator, resolution, opts.samples.sampler,
+                              opts.data.text_encoding)
     dataloader = create_dataloader(dataset, num_workers=opts.data.num_workers, persistent_workers=opts.data.persistent_workers)
     start_trackers(accelerator, opts.tracking)
     uploader = make_uploader(opts.hub, opts.saving.output_dir, accelerator)

@@ -28,7 +28,7 @@ from library.atomic_io import atomic_write_text
 from library.data.conditioning_preprocessors import is_image_file
 from library.errors import UserError
 from library.evaluation.metrics import evaluate_pair, guide_edge_map
-from library.generation.pipeline import GenerationRequest, generate
+from library.generation.pipeline import GenerationRequest, generate, open_image
 from library.generation.samplers import DEFAULT_SAMPLER
 from library.sdxl.loading import SDXLModels
 
@@ -53,6 +53,8 @@ class EvalSettings:
     negative_prompt: str = ""
     low_threshold: int = 100
     high_threshold: int = 200
+    clip_skip: int | None = None  # as the LLLite was trained (training passes its text encoding)
+    max_embeddings_multiples: int = 1
 
 
 def load_eval_set(folder: str | Path, prompt: str | None = None, caption_extension: str = ".txt",
@@ -103,7 +105,7 @@ def _attach_sources(items: list[EvalItem], sources: Path) -> list[EvalItem]:
 
 
 def _rgb(image: Image.Image | str | Path, size: tuple[int, int]) -> np.ndarray:
-    img = image if isinstance(image, Image.Image) else Image.open(image)
+    img = image if isinstance(image, Image.Image) else open_image(image, "guide image")
     img = img.convert("RGB")
     if img.size != size:
         img = img.resize(size, Image.NEAREST)  # edges stay binary
@@ -163,7 +165,8 @@ def evaluate_control(
         base = GenerationRequest(
             prompt=item.prompt, negative_prompt=settings.negative_prompt, width=settings.width,
             height=settings.height, steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
-            seed=settings.seed + i,
+            seed=settings.seed + i, clip_skip=settings.clip_skip,
+            max_embeddings_multiples=settings.max_embeddings_multiples,
         )
         for mult in multipliers:
             request = replace(base, guide_images=[str(item.guide)], control_multipliers=[float(mult)])

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from library.errors import UserError
+from library.sdxl import CLIP_SKIP_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,31 @@ def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
     if not all(os.path.isdir(f) for f in folders):
         try:
             for src, dst in zip(load_sdxl_tokenizers(None), folders):
-                src.save_pretrained(dst)
+                _save_folder_atomically(src, dst)
         except OSError as e:
             raise UserError(f"--tokenizer_cache_dir {cache_dir}: cannot write the tokenizers there ({e})") from None
         logger.info("wrote the SDXL tokenizers to %s", cache_dir)
     return load_sdxl_tokenizers(cache_dir)
+
+
+def _save_folder_atomically(tokenizer: Any, folder: str) -> None:
+    """Save into a temporary folder renamed into place: an interrupted write never leaves half a tokenizer,
+    and when several processes race, the first complete folder stays."""
+    import shutil
+    import tempfile
+
+    if os.path.isdir(folder):
+        return
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=os.path.dirname(folder) or ".")
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isdir(folder):  # not another process's folder that won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_prompt_text(text: str) -> str:
@@ -585,12 +606,18 @@ class TextEncodingOptions:
         if length not in MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length {length} is not one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} "
                             "(tokens per caption: 1, 2 or 3 chunks of 75)")
-        check_range("clip_skip", args.clip_skip, low=1, what="1 = last layer, 2 = SDXL's usual penultimate layer")
+        check_range("clip_skip", args.clip_skip, low=1, high=CLIP_SKIP_MAX,
+                    what="1 = last layer, 2 = SDXL's usual penultimate layer")
         return cls(max_token_length=length, clip_skip=args.clip_skip, weighted_captions=bool(args.weighted_captions))
+
+    @property
+    def max_embeddings_multiples(self) -> int:
+        """Chunks of 75 tokens: what ``sdxl_gen_img.py --max_embeddings_multiples`` calls the length."""
+        return self.max_token_length // CHUNK_TOKENS
 
     def encode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``encode_prompts`` for these options."""
-        return {"max_embeddings_multiples": self.max_token_length // CHUNK_TOKENS, "clip_skip": self.clip_skip,
+        return {"max_embeddings_multiples": self.max_embeddings_multiples, "clip_skip": self.clip_skip,
                 "use_weighting": self.weighted_captions}
 
     def cache_id(self) -> str:

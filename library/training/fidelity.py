@@ -26,6 +26,7 @@ from library.evaluation.control_eval import (
     load_eval_set,
 )
 from library.sdxl.loading import SDXLModels
+from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.samples import drawing_with
 from library.training.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
@@ -96,20 +97,22 @@ class FidelityOptions:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
+    from library.generation.pipeline import open_image
 
-    with Image.open(path) as im:
-        return im.size
+    return open_image(path, "fidelity guide").size
 
 
 class FidelityMeter:
     """Measures the network on the fidelity guides (main process; the others wait) and logs the figures."""
 
-    def __init__(self, opts: FidelityOptions, models: SDXLModels, accelerator, size: tuple[int, int], sampler: str):
+    def __init__(self, opts: FidelityOptions, models: SDXLModels, accelerator, size: tuple[int, int], sampler: str,
+                 text: TextEncodingOptions = TextEncodingOptions()):
         self.models = models
         self.accelerator = accelerator
+        # Prompts are encoded as the training captions are, so the LLLite is measured as it will be used.
         self.settings = EvalSettings(width=size[0], height=size[1], steps=opts.steps, scale=opts.scale,
-                                     sampler=sampler, seed=opts.seed)
+                                     sampler=sampler, seed=opts.seed, clip_skip=text.clip_skip,
+                                     max_embeddings_multiples=text.max_embeddings_multiples)
         items, blank = items_with_edges(opts.items, size)
         if blank:
             logger.warning("--fidelity_guides: skipping %d guide(s) without edges at %dx%d: %s", len(blank), *size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,29 @@ class LossOptions:
                    scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
                    v_pred_like_loss=args.v_pred_like_loss, loss_type=loss_type, huber_schedule=huber_schedule,
                    huber_c=args.huber_c, huber_scale=args.huber_scale)
+
+
+def with_checkpoint_schedule(opts: LossOptions, models) -> LossOptions:
+    """The loss options a checkpoint's own markers call for, and its scheduler config made to match.
+
+    A file with a ``v_pred`` key is trained with v-prediction and one with ``ztsnr`` with zero terminal
+    SNR, even without the options; ``models.scheduler_config`` then says what the run trains with, so
+    samples and fidelity images during training are drawn the same way.
+    """
+    turned_on = []
+    if models.v_prediction and not opts.v_parameterization:
+        turned_on.append("--v_parameterization")
+    if models.zero_terminal_snr and not opts.zero_terminal_snr:
+        turned_on.append("--zero_terminal_snr")
+    if turned_on:
+        logger.warning("the checkpoint %s carries the markers of %s, which were not given: training with them",
+                       models.name, " and ".join(turned_on))
+        opts = replace(opts, v_parameterization=opts.v_parameterization or models.v_prediction,
+                       zero_terminal_snr=opts.zero_terminal_snr or models.zero_terminal_snr)
+    models.scheduler_config = {**models.scheduler_config,
+                               "prediction_type": "v_prediction" if opts.v_parameterization else "epsilon",
+                               "rescale_betas_zero_snr": opts.zero_terminal_snr}
+    return opts
 
 
 def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_terminal_snr: bool) -> DDPMScheduler:

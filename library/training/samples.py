@@ -24,6 +24,7 @@ from library.generation.pipeline import (
     GenerationRequest,
     check_image_readable,
     generate,
+    open_image,
     request_from_prompt_spec,
     request_metadata,
 )
@@ -35,6 +36,7 @@ from library.generation.samplers import (
     normalize_sampler_name,
 )
 from library.sdxl.loading import SDXLModels
+from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.tracking import log_images
 from networks.control_net_lllite import ControlNetLLLite
 
@@ -148,7 +150,7 @@ def drawing_with(models: SDXLModels, network: ControlNetLLLite, accelerator) -> 
 
 def beside_guide(image: Image.Image, guide: str | Path) -> Image.Image:
     """The guide (left) and the image drawn from it (right), at the image's size, for the trackers."""
-    g = Image.open(guide).convert("RGB").resize(image.size, Image.NEAREST)
+    g = open_image(guide, "guide image").convert("RGB").resize(image.size, Image.NEAREST)
     out = Image.new("RGB", (image.width * 2, image.height))
     out.paste(g, (0, 0))
     out.paste(image.convert("RGB"), (image.width, 0))
@@ -159,19 +161,20 @@ class SampleDrawer:
     """Draws the sample prompts with the network as it is now (main process; the others wait)."""
 
     def __init__(self, opts: SampleOptions, models: SDXLModels, accelerator, out_dir: Path, name: str,
-                 size: tuple[int, int], seed: int | None):
+                 size: tuple[int, int], seed: int | None, text: TextEncodingOptions = TextEncodingOptions()):
         self.opts = opts
         self.models = models
         self.accelerator = accelerator
         self.out_dir = out_dir
         self.name = name
-        self.defaults = GenerationRequest(width=size[0], height=size[1], steps=20, scale=7.0, sampler=opts.sampler, seed=seed)
-        self.last_step: int | None = None
+        # Prompts are encoded as the training captions are (clip_skip, length); lines may still say otherwise.
+        self.defaults = GenerationRequest(width=size[0], height=size[1], steps=20, scale=7.0, sampler=opts.sampler,
+                                          seed=seed, clip_skip=text.clip_skip,
+                                          max_embeddings_multiples=text.max_embeddings_multiples)
 
     def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
         if self.accelerator.is_main_process:
             self._draw(network, step, epoch)
-        self.last_step = step
         self.accelerator.wait_for_everyone()
 
     def _draw(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
