@@ -323,6 +323,10 @@ def train_files(bad_files, tmp_path_factory) -> dict[str, str]:
     (d / "v2.toml").write_text("v2 = true\n")
     (d / "half_state").mkdir()
     (d / "no_cn.txt").write_text("a red square --w 64 --h 64\n")
+    (d / "broken_guides").mkdir()
+    (d / "broken_guides" / "broken.png").write_bytes(b"not a png")
+    (d / "broken_guides" / "broken.txt").write_text("a red square")
+    out["broken_guides"] = str(d / "broken_guides")
     out.update(typo=str(d / "typo.toml"), wrong_type=str(d / "wrong_type.toml"), v2=str(d / "v2.toml"),
                half_state=str(d / "half_state"), no_cn=str(d / "no_cn.txt"))
     return out
@@ -364,6 +368,8 @@ TRAINING_CASES = [
     _train("optimizer misspelled", ("--optimizer_type", "adamx"), "'adamx'"),
     _train("scheduler misspelled", ("--lr_scheduler", "cosinee"), "'cosinee'"),
     _train("mixed precision fp8", ("--mixed_precision", "fp8"), "'fp8'"),
+    _train("optimizer argument out of range", ("--optimizer_args", "betas=(0.9,1.5)"), "--optimizer_args do not fit AdamW"),
+    _train("ZeRO stage 3", ("--deepspeed", "--zero_stage", "3"), "--zero_stage 3 cannot train an LLLite"),
     _train("full_bf16 without bf16", ("--full_bf16",), "--full_bf16 needs --mixed_precision bf16"),
     _train("caption dropout 1.5", ("--caption_dropout_rate", "1.5"), "1.5"),
     # combinations
@@ -387,6 +393,8 @@ TRAINING_CASES = [
     _train("resume incomplete", ("--resume", "{half_state}"), "train_state.json is missing"),
     _train("sample prompts missing", ("--sample_prompts", "{tmp}/p.txt"), "{tmp}/p.txt"),
     _train("sample prompt without a guide", ("--sample_prompts", "{no_cn}"), "has no --cn guide image"),
+    _train("fidelity guide unreadable", ("--fidelity_guides", "{broken_guides}", "--sample_every_n_steps", "1"),
+           "broken.png"),
     _train("thumbnail missing", ("--metadata_thumbnail", "{tmp}/t.png"), "--metadata_thumbnail {tmp}/t.png: no such file"),
     _train("log file is a folder", ("--console_log_file", "{a_file}/x/log.txt"), "--console_log_file {a_file}/x"),
     _train("tracker config missing", ("--logging_dir", "{tmp}/logs", "--log_tracker_config", "{tmp}/t.toml"),

@@ -124,7 +124,7 @@ def test_compute_loss_applies_the_batch_mask(tmp_path, models):
 
 
 def test_network_multiplier_zero_gives_no_lllite_gradient(tmp_path, models):
-    """The trainer sets the LLLite multiplier from batch["network_multipliers"] before each micro-step."""
+    """The trainer sets the LLLite multiplier from batch["network_multiplier"] before each micro-step."""
     make_rgba(tmp_path, size=(64, 64))
     network = ControlNetLLLite(models.unet, cond_emb_dim=8, network_dim=8).attach()
     network.train()
@@ -133,8 +133,8 @@ def test_network_multiplier_zero_gives_no_lllite_gradient(tmp_path, models):
         for multiplier in (1.0, 0.0):
             sub = SubsetConfig(image_dir=tmp_path / "img", conditioning_data_dir=tmp_path / "cond")
             batch = LLLiteDataset([DatasetConfig(subsets=(sub,), resolution=(64, 64), network_multiplier=multiplier)])[0]
-            assert batch["network_multipliers"].tolist() == [multiplier]
-            network.set_multiplier(float(batch["network_multipliers"][0]))  # as Trainer.micro_step does
+            assert batch["network_multipliers"].tolist() == [multiplier] and batch["network_multiplier"] == multiplier
+            network.set_multiplier(batch["network_multiplier"])  # as Trainer.micro_step does
             network.zero_grad(set_to_none=True)
             _loss(batch, models, network).backward()
             grads[multiplier] = [p.grad for p in network.parameters() if p.requires_grad]

@@ -29,7 +29,10 @@ REFERENCE = [line.strip().removeprefix("--") for line in (DATA / "sd_scripts_tra
 
 # The options that cannot apply to SDXL LLLite training; each stops with its reason.
 REFUSED = {"v2": "SDXL", "dataset_class": "dataset", "reg_data_dir": "regularization", "prior_loss_weight": "regularization",
-           "fused_backward_pass": "Adafactor"}
+           "fused_backward_pass": "Adafactor",
+           # ZeRO stage 3 cannot train an LLLite; these options exist for stage 3 only
+           "zero3_init_flag": "ZeRO stage 3", "zero3_save_16bit_model": "ZeRO stage 3", "offload_param_device": "ZeRO stage 3",
+           "offload_param_nvme_path": "ZeRO stage 3"}
 
 HF = {"huggingface_repo_id": "me/lllite"}
 DS = {"deepspeed": True}
@@ -207,7 +210,7 @@ VALUES: dict[str, tuple] = {
     "xformers": (True, {}),
     "zero3_init_flag": (True, {**DS, "zero_stage": 3}),
     "zero3_save_16bit_model": (True, {**DS, "zero_stage": 3}),
-    "zero_stage": (3, DS),
+    "zero_stage": (1, DS),
     "zero_terminal_snr": (True, {}),
 }
 

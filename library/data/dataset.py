@@ -39,6 +39,7 @@ crop_top_lefts         LongTensor[B,2]         (top, left) of the crop in the re
                                                left mirrored for a flipped sample
 target_sizes_hw        LongTensor[B,2]         the bucket size (height, width)
 network_multipliers    float Tensor[B]         the dataset's network_multiplier
+network_multiplier     float                   the same, as a number (batches hold one dataset; no device copy)
 image_paths            list[str]               the training image files
 flipped                BoolTensor[B]           whether the sample was mirrored (flip_aug)
 =====================  ======================  ==========================================
@@ -664,6 +665,7 @@ class LLLiteDataset(torch.utils.data.Dataset):
         batch["target_sizes_hw"] = torch.tensor([s["target_hw"] for s in samples], dtype=torch.long)
         multiplier = self.configs[spec.dataset_index].network_multiplier
         batch["network_multipliers"] = torch.full((len(samples),), multiplier, dtype=torch.float32)
+        batch["network_multiplier"] = float(multiplier)
         batch["image_paths"] = [str(self.items[i].image_path) for i, _ in spec.samples]
         batch["flipped"] = torch.tensor([s["flipped"] for s in samples], dtype=torch.bool)
         return batch

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from library.errors import UserError
+from library.sdxl import CLIP_SKIP_MAX
 from library.generation.samplers import (
     ANCESTRAL_EULER,
     DEFAULT_SAMPLER,
@@ -101,7 +102,7 @@ LIMITS: dict[str, Limit] = {
     "s_noise": Limit(0),
     "vae_slices": Limit(2),
     "vae_batch_size": Limit(0, low_open=True),
-    "clip_skip": Limit(1, 12),  # SDXL's first text encoder has 12 layers
+    "clip_skip": Limit(1, CLIP_SKIP_MAX),
 }
 
 

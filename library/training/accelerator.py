@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("DeepSpeed (pip install deepspeed)")
     g.add_argument("--deepspeed", action="store_true", help="train through accelerate's DeepSpeed plugin")
-    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage (default 2)")
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage 0, 1 or 2 (default 2); stage 3 is refused: it cannot train an LLLite")
     g.add_argument("--offload_optimizer_device", default=None, choices=OFFLOAD_DEVICES,
                    help="offload optimizer states to cpu or nvme (ZeRO 2 and 3)")
     g.add_argument("--offload_optimizer_nvme_path", default=None, help="NVMe folder for optimizer offload (ZeRO 3)")
@@ -107,6 +107,12 @@ class DistributedOptions:
 
 
 def _check_deepspeed(ds: DeepSpeedOptions) -> None:
+    if ds.zero_stage == 3:
+        raise UserError("--zero_stage 3 cannot train an LLLite: ZeRO stage 3 shards each parameter and gathers it only "
+                        "while its module runs, but the LLLite reads its weights outside those calls (the guide "
+                        "embedding is computed once per image), and the frozen U-Net, the bulk of the memory, is not "
+                        "sharded by DeepSpeed here anyway. Use --zero_stage 2 (optimizer states and gradients "
+                        "sharded, optionally --offload_optimizer_device cpu)")
     for kind in ("optimizer", "param"):
         device, path = getattr(ds, f"offload_{kind}_device"), getattr(ds, f"offload_{kind}_nvme_path")
         if device == "nvme" and not path:

@@ -195,13 +195,15 @@ class Trainer:
         """Forward and backward of one batch; on the last batch of an accumulation, the optimizer step."""
         acc = self.accelerator
         with acc.accumulate(self.network):
-            self.raw_network.set_multiplier(float(batch["network_multipliers"][0]))
+            self.raw_network.set_multiplier(batch["network_multiplier"])
             loss = compute_loss(batch, self.models, self.network, self.unet, self.noise_scheduler, self.loss_opts,
                                 self.rng.generator, self.device, self.wdtype, self.o.data.text_encoding)
             self._pending.add(loss.detach())
+            if acc.sync_gradients:
+                # The one host synchronisation of the step, before the last backward: DeepSpeed steps inside it.
+                self.check_finite()
             acc.backward(loss)
             if acc.sync_gradients:
-                self.check_finite()  # the one host synchronisation of the step, before any update
                 if self.o.optimizer.max_grad_norm:
                     acc.clip_grad_norm_(self.params, self.o.optimizer.max_grad_norm)
             self.optimizer.step()
@@ -244,7 +246,6 @@ class Trainer:
         drawn_now = self.o.samples.due_after_step(self.progress.global_step)
         if self.samples is not None and self.o.samples.at_end and not drawn_now:
             self.samples(self.raw_network, self.progress.global_step, self.progress.epoch)
-        acc.end_training()
         return final
 
     # -- helpers ---------------------------------------------------------------------------------

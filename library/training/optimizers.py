@@ -199,6 +199,8 @@ class OptimizerOptions:
         # arguments are checked here, the steps again when training starts.
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
         build_lr_scheduler(opts, probe, max_steps=args.max_train_steps if args.max_train_epochs is None else 10**9)
+        # The same for --optimizer_args: a value the optimizer refuses stops the run now, not after loading.
+        build_optimizer(name, [torch.zeros(1, requires_grad=True)], args.learning_rate, extra)
         return opts
 
 
@@ -294,7 +296,7 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extr
             lr = None  # transformers refuses a manual lr together with relative_step
     try:
         return cls(params, lr=lr, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown arguments, and values the optimizer refuses (betas, eps...)
         raise UserError(f"--optimizer_args do not fit {name}: {e}") from None
 
 

@@ -285,9 +285,16 @@ class Saver:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_text(tmp / STATE_FILE, json.dumps(progress.__dict__))
+            # The old state is moved aside, not deleted, until the new one is in place: a crash in between
+            # leaves one complete state under one of the two names.
+            old = final.with_name(f".{final.name}.old")
             if final.exists():
-                shutil.rmtree(final)
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
             logger.info("saved training state %s", final)
             if self.uploader is not None:
                 self.uploader.upload(final)
