@@ -30,7 +30,7 @@ def str2bool(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type: Any = None,
+def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type: Any = None, nargs: str | None = None,
                 reference_default: Any = None) -> None:
     """Declare an option of the reference tool that cannot apply here.
 
@@ -40,7 +40,7 @@ def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type:
     if flag:
         action = group.add_argument(f"--{name}", action="store_true", help=f"refused: {reason}")
     else:
-        action = group.add_argument(f"--{name}", default=None, type=type, help=f"refused: {reason}")
+        action = group.add_argument(f"--{name}", default=None, type=type, nargs=nargs, help=f"refused: {reason}")
     action.refusal = reason
     action.reference_default = reference_default
 
@@ -49,7 +49,7 @@ def check_refused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for action in parser._actions:
         reason = getattr(action, "refusal", None)
         value = getattr(args, action.dest, None)
-        if reason is not None and value not in (None, False, action.reference_default):
+        if reason is not None and value not in (None, False, [], action.reference_default):
             raise UserError(f"--{action.dest} {_show(value)}: {reason}")
 
 

@@ -231,7 +231,7 @@ GENERATION_CASES = [
     _gen("device unknown", P + ("--device", "gpu7"), "--device gpu7"),
     _gen("no prompt", G, "nothing to draw: give --prompt, --from_file or --interactive"),
     # files: checkpoint, VAE, weights
-    _gen("ckpt missing", P[:1] + ("{tmp}/nope.safetensors",) + P[2:], "--ckpt {tmp}/nope.safetensors: no such file"),
+    _gen("ckpt missing", P[:1] + ("{tmp}/nope.safetensors",) + P[2:], "--ckpt {tmp}/nope.safetensors: not found"),
     _gen("ckpt is an LLLite file", P[:1] + ("{lllite1}",) + P[2:], "--ckpt {lllite1} is a ControlNet-LLLite file"),
     _gen("ckpt is a LoRA file", P[:1] + ("{lora}",) + P[2:], "--ckpt {lora} is a LoRA file"),
     _gen("ckpt damaged", P[:1] + ("{damaged}",) + P[2:], "{damaged}"),

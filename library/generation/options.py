@@ -17,13 +17,13 @@ Heavy libraries are not imported here: ``--help`` and option errors stay fast.
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
+from library.cli import add_refused, check_refused
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
@@ -37,6 +37,7 @@ from library.generation.settings import (
     check_limit,
     checked_size,
 )
+from library.sdxl.model_source import check_model_source
 
 LORA_MODULES = ("networks.lora", "lora")
 REFUSED = {
@@ -92,9 +93,8 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_pre_calc", action="store_true",
                    help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
     g.add_argument("--network_show_meta", action="store_true", help="print each LoRA/LLLite file's metadata")
-    for name in ("network_args", "network_regional_mask_max_color_codes"):
-        g.add_argument(f"--{name}", nargs="*" if name == "network_args" else None, default=None,
-                       help=f"refused: {REFUSED[name]}")
+    add_refused(g, "network_args", REFUSED["network_args"], nargs="*")
+    add_refused(g, "network_regional_mask_max_color_codes", REFUSED["network_regional_mask_max_color_codes"])
 
 
 def _control_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +108,7 @@ def _control_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the steps, from the start, during which each model stays on (default 1.0)")
     g.add_argument("--control_net_starts", nargs="*", type=float, default=None,
                    help="fraction of the steps before each model switches on (default 0.0; not in sd-scripts)")
-    g.add_argument("--clip_vision_strength", type=float, default=None, help=f"refused: {REFUSED['clip_vision_strength']}")
+    add_refused(g, "clip_vision_strength", REFUSED["clip_vision_strength"], type=float)
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -281,12 +281,6 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return value not in (None, False, [], "")
 
 
-def _check_refused(args: argparse.Namespace) -> None:
-    for name, reason in REFUSED.items():
-        if _given(args, name):
-            raise UserError(f"--{name} {_shown(getattr(args, name))}: {reason}")
-
-
 def _shown(value: Any) -> str:
     if value is True:
         return ""
@@ -301,10 +295,6 @@ def _need(args: argparse.Namespace, names: tuple[str, ...], needed: str, why: st
             raise UserError(f"--{name}{' ' + shown if shown else ''} does nothing without {needed}: {why}")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}
-
-
 def _existing(label: str, path: str | None, folder_ok: bool = False) -> None:
     if path is None:
         return
@@ -316,10 +306,7 @@ def _existing(label: str, path: str | None, folder_ok: bool = False) -> None:
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    ckpt = Path(args.ckpt)
-    if not ckpt.exists() and not (_HUB_ID.match(args.ckpt) and ckpt.suffix.lower() not in _WEIGHT_SUFFIXES):
-        raise UserError(f"--ckpt {args.ckpt}: no such file or folder. Give an SDXL .safetensors/.ckpt file, a "
-                        "diffusers folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0")
+    check_model_source(args.ckpt, "--ckpt")
     _existing("--vae", args.vae, folder_ok=True)
     for name in ("control_net_lllite_models", "network_weights", "textual_inversion_embeddings"):
         for path in getattr(args, name):
@@ -510,7 +497,7 @@ def _waiting_for_lines(args: argparse.Namespace) -> tuple[tuple[str, str, str], 
 
 def resolve(args: argparse.Namespace) -> GenOptions:
     """Every option checked and turned into typed objects; a UserError naming the first bad one."""
-    _check_refused(args)
+    check_refused(build_parser(), args)  # cli's rule, shared with the trainer (the parser costs milliseconds)
     _check_counts(args)
     _check_combinations(args)
     _check_files(args)

@@ -38,7 +38,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel  # noqa: E402
 
-from library.sdxl import keys as sdxl_keys  # noqa: E402
+from library.sdxl import keys as sdxl_keys
+from library.sdxl.model_source import check_model_source, is_hub_id  # noqa: F401  (part of this module's API)  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.sdxl.weights_io import (  # noqa: E402
     KIND_CONTROLNET,
@@ -329,26 +330,6 @@ def sdxl_from_state_dict(
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_hub_id(path_or_id: str) -> bool:
-    """``owner/name`` that is not a local path: a model to fetch from the Hugging Face hub."""
-    path = Path(path_or_id).expanduser()
-    return (not path.exists() and bool(_HUB_ID.match(path_or_id))
-            and path.suffix.lower() not in {".safetensors", ".ckpt", ".pt"})
-
-
-def check_model_source(path_or_id: str, option: str = "the model") -> None:
-    """Refuse a model that is neither an existing file or folder nor a hub id, before anything loads."""
-    if Path(path_or_id).expanduser().exists() or is_hub_id(path_or_id):
-        return
-    raise UserError(
-        f"{option} {path_or_id}: not found. Give an SDXL .safetensors/.ckpt file, a diffusers folder, "
-        "or a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0."
-    )
-
 
 def _devices(lowram: bool, device: str | torch.device | None) -> tuple[torch.device, torch.device]:
     """(where tensors are read to, where the models end up) for the ``lowram``/``device`` options."""
