@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -64,28 +66,45 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- value checks
 
 
+@dataclass(frozen=True)
+class Limit:
+    """An allowed range; ``None`` ends are open-ended. Every value must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def words(self) -> str:
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
+        return " and ".join(w for w in (low, high) if w) or "a finite number"
+
+    def check(self, label: str, value: float | None, what: str = "") -> None:
+        """Refuse ``value`` outside the range; the message names ``label``, the value and the range."""
+        if value is not None and not self.allows(float(value)):
+            raise UserError(f"{label} {_number(value)} is out of range: it must be {self.words()}"
+                            + (f" ({what})" if what else ""))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def check_range(name: str, value: float | int | None, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, what: str = "") -> None:
     """Refuse ``--name value`` outside ``[low, high]`` (``low_open``/``high_open`` make it strict).
 
     None means "not given" and passes. The message names the option, the value and the range.
     """
-    if value is None:
-        return
-    bad = (low is not None and (value <= low if low_open else value < low)) or (
-        high is not None and (value >= high if high_open else value > high)
-    )
-    if bad:
-        raise UserError(f"--{name} {value} is out of range: it must be {_range_words(low, high, low_open, high_open)}"
-                        + (f" ({what})" if what else ""))
-
-
-def _range_words(low, high, low_open, high_open) -> str:
-    lo = None if low is None else f"{'>' if low_open else '>='} {low}"
-    hi = None if high is None else f"{'<' if high_open else '<='} {high}"
-    if lo and hi:
-        return f"{lo} and {hi}"
-    return lo or hi or "a number"
+    Limit(low, high, low_open, high_open).check(f"--{name}", value, what)
 
 
 def check_choice(name: str, value: str | None, choices: Iterable[str], *, case_sensitive: bool = True) -> str | None:

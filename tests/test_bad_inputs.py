@@ -348,9 +348,9 @@ def _without(option: str) -> tuple[str, ...]:
 TRAINING_CASES = [
     # the seven of issue #16, and their neighbours
     _train("output_dir under a file", ("--output_dir", "{a_file}/out"), "--output_dir {a_file}/out: cannot create or write"),
-    _train("network_dropout 1.5", ("--network_dropout", "1.5"), "--network_dropout 1.5 is out of range: it must be >= 0 and < 1"),
-    _train("learning_rate negative", ("--learning_rate=-1e-4",), "--learning_rate -0.0001 is out of range: it must be > 0"),
-    _train("max_train_steps -1", ("--max_train_steps", "-1"), "--max_train_steps -1 is out of range: it must be >= 1"),
+    _train("network_dropout 1.5", ("--network_dropout", "1.5"), "--network_dropout 1.5 is out of range: it must be at least 0 and below 1"),
+    _train("learning_rate negative", ("--learning_rate=-1e-4",), "--learning_rate -0.0001 is out of range: it must be above 0"),
+    _train("max_train_steps -1", ("--max_train_steps", "-1"), "--max_train_steps -1 is out of range: it must be at least 1"),
     _train("max_train_steps 0", ("--max_train_steps", "0"), "--max_train_steps 0"),
     _train("max_train_epochs 0", ("--max_train_epochs", "0"), "--max_train_epochs 0"),
     _train("network_dim 0", ("--network_dim", "0"), "--network_dim 0"),

@@ -63,9 +63,9 @@ def test_refused_options_stop_with_the_reason_but_accept_the_reference_default()
 def test_range_and_choice_messages_name_option_value_and_range():
     check_range("rate", None, low=0)
     check_range("rate", 0.5, low=0, high=1)
-    with pytest.raises(UserError, match=r"--rate 1.5 is out of range: it must be >= 0 and <= 1"):
+    with pytest.raises(UserError, match=r"--rate 1.5 is out of range: it must be at least 0 and at most 1"):
         check_range("rate", 1.5, low=0, high=1)
-    with pytest.raises(UserError, match=r"--lr -1 is out of range: it must be > 0"):
+    with pytest.raises(UserError, match=r"--lr -1 is out of range: it must be above 0"):
         check_range("lr", -1, low=0, low_open=True)
     assert check_choice("optimizer_type", "adamw8bit", ["AdamW", "AdamW8bit"], case_sensitive=False) == "AdamW8bit"
     with pytest.raises(UserError, match='did you mean "AdamW"'):

@@ -212,13 +212,13 @@ def test_options_reach_loss_options(parser):
 
 @pytest.mark.parametrize("argv, words", [
     (["--adaptive_noise_scale", "0.1"], ["--adaptive_noise_scale 0.1", "needs --noise_offset"]),
-    (["--multires_noise_iterations", "-1"], ["--multires_noise_iterations -1", ">= 0"]),
-    (["--multires_noise_discount", "1.5"], ["--multires_noise_discount 1.5", "<= 1"]),
-    (["--ip_noise_gamma", "-0.1"], ["--ip_noise_gamma -0.1", ">= 0"]),
+    (["--multires_noise_iterations", "-1"], ["--multires_noise_iterations -1", "at least 0"]),
+    (["--multires_noise_discount", "1.5"], ["--multires_noise_discount 1.5", "at most 1"]),
+    (["--ip_noise_gamma", "-0.1"], ["--ip_noise_gamma -0.1", "at least 0"]),
     (["--huber_schedule", "cosine"], ["--huber_schedule 'cosine'", "snr, exponential, constant"]),
-    (["--huber_scale", "0"], ["--huber_scale 0", "> 0"]),
+    (["--huber_scale", "0"], ["--huber_scale 0", "above 0"]),
     (["--loss_type", "l3"], ["--loss_type 'l3'", "l2, l1, huber, smooth_l1"]),
-    (["--v_pred_like_loss", "-1"], ["--v_pred_like_loss -1", ">= 0"]),
+    (["--v_pred_like_loss", "-1"], ["--v_pred_like_loss -1", "at least 0"]),
     (["--v_pred_like_loss", "0.1", "--v_parameterization"], ["--v_pred_like_loss 0.1", "v-prediction"]),
     (["--v_pred_like_loss", "0.1", "--zero_terminal_snr"], ["--v_pred_like_loss 0.1", "--zero_terminal_snr"]),
     (["--scale_v_pred_loss_like_noise_pred"], ["--scale_v_pred_loss_like_noise_pred", "v-prediction only"]),

@@ -185,11 +185,11 @@ def test_optional_optimizer_packages(parser, name, package):
     (["--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=2", "--lr_warmup_steps", "3"],
      ["--lr_warmup_steps 3", "StepLR"]),
     (["--lr_warmup_steps", "5"], ["--lr_warmup_steps 5", "constant has no warm-up"]),
-    (["--lr_scheduler", "cosine", "--lr_warmup_steps", "1.5"], ["--lr_warmup_steps 1.5", "< 1"]),
-    (["--lr_scheduler", "cosine", "--lr_warmup_steps", "-2"], ["--lr_warmup_steps -2", ">= 0"]),
+    (["--lr_scheduler", "cosine", "--lr_warmup_steps", "1.5"], ["--lr_warmup_steps 1.5", "below 1"]),
+    (["--lr_scheduler", "cosine", "--lr_warmup_steps", "-2"], ["--lr_warmup_steps -2", "at least 0"]),
     (["--lr_scheduler", "cosine_with_min_lr"], ["cosine_with_min_lr", "--lr_scheduler_min_lr_ratio"]),
-    (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "1.5"], ["--lr_scheduler_min_lr_ratio 1.5", "<= 1"]),
-    (["--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "0"], ["--lr_scheduler_timescale 0", ">= 1"]),
+    (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "1.5"], ["--lr_scheduler_min_lr_ratio 1.5", "at most 1"]),
+    (["--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "0"], ["--lr_scheduler_timescale 0", "at least 1"]),
     (["--lr_scheduler", "piecewise_constant"], ["piecewise_constant", "step_rules"]),
     (["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", "step_rules=1:a,0.1"], ["step_rules", "multiplier:step"]),
     (["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "0.6", "--lr_decay_steps", "0.5",
@@ -197,7 +197,7 @@ def test_optional_optimizer_packages(parser, name, package):
     (["--lr_scheduler", "adafactor"], ["adafactor", "relative_step=True"]),
     (["--optimizer_type", "Adafactor", "--lr_scheduler", "cosine"], ["--lr_scheduler cosine", "relative_step=False"]),
     (["--optimizer_type", "Adafactor", "--lr_warmup_steps", "10"], ["--lr_warmup_steps 10", "adafactor has no warm-up"]),
-    (["--lr_scheduler_num_cycles", "0"], ["--lr_scheduler_num_cycles 0", ">= 1"]),
+    (["--lr_scheduler_num_cycles", "0"], ["--lr_scheduler_num_cycles 0", "at least 1"]),
 ])
 def test_bad_optimizer_and_schedule_values_are_refused(parser, argv, words):
     with pytest.raises(UserError) as e:

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import tomllib
 
-from library.cli import add_refused, parse_key_values
+from library.cli import add_refused, check_range, parse_key_values
 from library.data import conditioning_preprocessors
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
@@ -744,8 +744,7 @@ class DataOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataOptions":
-        if args.max_data_loader_n_workers < 0:
-            raise UserError(f"--max_data_loader_n_workers {args.max_data_loader_n_workers} is out of range: it must be >= 0")
+        check_range("max_data_loader_n_workers", args.max_data_loader_n_workers, low=0)
         text_encoding = TextEncodingOptions.from_args(args)
         return cls(datasets=tuple(build_dataset_configs(args)), text_encoding=text_encoding,
                    num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
+from library.cli import Limit
 from library.errors import UserError
 from library.sdxl import CLIP_SKIP_MAX
 from library.generation.samplers import (
@@ -60,31 +61,6 @@ MAX_SEED = 2**64 - 1
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Limit:
-    """An allowed range; ``None`` ends are open-ended. Every value must also be finite."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def allows(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def words(self) -> str:
-        def shown(x: float) -> str:
-            return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {shown(self.low)}"
-        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {shown(self.high)}"
-        return " and ".join(w for w in (low, high) if w) or "a finite number"
-
-
 FRACTION = Limit(0, 1)
 LIMITS: dict[str, Limit] = {
     "count": Limit(1),  # steps, images, batches, chunks
@@ -108,12 +84,7 @@ LIMITS: dict[str, Limit] = {
 
 def check_limit(label: str, value: float | None, kind: str, where: str = "") -> None:
     """Refuse ``value`` outside ``LIMITS[kind]``; the message names ``label``, the value and the range."""
-    if value is None:
-        return
-    limit = LIMITS[kind]
-    if not limit.allows(float(value)):
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
-        raise UserError(f"{where}{label} {shown} is out of range: it must be {limit.words()}")
+    LIMITS[kind].check(f"{where}{label}", value)
 
 
 def smallest_size(n_models: int) -> int:
