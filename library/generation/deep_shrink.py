@@ -59,7 +59,6 @@ class _State:
     timestep: float = 0.0
     sample_size: tuple[int, int] = (0, 0)
     skips: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    shrunk: list[tuple[float, int]] = field(default_factory=list)  # (timestep, depth) of every shrink, for tests
 
 
 _HIDDEN_NAMES = ("hidden_states", "input_tensor", "sample")  # the first argument's name in diffusers' modules
@@ -107,7 +106,6 @@ class _Hooks:
             s = self.state
             if s.settings.depth_at(s.timestep) != depth:
                 return None
-            s.shrunk.append((s.timestep, depth))
 
             def shrink(x: torch.Tensor) -> torch.Tensor:
                 h, w = x.shape[-2:]

@@ -31,7 +31,6 @@ class GradualLatentRun:
         self.full_size = tuple(full_size)
         self.ratio = settings.ratio
         self.since_growth = settings.every_n_steps  # the first chance to grow comes at once
-        self.sizes: list[tuple[int, int]] = []  # the latent size of every step, for tests and logs
 
     def _size(self) -> tuple[int, int]:
         if self.ratio >= 1.0:
@@ -60,7 +59,6 @@ class GradualLatentRun:
     def step(self, scheduler, eps: torch.Tensor, t, latents: torch.Tensor, size: tuple[int, int] | None,
              generators: list[torch.Generator]) -> torch.Tensor:
         """One scheduler step; when ``size`` is given, the ancestral step that grows the latents to it."""
-        self.sizes.append(tuple(latents.shape[-2:]))
         out = scheduler.step(eps, t, latents, generator=generators)
         if size is None:
             return out.prev_sample

@@ -315,6 +315,7 @@ def _denoise(run: _Run, p: _Pass, pass_index: int, clean: torch.Tensor | None, k
     added = {"text_embeds": run.cond.pooled, "time_ids": _time_ids(run, p)}
     step_kwargs = {"generator": run.generators} if step_accepts_generator(scheduler) else {}
     desc = f"pass {pass_index + 1}" if run.n_passes > 1 else "sampling"
+    t_values = timesteps.tolist() if growth is not None else None  # one host copy per pass, not one per step
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not run.progress, leave=False)):
         step = min(n_run - 1, i * n_run // len(timesteps))
         for net, (start, end) in zip(run.lllites, run.windows):
@@ -323,7 +324,7 @@ def _denoise(run: _Run, p: _Pass, pass_index: int, clean: torch.Tensor | None, k
             run.on_step(pass_index, step, i)
         eps = _unet_eps(run, scheduler, latents, t, added)
         if growth is not None:
-            latents = growth.step(scheduler, eps, t, latents, growth.growth_before_step(float(t)), run.generators)
+            latents = growth.step(scheduler, eps, t, latents, growth.growth_before_step(t_values[i]), run.generators)
         else:
             latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if mask is not None and keep is not None:

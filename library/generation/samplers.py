@@ -55,12 +55,6 @@ _MODEL_KEYS = (
 )
 
 
-def scheduler_settings(name: str) -> tuple[str, dict[str, Any]]:
-    """The diffusers class name and the extra settings that sampler ``name`` uses."""
-    class_name, extra = _SAMPLERS[normalize_sampler_name(name)]
-    return class_name, dict(extra)
-
-
 def normalize_sampler_name(name: str) -> str:
     """Lower-case a sampler name and check it; raises UserError listing the valid names."""
     key = str(name).strip().lower()

@@ -28,9 +28,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-LATENT_FACTOR = 8
-
-
 def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 

@@ -6,7 +6,6 @@ Also tells what kind of model a set of keys belongs to, so that every tool can s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -231,7 +230,3 @@ def write_weights(
             torch.save(tensors, tmp)
     logger.info("wrote %s", path)
 
-
-def metadata_json(value: object) -> str:
-    """Metadata values must be strings in safetensors; structured values go in as JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
