@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import logging
 
-from library.atomic_io import remove_empty
-from library.console_logging import (
-    ConsoleLogOptions,
-    console_logging,
-    quiet_third_party,
-)
-from library.errors import UserError, run_cli
-from library.generation.jobs import (
+from library.console_logging import ConsoleLogOptions, console_logging, take_over_console
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
+from library.atomic_io import remove_empty  # noqa: E402
+from library.errors import UserError, run_cli  # noqa: E402
+from library.generation.jobs import (  # noqa: E402
     Job,
     Planner,
     Writer,
@@ -36,14 +35,14 @@ from library.generation.jobs import (
     read_interactive,
     read_prompt_specs,
 )
-from library.generation.options import (
+from library.generation.options import (  # noqa: E402
     GenOptions,
     build_parser,
     options_summary,
     prepare_folders,
     resolve,
 )
-from library.generation.setup import (
+from library.generation.setup import (  # noqa: E402
     LoraMultipliers,
     check_weight_files,
     load_models,
@@ -96,7 +95,6 @@ def draw(opts: GenOptions, planner: Planner, jobs: list[Job]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    quiet_third_party()
     with console_logging(ConsoleLogOptions.from_args(args)) as log_to_file:
         opts = resolve(args)
         pick_device(opts.model.device)

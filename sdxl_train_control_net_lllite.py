@@ -12,27 +12,30 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from accelerate.utils import set_seed
+from library.console_logging import console_logging, take_over_console
 
-from library.atomic_io import make_output_folders, remove_empty
-from library.console_logging import console_logging
-from library.data.dataset import LLLiteDataset, create_dataloader
-from library.data.debug_dataset import debug_dataset
-from library.errors import run_cli
-from library.training.accelerator import create_accelerator
-from library.training.caches import fill_caches
-from library.training.config import (
+take_over_console()  # before any third-party import: some libraries log while being imported
+
+from accelerate.utils import set_seed  # noqa: E402
+
+from library.atomic_io import make_output_folders, remove_empty  # noqa: E402
+from library.data.dataset import LLLiteDataset, create_dataloader  # noqa: E402
+from library.data.debug_dataset import debug_dataset  # noqa: E402
+from library.errors import run_cli  # noqa: E402
+from library.training.accelerator import create_accelerator  # noqa: E402
+from library.training.caches import fill_caches  # noqa: E402
+from library.training.config import (  # noqa: E402
     TrainingOptions,
     output_folders,
     parse_training_options,
 )
-from library.training.fidelity import FidelityMeter
-from library.training.hub_upload import download_state, make_uploader
-from library.training.loop import Trainer
-from library.training.loss import with_checkpoint_schedule
-from library.training.models import create_network, load_base_model, prepare_unet
-from library.training.samples import SampleDrawer, combine_hooks
-from library.training.tracking import start_trackers
+from library.training.fidelity import FidelityMeter  # noqa: E402
+from library.training.hub_upload import download_state, make_uploader  # noqa: E402
+from library.training.loop import Trainer  # noqa: E402
+from library.training.loss import with_checkpoint_schedule  # noqa: E402
+from library.training.models import create_network, load_base_model, prepare_unet  # noqa: E402
+from library.training.samples import SampleDrawer, combine_hooks  # noqa: E402
+from library.training.tracking import start_trackers  # noqa: E402
 
 logger = logging.getLogger("sdxl_train_control_net_lllite")
 
@@ -48,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=opts.data.datasets[0].batch_size, max_grad_norm=opts.optimizer.max_grad_norm)
         with console_logging(opts.console, quiet=not accelerator.is_local_main_process) as log_to_file:
             log_to_file()
+            logger.debug("options: %s", opts)  # everything the run reads, for bug reports
             try:
                 train(opts, accelerator)
             finally:

@@ -38,6 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.console_logging import take_over_console, tool_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -47,7 +51,7 @@ from library.errors import UserError, run_cli
 from library.evaluation import shapes_domain
 from library.sdxl.keys import SDXL_VAE_SCALING_FACTOR
 
-logger = logging.getLogger("build_tiny_sdxl")
+logger = logging.getLogger("tools.build_tiny_sdxl")
 
 SCRIPT_VERSION = "2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -884,7 +888,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tool_console()
     torch.set_num_threads(args.threads)
     logger.info("%s, torch %s, %d thread(s)", platform.platform(), torch.__version__, args.threads)
     if args.eval:

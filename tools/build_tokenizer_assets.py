@@ -33,9 +33,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from library.console_logging import take_over_console, tool_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 from library.errors import UserError, run_cli  # noqa: E402
 
-logger = logging.getLogger("build_tokenizer_assets")
+logger = logging.getLogger("tools.build_tokenizer_assets")
 
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
@@ -164,7 +168,7 @@ def main() -> None:
     )
     parser.add_argument("--no_verify", action="store_true", help="skip loading the result with transformers")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tool_console()
 
     merges = read_merges(args.bpe)
     vocab = build_vocab(merges)

@@ -26,9 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from library.console_logging import take_over_console, tool_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 from library.errors import UserError, run_cli  # noqa: E402
 
-logger = logging.getLogger("demo")
+logger = logging.getLogger("tools.demo")
 DEFAULT_MODEL = ROOT / "models" / "tiny_sdxl" / "tiny_sdxl.safetensors"
 
 
@@ -194,7 +198,6 @@ def read_fidelity_curve(log_dir: Path) -> list[dict]:
     """The fidelity figures the training script logged, read back from its TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it reports the end of each event file at INFO
     runs = sorted(log_dir.glob("demo_*/lllite_control_net_train"))
     if not runs:
         raise UserError(f"no TensorBoard run in {log_dir}: the training script logged nothing")
@@ -389,7 +392,7 @@ def run_demo(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tool_console()
     return run_demo(args)
 
 

@@ -22,6 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from library.console_logging import take_over_console, tool_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 from library.errors import UserError, run_cli  # noqa: E402
 from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
 
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    tool_console()
     import torch
 
     from library.evaluation.control_eval import (

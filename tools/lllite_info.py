@@ -13,6 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from library.console_logging import take_over_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 from library.errors import UserError  # noqa: E402
 from library.sdxl.weights_io import read_weights  # noqa: E402
 from networks.control_net_lllite import describe_state_dict  # noqa: E402

@@ -13,6 +13,10 @@ import sys
 # Run as `python tools/make_conditioning.py`: make `library` importable from the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from library.console_logging import take_over_console, tool_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 from library.data.conditioning_preprocessors import (  # noqa: E402
     PREPROCESSORS,
     convert_folder,
@@ -55,10 +59,10 @@ def collect_options(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tool_console()
     args = build_parser().parse_args(argv)
     written = convert_folder(args.in_dir, args.out_dir, args.type, collect_options(args), args.overwrite)
-    logging.getLogger("make_conditioning").info("done: %d images in %s", len(written), args.out_dir)
+    logging.getLogger("tools.make_conditioning").info("done: %d images in %s", len(written), args.out_dir)
     return 0
 
 

@@ -16,6 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from library.console_logging import take_over_console  # noqa: E402
+
+take_over_console()  # before any third-party import: some libraries log while being imported
+
 DOC = ROOT / "docs" / "training.md"
 HEADING = "## All options"
 

@@ -27,16 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-
-from library.console_logging import quiet_third_party  # noqa: E402  (before diffusers: see its docstring)
-
-quiet_third_party()
-
-import torch  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel  # noqa: E402
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel
 
 from library.sdxl import keys as sdxl_keys
 from library.sdxl.model_source import check_model_source, is_hub_id  # noqa: F401  (part of this module's API)  # noqa: E402
