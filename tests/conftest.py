@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# The suite owns its environment. Variables a user may have set for these libraries change what
+# they do (offline mode, verbosity, caches, tokens, accelerate's and torch's defaults), so they are
+# cleared before any library reads them, for this process and every script it starts; the hub's
+# home (its cache, token and accelerate's default config) is an empty folder of the session's own.
+_LIBRARY_VARIABLES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "ACCELERATE_", "BITSANDBYTES_",
+                      "KERNELS_", "LOCAL_KERNELS", "TOKENIZERS_", "SAFETENSORS_", "TORCH_", "TORCHDYNAMO_",
+                      "TORCHINDUCTOR_", "PYTORCH_", "WANDB_", "TENSORBOARD_", "PYTHONWARNINGS", "CUDA_VISIBLE_DEVICES")
+_HOME_PREFIX = "lllite-tests-hf-home-"
+if not Path(os.environ.get("HF_HOME", "")).name.startswith(_HOME_PREFIX):  # once, also when imported twice
+    for _name in [n for n in os.environ if n.startswith(_LIBRARY_VARIABLES)]:
+        del os.environ[_name]
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix=_HOME_PREFIX)
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
-from library.sdxl.loading import save_sdxl_single_file
-from library.sdxl.tiny import build_random_models
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-logging.getLogger("diffusers").setLevel(logging.ERROR)
+from library.sdxl.loading import save_sdxl_single_file  # noqa: E402
+from library.sdxl.tiny import build_random_models  # noqa: E402
 
 # One thread per process, also in the scripts the tests start: on a 2-core machine, two OpenMP
 # threads per process stall on each other whenever anything else runs (20x slower steps measured).
