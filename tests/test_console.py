@@ -144,3 +144,18 @@ def test_plain_runs_print_no_third_party_notice(tmp_path, tiny_checkpoint):
     assert "saved" in gen.stderr and "done:" in train.stderr  # the project's own lines are there
     assert unexplained_lines(train.stderr) == []
     assert unexplained_lines(gen.stderr) == []
+
+
+def _older_python() -> str | None:
+    found = sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python")) + sorted(Path("/usr/bin").glob("python3.10"))
+    return str(found[0]) if found else None
+
+
+@pytest.mark.skipif(_older_python() is None, reason="no Python 3.10 on this machine")
+@pytest.mark.parametrize("script", ["sdxl_train_control_net_lllite.py", "sdxl_gen_img.py", "tools/demo.py"])
+def test_an_older_python_gets_one_line_not_an_import_error(script):
+    res = subprocess.run([_older_python(), str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env={"PATH": os.environ["PATH"]})
+    assert res.returncode == 2
+    assert re.fullmatch(r"error: Python 3\.11 is needed \(this is 3\.10\.\d+\); the tests run on 3\.11, see README\.md\n",
+                        res.stderr), res.stderr
