@@ -1,0 +1,21 @@
+python sdxl_train_control_net_lllite.py
+   --pretrained_model_name_or_path /mnt/ccache/sd-models/noob_eps.safetensors \
+   --train_data_dir "$tpath" \
+   --conditioning_data_dir "$cpath" \
+   --cache_latents \
+   --cache_latents_to_disk \
+   --cache_text_encoder_outputs \
+   --cache_text_encoder_outputs_to_disk \
+   --resolution 896,1152 \
+   --output_dir /mnt/B/lllite/ \
+   --output_name "$name" \
+   --caption_extension .txt \
+   --save_precision bf16 \
+   --save_every_n_epochs 1 \
+   --persistent_data_loader_workers \
+   --max_data_loader_n_workers 6 \
+   --mixed_precision bf16 --full_bf16 \
+   --metadata_title "$name" \
+   --use_8bit_adam \
+   --xformers \
+   --save_state \
