@@ -17,9 +17,11 @@ of every call, whatever shrinks the latents on the way (odd sizes, Deep Shrink, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,11 +480,25 @@ def module_depth(sd: Mapping[str, torch.Tensor], name: str) -> int:
     return 2 if sd[f"{name}.conditioning1.2.weight"].shape[-1] == 4 else 1
 
 
+@functools.cache
+def implementation_version() -> str:
+    """``sdxl-lllite/<commit>`` of this checkout, as sd-scripts writes ``sd-scripts/<commit>``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[1])
+    except (OSError, subprocess.SubprocessError):
+        return "sdxl-lllite/unknown"
+    commit = out.stdout.strip()
+    return f"sdxl-lllite/{commit}" if out.returncode == 0 and commit else "sdxl-lllite/unknown"
+
+
 def default_metadata(network: ControlNetLLLite, title: str) -> dict[str, str]:
+    """The modelspec fields sd-scripts writes into an SDXL LLLite file (ModelSpec 1.0.1), and the network's shape."""
     return {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURE,
-        "modelspec.implementation": "sdxl-lllite",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",  # sd-scripts' value for SDXL adapters
+        "modelspec.implementation_version": implementation_version(),
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "ss_network_module": "networks.control_net_lllite",

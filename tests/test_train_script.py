@@ -58,13 +58,21 @@ def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 300,
 def test_toml_run_trains_and_saves_published_layout(tmp_path, tiny_checkpoint, tiny_models):
     cfg = write_config(tmp_path / "train.toml", **base_options(tmp_path, tiny_checkpoint, save_precision="fp16",
                                                                 cache_latents=True, cache_text_encoder_outputs=True,
-                                                                gradient_checkpointing=True))
+                                                                gradient_checkpointing=True, min_timestep=300,
+                                                                clip_skip=2))
     res = run_train("--config_file", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "out" / "tiny.safetensors"
     sd, meta = read_weights(out)
     assert {v.dtype for v in sd.values()} == {torch.float16}
+    # the modelspec fields as sd-scripts writes them for an SDXL LLLite
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/control-net-lllite"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert re.fullmatch(r"sdxl-lllite/([0-9a-f]{40}|unknown)", meta["modelspec.implementation_version"])
+    assert (meta["modelspec.timestep_range"], meta["modelspec.encoder_layer"]) == ("300,1000", "2")
+    assert (meta["modelspec.title"], meta["modelspec.prediction_type"]) == ("tiny", "epsilon")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["modelspec.date"])
     assert meta["ss_network_dim"] == "8" and meta["ss_cond_emb_dim"] == "8" and meta["ss_steps"] == "4"
     net = ControlNetLLLite.from_file(tiny_models[0], out)
     # trained: the up layers are no longer all zero

@@ -337,7 +337,7 @@ class Saver:
 def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict[str, str]:
     """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file."""
     o = options
-    return {
+    meta = {
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.prediction_type": "v" if o.loss.v_parameterization else "epsilon",
         "ss_base_model_version": "sdxl_base_v1-0",
@@ -354,3 +354,8 @@ def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict
         "ss_min_snr_gamma": str(o.loss.min_snr_gamma),
         "ss_v_parameterization": str(bool(o.loss.v_parameterization)),
     }
+    if o.loss.min_timestep is not None or o.loss.max_timestep is not None:  # as sd-scripts: only when one is given
+        meta["modelspec.timestep_range"] = f"{o.loss.min_timestep or 0},{1000 if o.loss.max_timestep is None else o.loss.max_timestep}"
+    if o.data.text_encoding.clip_skip is not None:
+        meta["modelspec.encoder_layer"] = str(o.data.text_encoding.clip_skip)
+    return meta
