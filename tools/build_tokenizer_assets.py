@@ -33,6 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from library.atomic_io import atomic_write_text  # noqa: E402
 from library.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("build_tokenizer_assets")
@@ -124,10 +125,7 @@ def special_tokens_map(pad_token: str) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, "the tokenizer file")
 
 
 def write_tokenizer_folder(folder: str, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> None:
