@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,7 +30,7 @@ from library.atomic_io import (
     write_failure_reason,
 )
 from library.errors import UserError
-from library.training.states import STATE_FILE, check_state_folder, write_state_record
+from library.training.states import STATE_FILE, check_state_folder, load_position, write_state_record
 from library.training.together import together
 from tests.faults import leftovers, small_disk
 from tests.gen_helpers import run_main
@@ -188,11 +189,14 @@ def _fake_state(folder: Path, step: int) -> Path:
     return folder
 
 
-def test_state_check_names_the_bad_file_and_the_newest_state(tmp_path):
+def test_state_check_names_the_bad_file_and_the_newest_state(tmp_path, caplog):
     old = _fake_state(tmp_path / "run-step00000002-state", 2)
     new = _fake_state(tmp_path / "run-step00000004-state", 4)
     _fake_state(tmp_path / "other-step00000009-state", 9)  # another run's state is never offered
     check_state_folder(old)
+    with caplog.at_level(logging.WARNING):  # an older complete state is resumed as asked, naming the newest
+        assert load_position(old) == {"global_step": 2, "epoch": 1, "batches_in_epoch": 2}
+    assert f"but {new} beside it is newer (step 4)" in caplog.text
     (new / "scheduler.bin").write_bytes(b"t" * 100)  # same size, other bytes
     with pytest.raises(UserError, match=f"--resume {new}: scheduler.bin is damaged: its SHA-256 differs.*"
                                         f"newest complete state of this run is {old} \\(step 2\\)"):
