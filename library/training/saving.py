@@ -23,12 +23,11 @@ import torch
 from library.atomic_io import WriteError, as_write_error, publish_folder, remove_tree
 from library.cli import check_range
 from library.errors import UserError
-from library.training.states import STATE_FILE, check_state_folder, load_position, write_state_record
+from library.training.states import check_state_folder, load_position, write_state_record
 from library.training.together import together
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATE_FILE", "check_state_folder"]  # kept importable from here
 SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --metadata_<name> -> modelspec.<name>
 METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
