@@ -77,8 +77,8 @@ def test_full_disk_while_saving_a_step_file(tmp_path, tiny_checkpoint):
         assert mode(out / "tiny-step00000001.safetensors") == 0o644  # readable by a web UI running as another user
 
 
-def test_full_disk_while_saving_a_state_then_resume(tmp_path, tiny_checkpoint):
-    """The half-written state folder goes; the message's --resume command continues; a cut-short copy is refused."""
+def test_full_disk_while_saving_a_state_and_a_cut_short_copy(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """The half-written state folder goes and the message names the state to resume; a cut-short copy is refused."""
     out = tmp_path / "disk" / "out"
     with small_disk(tmp_path / "disk", 1000 * KB) as disk:  # one file and state (~640 KiB), then one more file
         opts = base_options(tmp_path, tiny_checkpoint, output_dir=out, save_every_n_steps=1, max_train_steps=3,
@@ -96,25 +96,24 @@ def test_full_disk_while_saving_a_state_then_resume(tmp_path, tiny_checkpoint):
         record = json.loads((state / STATE_FILE).read_text())
         assert record["global_step"] == 1 and record["files"]["optimizer.bin"]["size"] > 0
         assert {mode(p) for p in state.iterdir()} == {0o644} and mode(state) == 0o755
-        saved = shutil.copytree(state, tmp_path / "saved-state")
+        check_state_folder(state)  # what the message offers is complete (test_train_script resumes such states)
+        saved = shutil.copytree(state, tmp_path / "moved" / "tiny-step00000002-state")
 
-    # A copy of the state that was cut short: refused before any model loads, naming the file and the good state.
-    copy = shutil.copytree(saved, tmp_path / "moved" / "tiny-step00000001-state")
-    shutil.copytree(saved, tmp_path / "moved" / "tiny-step00000002-state")
+    # A copy that was cut short (an interrupted copy): refused before any model loads, naming the file and
+    # offering the complete state of the same run beside it. The script's main runs here, as run_cli runs it.
+    import sdxl_train_control_net_lllite
+
+    from tests.test_bad_inputs import forbid_model_loading, run_refused
+
+    copy = shutil.copytree(saved, tmp_path / "moved" / "tiny-step00000003-state")
     (copy / "optimizer.bin").write_bytes((copy / "optimizer.bin").read_bytes()[:1000])
-    rerun = ["--config_file", str(cfg), "--output_dir", str(tmp_path / "out2")]
-    res = subprocess.run([sys.executable, str(SCRIPT), *rerun, "--resume", str(copy)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert_clean_failure(res, f"--resume {copy}: optimizer.bin is 1000 bytes but was saved with",
-                         f"--resume {tmp_path / 'moved' / 'tiny-step00000002-state'}")
-    assert f"loaded {tiny_checkpoint}" not in res.stderr  # refused before the model loads
-
-    # The complete state continues the run where it stopped.
-    res = subprocess.run([sys.executable, str(SCRIPT), *rerun, "--resume", str(saved)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stderr and "at step 1" in res.stderr
-    assert (tmp_path / "out2" / "tiny.safetensors").is_file()
+    forbid_model_loading(monkeypatch)
+    code, err = run_refused(sdxl_train_control_net_lllite.main, ["--config_file", str(cfg), "--output_dir",
+                                                                  str(tmp_path / "out2"), "--resume", str(copy)], capsys)
+    assert_clean_failure(subprocess.CompletedProcess([], code, "", err),
+                         f"--resume {copy}: optimizer.bin is 1000 bytes but was saved with",
+                         f"the newest complete state of this run is {saved} (step 1): continue with --resume {saved}")
+    assert not (tmp_path / "out2").exists()
 
 
 # ---------------------------------------------------------------------------------------------- generation
