@@ -83,6 +83,7 @@ def test_sample_cadence_serves_fidelity_without_sample_prompts(tmp_path):
 class FakeAccelerator:
     device = torch.device("cpu")
     is_main_process = True
+    process_index, num_processes = 0, 1
 
     def __init__(self):
         self.trackers = [SimpleNamespace(name="recorder")]

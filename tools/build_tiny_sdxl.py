@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic_io import atomic_write_text
+from library.atomic_io import atomic_path, atomic_write_text
 from library.errors import UserError, run_cli
 from library.evaluation import shapes_domain
 from library.sdxl.keys import SDXL_VAE_SCALING_FACTOR
@@ -92,15 +92,13 @@ def time_ids(batch: int, size: int) -> torch.Tensor:
 def save_grid(images: np.ndarray, cols: int, path: Path) -> None:
     from PIL import Image
 
-    from library.atomic_io import atomic_path
-
     n, h, w, _ = images.shape
     rows = math.ceil(n / cols)
     grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "the sample grid") as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
 
 
@@ -645,7 +643,8 @@ def build(args) -> None:
         train_vae(vae, images, specs, args, rng, vae_refs)
         normalise_vae_latents(vae, images[: min(1024, len(images))])
         if vae_cache:
-            torch.save(vae.state_dict(), vae_cache)
+            with atomic_path(vae_cache, "the VAE cache") as tmp:
+                torch.save(vae.state_dict(), tmp)
             atomic_write_text(vae_timing, json.dumps({"seconds": time.time() - t0, "threads": args.threads}))
     timings.setdefault("vae", time.time() - t0)
 
@@ -657,7 +656,8 @@ def build(args) -> None:
     else:
         lat_mean, lat_std = encode_images(vae, images)
         if lat_cache:
-            torch.save((lat_mean, lat_std), lat_cache)
+            with atomic_path(lat_cache, "the latent cache") as tmp:
+                torch.save((lat_mean, lat_std), tmp)
     sf = vae.config.scaling_factor
     with torch.no_grad():
         rec = to_uint8(vae.decode(lat_mean[-64:]).sample)

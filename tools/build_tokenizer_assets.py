@@ -37,6 +37,7 @@ from library.console_logging import take_over_console, tool_console  # noqa: E40
 
 take_over_console()  # before any third-party import: some libraries log while being imported
 
+from library.atomic_io import atomic_write_text  # noqa: E402
 from library.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("tools.build_tokenizer_assets")
@@ -128,10 +129,7 @@ def special_tokens_map(pad_token: str) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, "the tokenizer file")
 
 
 def write_tokenizer_folder(folder: str, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> None:

@@ -30,6 +30,7 @@ from library.console_logging import take_over_console, tool_console  # noqa: E40
 
 take_over_console()  # before any third-party import: some libraries log while being imported
 
+from library.atomic_io import atomic_save_image, atomic_write_text  # noqa: E402
 from library.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("tools.demo")
@@ -88,8 +89,8 @@ def draw_images(models, captions: list[str], out_dir: Path, first_seed: int, arg
         for k, image in enumerate(generate(models, [], requests, progress=False)):
             i = start + k
             path = out_dir / f"{i:04d}.png"
-            image.save(path)
-            (out_dir / f"{i:04d}.txt").write_text(captions[i])
+            atomic_save_image(image, path, "the training image")
+            atomic_write_text(out_dir / f"{i:04d}.txt", captions[i], "the caption")
             paths.append(path)
         bar.update(len(requests))
     bar.close()
@@ -142,8 +143,7 @@ def drop_images_without_edges(images: list[Path]) -> list[Path]:
 
 def write_configs(work: Path, args) -> Path:
     dataset = work / "dataset.toml"
-    dataset.write_text(
-        f"""[general]
+    atomic_write_text(dataset, f"""[general]
 caption_extension = ".txt"
 
 [[datasets]]
@@ -154,11 +154,9 @@ batch_size = {args.batch_size}
   image_dir = "{(work / 'dataset' / 'images').as_posix()}"
   conditioning_preprocessor = "canny"
   conditioning_preprocessor_args = {{ low = {CANNY['low_threshold']}, high = {CANNY['high_threshold']} }}
-"""
-    )
+""", "the dataset config")
     train = work / "train.toml"
-    train.write_text(
-        f"""pretrained_model_name_or_path = "{Path(args.ckpt).as_posix()}"
+    atomic_write_text(train, f"""pretrained_model_name_or_path = "{Path(args.ckpt).as_posix()}"
 dataset_config = "{dataset.as_posix()}"
 output_dir = "{(work / 'lllite').as_posix()}"
 output_name = "demo_canny"
@@ -184,8 +182,7 @@ sample_sampler = "{args.sampler}"
 fidelity_steps = {args.gen_steps}
 fidelity_scale = {args.scale}
 fidelity_seed = {eval_seed(args)}
-"""
-    )
+""", "the training config")
     return train
 
 
@@ -255,7 +252,7 @@ def plot_fidelity_curve(curve: list[dict], out: Path, reference_f1: float | None
         d.line([(x, 32), (x + 20, 32)], fill=colour, width=2)
         d.text((x + 26, 26), name, fill=(0, 0, 0))
         x += 26 + int(d.textlength(name)) + 24
-    img.save(out)
+    atomic_save_image(img, out, "the fidelity curve")
 
 
 def make_grid(items, image_dir: Path, out: Path, size: int, rows_per_column: int = 8) -> None:
@@ -278,7 +275,7 @@ def make_grid(items, image_dir: Path, out: Path, size: int, rows_per_column: int
         for c, path in enumerate(cells):
             tile = Image.open(path).convert("RGB").resize((size, size), Image.NEAREST)
             grid.paste(tile, (x0 + pad + c * (size + pad), y))
-    grid.save(out)
+    atomic_save_image(grid, out, "the demo grid")
 
 
 def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
@@ -347,7 +344,7 @@ def run_demo(args) -> dict:
         g.unlink()
     items = [EvalItem(g, eval_captions[int(g.stem)], guide_src / g.name) for g in guides]
     for item in items:  # eval/guides is then a guide folder that tools/evaluate_control.py and training take
-        item.guide.with_suffix(".txt").write_text(item.prompt)
+        atomic_write_text(item.guide.with_suffix(".txt"), item.prompt, "the guide's prompt")
     train_toml = write_configs(work, args)
 
     # 2. Train with the real training script; it measures fidelity on the held-out guides as it goes.

@@ -68,7 +68,9 @@ def main() -> int:
             print(f"{DOC} is out of date: run python tools/write_option_docs.py", file=sys.stderr)
             return 1
         return 0
-    DOC.write_text(new, encoding="utf-8")
+    from library.atomic_io import atomic_write_text
+
+    atomic_write_text(DOC, new, "the option tables")
     return 0
 
 

@@ -204,7 +204,7 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def save_image_rgb(path: str | os.PathLike, image_rgb: np.ndarray) -> None:
     """Write a PNG atomically (a crash never leaves a half-written conditioning image)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "the conditioning image") as tmp:
         Image.fromarray(image_rgb, mode="RGB").save(tmp, format="PNG")
 
 

@@ -71,7 +71,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from library.atomic_io import atomic_write_text
+from library.atomic_io import WriteError, atomic_write_text
 from library.data.buckets import (
     BucketPlan,
     Size,
@@ -322,9 +322,9 @@ class _ImageInfoCache:
         if not (self.enabled and self.dirty):
             return
         try:
-            atomic_write_text(self.path, json.dumps({"version": 1, "images": self.entries}))
-        except OSError as e:
-            logger.warning("could not write the image info cache %s: %s", self.path, e)
+            atomic_write_text(self.path, json.dumps({"version": 1, "images": self.entries}), "the image info cache")
+        except (OSError, WriteError) as e:  # it only saves reading the image sizes next time
+            logger.warning("could not write the image info cache %s: %s", self.path, getattr(e, "reason", e))
 
 
 def _names(paths: Sequence[Any], limit: int = _LIST_LIMIT) -> str:

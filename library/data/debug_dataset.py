@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library.atomic_io import atomic_write_text
+from library.atomic_io import atomic_save_image, atomic_write_text
 from library.data.dataset import ImageItem, LLLiteDataset
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def debug_dataset(dataset: LLLiteDataset, out_dir: str | os.PathLike, num_batche
             th, tw = batch["target_sizes_hw"][s].tolist()
             name = f"b{b:03d}_s{s:02d}_{tw}x{th}_{_safe_name(Path(path).stem)}"
             png = out / f"{name}.png"
-            Image.fromarray(panel).save(png)
+            atomic_save_image(Image.fromarray(panel), png, "the debug panel")
             oh, ow = batch["original_sizes_hw"][s].tolist()
             top, left = batch["crop_top_lefts"][s].tolist()
             flipped = bool(batch["flipped"][s])
@@ -78,6 +78,7 @@ def debug_dataset(dataset: LLLiteDataset, out_dir: str | os.PathLike, num_batche
                 f"bucket (w x h): {tw}x{th}\noriginal (w x h): {ow}x{oh}\n"
                 f"crop top,left: {top},{left}\nflipped: {flipped}\n"
                 f"network_multiplier: {float(batch['network_multipliers'][s])}\n" + extra,
+                "the debug panel's description",
             )
             logger.info(
                 "batch %d sample %d: %s bucket %dx%d original %dx%d crop (%d,%d)%s caption: %s",

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from library.atomic_io import atomic_write_text
+from library.atomic_io import atomic_path, atomic_write_text
 from library.data.conditioning_preprocessors import is_image_file
 from library.errors import UserError
 from library.evaluation.metrics import evaluate_pair, guide_edge_map
@@ -157,8 +157,8 @@ def evaluate_control(
                          "f1": float(scores["f1"]), "ssim": float(scores["ssim"])})
         if image_dir is not None:
             out = Path(image_dir) / f"{item.guide.stem}_{name}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            image.save(out)
+            with atomic_path(out, "the evaluation image") as tmp:
+                image.save(tmp, format="PNG")
         bar.update(1)
 
     for i, item in scored:
@@ -205,4 +205,4 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path: str | Path) -> None:
-    atomic_write_text(path, json.dumps(results, indent=2))
+    atomic_write_text(path, json.dumps(results, indent=2), "the results file")

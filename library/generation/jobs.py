@@ -270,6 +270,8 @@ class Writer:
         )
         self.stems: dict[int, str] = {}  # job index -> file stem, shared by the first pass's file
         self.viewer_missing = False
+        self.saved = 0  # images written by this run, for the message when a write fails
+        self.last: Path | None = None
 
     def stem(self, job: Job, seed: int) -> str:
         """``[original_]im_<stamp>_<index>_<seed>`` or ``[original_]im_<number>``, fixed per job."""
@@ -292,11 +294,10 @@ class Writer:
     def save(self, job: Job, image: Image.Image) -> Path:
         """Writes ``image`` with its request's parameters; returns the file's path."""
         from library.generation.pipeline import request_metadata
-        from library.generation.png_metadata import save_png
 
         seed = image.info.get("seed", job.request.seed)
         path = self.outdir / f"{self.stem(job, seed)}.png"
-        save_png(image, path, request_metadata(job.request, seed, **self.metadata))
+        self._write(image, path, request_metadata(job.request, seed, **self.metadata))
         logger.info("saved %s", path)
         if self.preview:
             self._show(image, path)
@@ -305,16 +306,32 @@ class Writer:
     def save_first_pass(self, job: Job, image: Image.Image) -> Path:
         """The highres fix's first pass as ``<stem>_1st.png``, with its own size in the metadata."""
         from library.generation.pipeline import first_pass_size, request_metadata
-        from library.generation.png_metadata import save_png
 
         width, height = first_pass_size(job.request)
         path = self.outdir / f"{self.stem(job, job.request.seed)}_1st.png"
         meta = request_metadata(job.request, job.request.seed, **self.metadata)
         meta.update(size=f"{width}x{height}", width=width, height=height, highres_fix_pass=1,
                     steps=job.request.highres_fix_steps)
-        save_png(image, path, meta)
+        self._write(image, path, meta)
         logger.info("saved %s (highres fix, first pass)", path)
         return path
+
+    def _write(self, image: Image.Image, path: Path, meta: dict[str, Any]) -> None:
+        """One PNG; a failed write also says what this run saved before it."""
+        from library.atomic_io import WriteError
+        from library.generation.png_metadata import save_png
+
+        try:
+            save_png(image, path, meta)
+        except WriteError as e:
+            n = self.saved
+            before = (f"{n} image{'s' if n > 1 else ''} of this run {'were' if n > 1 else 'was'} saved before it (the "
+                      f"newest: {self.last})") if n else "No image of this run was saved"
+            full = "space" in e.reason or "quota" in e.reason
+            fix = "free some space there or choose another --outdir" if full else "fix that or choose another --outdir"
+            raise UserError(f"{e}. {before}; {fix}, then run again.") from None
+        self.saved += 1
+        self.last = path
 
     def first_pass_saver(self, batch: list[Job]) -> Callable[[list[Image.Image]], None] | None:
         """With ``--highres_fix_save_1st``, what ``generate(first_pass=...)`` calls with the batch's first pass."""

@@ -126,9 +126,9 @@ def png_info(params: Mapping[str, Any]) -> PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any]) -> None:
+def save_png(image: Image.Image, path: str | os.PathLike, params: Mapping[str, Any], what: str = "the image") -> None:
     """Write ``image`` to ``path`` (atomically) with the generation parameters in its text chunks."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(params))
 
 

@@ -126,12 +126,15 @@ def _save_folder_atomically(tokenizer: Any, folder: str) -> None:
     import shutil
     import tempfile
 
+    from library.atomic_io import set_plain_modes
+
     if os.path.isdir(folder):
         return
     os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=os.path.dirname(folder) or ".")
     try:
         tokenizer.save_pretrained(tmp)
+        set_plain_modes(tmp)  # mkdtemp's 0700 would hide the folder from other users
         os.rename(tmp, folder)
     except OSError:
         if not os.path.isdir(folder):  # not another process's folder that won the race

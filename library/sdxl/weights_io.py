@@ -218,15 +218,17 @@ def read_weights(
 
 
 def write_weights(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+    what: str = "the weights file",
 ) -> None:
     """Write tensors atomically; the format follows the extension (.safetensors, else torch.save)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what) as tmp:
         if path.suffix.lower() in SAFETENSORS_EXTS:
             save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         else:
-            torch.save(tensors, tmp)
+            with open(tmp, "wb") as f:  # through Python, so a full disk surfaces as an OSError, not "unexpected pos"
+                torch.save(tensors, f)
     logger.info("wrote %s", path)
 

@@ -28,6 +28,7 @@ from library.evaluation.control_eval import (
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.samples import drawing_with
+from library.training.together import together
 from library.training.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
 
@@ -126,9 +127,8 @@ class FidelityMeter:
         self.history: list[dict[str, float]] = []
 
     def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
-        if self.accelerator.is_main_process:
-            self.measure(network, step)
-        self.accelerator.wait_for_everyone()
+        together(self.accelerator, lambda: self.measure(network, step), f"measuring control fidelity at step {step}",
+                 main_only=True)
 
     def measure(self, network: ControlNetLLLite, step: int) -> dict[str, float]:
         with drawing_with(self.models, network, self.accelerator):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from library.errors import UserError
-from library.training.saving import STATE_FILE
+from library.training.states import STATE_FILE, state_problem
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ def download_state(ref: HubStateRef, token: str | None, accelerator=None) -> Pat
         if not (folder / STATE_FILE).is_file():
             raise UserError(f"--resume {ref} (--resume_from_huggingface): {STATE_FILE} is missing there; only a state "
                             "folder written by this script's --save_state can be resumed")
+        problem = state_problem(folder)
+        if problem is not None:
+            raise UserError(f"--resume {ref} (--resume_from_huggingface): {problem}; this state cannot be resumed "
+                            "(upload it again from a complete local state)")
         return folder
 
     if accelerator is None:

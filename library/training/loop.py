@@ -162,14 +162,15 @@ class Trainer:
         self.log_plan()
         self.bar = tqdm(total=self.max_steps, initial=self.progress.global_step, desc="steps",
                         disable=not self.accelerator.is_local_main_process)
-        try:
-            if self.samples is not None and self.o.samples.at_first and self.progress.global_step == 0:
-                self.samples(self.raw_network, 0, self.progress.epoch)
-            while not self.finished:
-                self.run_epoch()
-        finally:
-            self.bar.close()  # before any error message, so the message is the last line
-        return self.finish()
+        with self.saver.explained():  # a failed write also names what is complete and how to continue
+            try:
+                if self.samples is not None and self.o.samples.at_first and self.progress.global_step == 0:
+                    self.samples(self.raw_network, 0, self.progress.epoch)
+                while not self.finished:
+                    self.run_epoch()
+            finally:
+                self.bar.close()  # before any error message, so the message is the last line
+            return self.finish()
 
     @property
     def finished(self) -> bool:

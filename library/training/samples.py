@@ -37,6 +37,7 @@ from library.generation.samplers import (
 )
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
+from library.training.together import together
 from library.training.tracking import log_images
 from networks.control_net_lllite import ControlNetLLLite
 
@@ -173,9 +174,8 @@ class SampleDrawer:
                                           max_embeddings_multiples=text.max_embeddings_multiples)
 
     def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
-        if self.accelerator.is_main_process:
-            self._draw(network, step, epoch)
-        self.accelerator.wait_for_everyone()
+        together(self.accelerator, lambda: self._draw(network, step, epoch), f"drawing the samples of step {step}",
+                 main_only=True)
 
     def _draw(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
         models, device = self.models, self.accelerator.device
@@ -187,7 +187,7 @@ class SampleDrawer:
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
                                         base_model=models.name, lllite=self.name)
-                save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta)
+                save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta, "the sample image")
                 if self.accelerator.trackers:
                     for_trackers[f"samples/{i:02d}"] = (beside_guide(image, spec.guide_images[0]),
                                                         f"{spec.prompt} (guide | sample, seed {seed}, step {step})")

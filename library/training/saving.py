@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
+import contextlib
 import logging
 import mimetypes
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
-from library.atomic_io import atomic_write_text
+from library.atomic_io import WriteError, as_write_error, publish_folder, remove_tree
 from library.cli import check_range
 from library.errors import UserError
+from library.training.states import check_state_folder, load_position, write_state_record
+from library.training.together import together
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.json"
 SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --metadata_<name> -> modelspec.<name>
 METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
@@ -146,14 +146,6 @@ def _data_url(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def check_state_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state or "
-                        "--save_state_on_train_end; a state on the Hugging Face Hub needs --resume_from_huggingface)")
-    if not (folder / STATE_FILE).is_file():
-        raise UserError(f"--resume {folder}: {STATE_FILE} is missing; this is not a complete state folder written by --save_state")
-
-
 # ---------------------------------------------------------------------------------------------- run state
 
 
@@ -180,7 +172,8 @@ class TrainingRNG:
 
     def save(self, folder: Path) -> None:
         """Each process saves its own stream (accelerate's custom objects are saved by the main process only)."""
-        torch.save(self.generator.get_state(), self._file(folder))
+        with open(self._file(folder), "wb") as f:  # through Python, so a full disk surfaces as an OSError
+            torch.save(self.generator.get_state(), f)
 
     def load(self, folder: Path) -> None:
         path = self._file(folder)
@@ -190,8 +183,7 @@ class TrainingRNG:
 
 
 def load_progress(state_dir: Path) -> Progress:
-    check_state_folder(state_dir)
-    return Progress(**json.loads((state_dir / STATE_FILE).read_text()))
+    return Progress(**load_position(state_dir))
 
 
 class Uploader(Protocol):
@@ -214,7 +206,8 @@ class Saver:
         self.num_epochs = num_epochs
         self.rng = rng
         self.uploader = uploader
-        self.last_saved: Path | None = None
+        self.last_saved: Path | None = None  # the newest complete LLLite file of this run
+        self.last_state: Path | None = opts.resume  # the newest complete state, to continue from
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -264,41 +257,72 @@ class Saver:
 
     def save_model(self, tag: str | None, progress: Progress) -> Path:
         path = self.model_path(tag)
-        if self.accelerator.is_main_process:
+
+        def write() -> None:
             unwrapped = self.accelerator.unwrap_model(self.network)
-            unwrapped.save(path, dtype=self.opts.dtype, metadata=self.metadata(progress))
+            try:
+                unwrapped.save(path, dtype=self.opts.dtype, metadata=self.metadata(progress))
+            except WriteError as e:
+                raise WriteError("the LLLite file", e.path, e.reason) from None
             logger.info("saved %s", path)
             if self.uploader is not None:
                 self.uploader.upload(path)
+
+        together(self.accelerator, write, f"saving {path}", main_only=True)
         self.last_saved = path
         return path
 
     def save_state(self, tag: str | None, progress: Progress) -> None:
-        """accelerate state (weights, optimizer, scheduler, RNG) + our position, renamed into place when complete."""
+        """accelerate state (weights, optimizer, scheduler, RNG) + our position, renamed into place when complete.
+
+        Every process writes its part into a temporary folder; when any part fails, the folder goes
+        and every process stops with the failure (see ``together``).
+        """
         final = self.state_path(tag)
         tmp = final.with_name(f".{final.name}.tmp")
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.rng.save(tmp)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            atomic_write_text(tmp / STATE_FILE, json.dumps(progress.__dict__))
-            # The old state is moved aside, not deleted, until the new one is in place: a crash in between
-            # leaves one complete state under one of the two names.
-            old = final.with_name(f".{final.name}.old")
-            if final.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
-            logger.info("saved training state %s", final)
-            if self.uploader is not None:
-                self.uploader.upload(final)
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        together(acc, lambda: remove_tree(tmp), f"clearing {tmp}", main_only=True)  # left by a killed run
+        try:
+            together(acc, lambda: self._write_state_parts(tmp, final), f"saving the training state {final}")
+            together(acc, lambda: self._publish_state(tmp, final, progress), f"saving the training state {final}",
+                     main_only=True)
+        except BaseException:
+            if acc.is_main_process:
+                remove_tree(tmp)
+            raise
+        self.last_state = final
+
+    def _write_state_parts(self, tmp: Path, final: Path) -> None:
+        try:
+            self.accelerator.save_state(str(tmp))
+            self.rng.save(tmp)
+        except Exception as e:  # asked before the folder is removed: a disk still full tells why torch stopped
+            raise (as_write_error(e, "the training state", final) or e) from None
+
+    def _publish_state(self, tmp: Path, final: Path, progress: Progress) -> None:
+        write_state_record(tmp, progress.__dict__)  # written last: a state without it is incomplete
+        publish_folder(tmp, final, "the training state")
+        logger.info("saved training state %s", final)
+        if self.uploader is not None:
+            self.uploader.upload(final)
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[None]:
+        """A write that fails mid-run also says which file and state are complete, and how to continue."""
+        try:
+            yield
+        except WriteError as e:
+            raise UserError(f"{e}. {self.what_is_kept(e)}") from None
+
+    def what_is_kept(self, error: WriteError) -> str:
+        full = "space" in error.reason or "quota" in error.reason
+        fix = "free some space there (or choose another --output_dir)" if full else f"fix the cause ({error.reason})"
+        model = f"The newest complete LLLite file is {self.last_saved}" if self.last_saved else "No LLLite file was saved"
+        if self.last_state is not None:
+            return (f"{model} and the newest complete state is {self.last_state}; {fix}, then run the same command "
+                    f"with --resume {self.last_state} to continue from there.")
+        hint = "" if self.opts.save_state else " (--save_state keeps one)"
+        return f"{model} and no state to resume from was saved{hint}; {fix}, then run it again."
 
     # -- pruning ---------------------------------------------------------------------------------
 
@@ -325,11 +349,15 @@ class Saver:
                 continue
             for n in range(every, upto + 1, every):
                 path = path_of(tag_of(n))
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-                else:
+                if not path.exists():
+                    continue
+                try:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                except OSError as e:  # an old save that stays is no loss: training goes on
+                    logger.warning("could not remove %s (older than the last saves kept): %s", path, e.strerror or e)
                     continue
                 logger.info("removed %s (older than the last saves kept)", path)
 
