@@ -64,7 +64,7 @@ class ConsoleRule(logging.Filter):
 class _Console(logging.StreamHandler):
     """The console: whatever ``sys.stderr`` is when a record comes (tests and callers swap it).
 
-    Until ``release()``, records that the default level drops but DEBUG would show are held (a
+    Until ``judge_held()``, records that the default level drops but DEBUG would show are held (a
     bounded number): libraries log while being imported, before ``--console_log_level`` is read.
     """
 
@@ -83,7 +83,7 @@ class _Console(logging.StreamHandler):
             self.held.append(record)
         return shown
 
-    def release(self) -> None:
+    def judge_held(self) -> None:  # not "release": that is logging.Handler's lock
         """Judge the held records again, at the level now chosen; from now on nothing is held."""
         held, self.held = self.held or [], None
         for record in held:
@@ -171,7 +171,7 @@ def _show(level: int, fmt: logging.Formatter) -> None:
     console.setFormatter(fmt)
     console.rule.level = level
     logging.getLogger().setLevel(level)
-    console.release()
+    console.judge_held()
 
 
 def tool_console() -> None:

@@ -159,3 +159,18 @@ def test_an_older_python_gets_one_line_not_an_import_error(script):
     assert res.returncode == 2
     assert re.fullmatch(r"error: Python 3\.11 is needed \(this is 3\.10\.\d+\); the tests run on 3\.11, see README\.md\n",
                         res.stderr), res.stderr
+
+
+def test_threads_log_through_the_console_without_waiting_on_each_other():
+    """The console handler's lock is logging's own: records from several threads all come through."""
+    import threading
+
+    take_over_console()
+    with console_logging(ConsoleLogOptions()):
+        threads = [threading.Thread(target=lambda i=i: logging.getLogger("library.test").info("thread %d", i))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert not any(t.is_alive() for t in threads)
