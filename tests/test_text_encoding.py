@@ -328,3 +328,19 @@ def test_textual_inversion_errors(tmp_path):
     with pytest.raises(UserError, match="already a token"):
         load_textual_inversion(str(ok), tok1, tok2, e1, e2, token="Cat")
     assert len(tok1) == 49408  # nothing added on failure
+
+
+def test_textual_inversion_from_a_torch_file(tmp_path):
+    """sd-scripts reads any embedding that is not .safetensors with torch.load: a .pt with clip_l/clip_g loads."""
+    tok1, tok2 = load_sdxl_tokenizers()
+    e1, e2 = _tiny_encoders()
+    vec_l, vec_g = torch.randn(2, 32), torch.randn(2, 48)
+    torch.save({"clip_l": vec_l, "clip_g": vec_g}, tmp_path / "PtStyle.pt")
+    assert load_textual_inversion(str(tmp_path / "PtStyle.pt"), tok1, tok2, e1, e2) == ["PtStyle", "PtStyle_1"]
+    torch.testing.assert_close(e2.get_input_embeddings().weight[-2:].detach(), vec_g)
+    torch.save({"string_to_param": {"*": torch.randn(2, 768)}}, tmp_path / "sd15.pt")  # an SD 1.x embedding
+    with pytest.raises(UserError, match=r"sd15\.pt.*not named tensors.*SD 1\.x/2\.x embeddings cannot be used"):
+        load_textual_inversion(str(tmp_path / "sd15.pt"), tok1, tok2, e1, e2)
+    (tmp_path / "junk.bin").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match=r"junk\.bin.*as a torch file"):
+        load_textual_inversion(str(tmp_path / "junk.bin"), tok1, tok2, e1, e2)

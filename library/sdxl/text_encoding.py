@@ -469,19 +469,33 @@ def _encoder_width(encoder: torch.nn.Module) -> int:
     return int(encoder.get_input_embeddings().weight.shape[1])
 
 
-def _read_embedding(path: str, text_encoder1: torch.nn.Module, text_encoder2: torch.nn.Module) -> list[torch.Tensor]:
-    """The ``clip_l`` and ``clip_g`` vectors of an SDXL embedding file, checked against the encoders."""
+def _load_embedding_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an embedding file: safetensors, or (any other extension, as sd-scripts) a torch file."""
     import safetensors
     from safetensors.torch import load_file
 
-    safetensors_error = getattr(safetensors, "SafetensorError", OSError)
+    if path.lower().endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except (getattr(safetensors, "SafetensorError", OSError), OSError, ValueError) as e:
+            raise UserError(f"cannot read textual inversion {path!r} as safetensors ({e}).") from e
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs from the file
+    except Exception as e:  # torch.load raises pickle, zip and runtime errors alike for a file it cannot read
+        raise UserError(f"cannot read textual inversion {path!r} as a torch file ({str(e).splitlines()[0]}); "
+                        "give an SDXL embedding (.safetensors, or a .pt/.bin with clip_l and clip_g)") from e
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(f"textual inversion {path!r} holds {type(data).__name__}, not named tensors; an SDXL "
+                        "embedding has 'clip_l' [n, 768] and 'clip_g' [n, 1280]. SD 1.x/2.x embeddings cannot be used "
+                        "with SDXL.")
+    return data
 
+
+def _read_embedding(path: str, text_encoder1: torch.nn.Module, text_encoder2: torch.nn.Module) -> list[torch.Tensor]:
+    """The ``clip_l`` and ``clip_g`` vectors of an SDXL embedding file, checked against the encoders."""
     if not os.path.isfile(path):
         raise UserError(f"textual inversion file not found: {path!r}.")
-    try:
-        tensors = load_file(path)
-    except (safetensors_error, OSError, ValueError) as e:
-        raise UserError(f"cannot read textual inversion {path!r} as safetensors ({e}).") from e
+    tensors = _load_embedding_file(path)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if "clip_l" not in tensors or "clip_g" not in tensors:
         raise UserError(
