@@ -15,6 +15,7 @@ what they pin, and uv does not look where this machine's torch wheel lies).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -88,9 +89,11 @@ def refresh(keep: Path | None) -> int:
          "-r", str(ROOT / "requirements-dev.txt")],
         [str(python), "-m", "pytest"],  # the README's test command, in that venv
     ]
+    # As an activated venv: the suite starts tools of the venv by name (torchrun, accelerate).
+    env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     for cmd in steps:
         print("$", " ".join(cmd), flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
             print(f"failed: {' '.join(cmd)}; {LOCK.name} is unchanged", file=sys.stderr)
             return 1
     new = freeze(python)
