@@ -76,7 +76,8 @@ class Limit:
     high_open: bool = False
 
     def allows(self, value: float) -> bool:
-        if not math.isfinite(value):
+        # Integers are compared as integers: float() would round 2**64 - 1 up to 2**64.
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -89,12 +90,15 @@ class Limit:
 
     def check(self, label: str, value: float | None, what: str = "") -> None:
         """Refuse ``value`` outside the range; the message names ``label``, the value and the range."""
-        if value is not None and not self.allows(float(value)):
+        if value is not None and not self.allows(value):
             raise UserError(f"{label} {_number(value)} is out of range: it must be {self.words()}"
                             + (f" ({what})" if what else ""))
 
 
 def _number(x: float) -> str:
+    """A value as the user typed it: integers whole, floats without trailing noise."""
+    if isinstance(x, int):
+        return str(x)
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 

@@ -70,3 +70,19 @@ def test_range_and_choice_messages_name_option_value_and_range():
     assert check_choice("optimizer_type", "adamw8bit", ["AdamW", "AdamW8bit"], case_sensitive=False) == "AdamW8bit"
     with pytest.raises(UserError, match='did you mean "AdamW"'):
         check_choice("optimizer_type", "adamx", ["AdamW", "Lion"])
+
+
+def test_integer_ranges_are_checked_exactly_and_shown_as_typed():
+    # float(2**64 - 1) rounds up to 2**64: the top 1,024 seeds were refused with a rounded number.
+    top = 2**64 - 1
+    check_range("seed", top, low=0, high=top)
+    with pytest.raises(UserError) as e:
+        check_range("seed", top + 1, low=0, high=top)
+    assert str(e.value) == f"--seed {top + 1} is out of range: it must be at least 0 and at most {top}"
+
+
+def test_seeds_counted_up_past_the_top_wrap_to_zero():
+    from library.generation.jobs import _count_up
+
+    assert _count_up(2**64 - 1, 1) == 0
+    assert _count_up(5, 2) == 7

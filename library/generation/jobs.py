@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from library.errors import UserError
 from library.generation.options import GenOptions, InputOptions, LoraSpec, OutputOptions
 from library.generation.settings import (
+    MAX_SEED,
     GenerationRequest,
     checked_size,
     control_settings,
@@ -104,6 +105,11 @@ def guide_groups(guides: list[str], n_models: int) -> list[list[str]]:
     return [guides[i: i + n_models] for i in range(0, len(guides), n_models)]
 
 
+def _count_up(seed: int, n: int) -> int:
+    """The n-th seed after ``seed``; past 2**64 - 1 it wraps to 0, so every seed a user gives draws."""
+    return (seed + n) % (MAX_SEED + 1)
+
+
 @dataclass
 class ImageInputs:
     """The images that cycle over the planned images: guide groups (one image per model), init images, masks."""
@@ -161,13 +167,14 @@ class Planner:
 
     def _seed(self, spec: PromptSpec, k: int, iteration: int) -> int:
         if spec.seeds:  # a line's --d: one seed per image; past the list's end, count up from its last seed
-            return spec.seeds[k] if k < len(spec.seeds) else spec.seeds[-1] + k - len(spec.seeds) + 1
+            return spec.seeds[k] if k < len(spec.seeds) else _count_up(spec.seeds[-1], k - len(spec.seeds) + 1)
         seed = self.inputs.seed
         if self.inputs.iter_same_seed:  # one seed for every image of an iteration
             if iteration not in self.iteration_seeds:
-                self.iteration_seeds[iteration] = seed + iteration if seed is not None else self.rng.randint(0, 2**32 - 1)
+                self.iteration_seeds[iteration] = (_count_up(seed, iteration) if seed is not None
+                                                   else self.rng.randint(0, 2**32 - 1))
             return self.iteration_seeds[iteration]
-        return seed + self.index if seed is not None else self.rng.randint(0, 2**32 - 1)
+        return _count_up(seed, self.index) if seed is not None else self.rng.randint(0, 2**32 - 1)
 
     def _line_request(self, spec: PromptSpec) -> GenerationRequest:
         """The line's request, with its size rounded and one control value per model (for the metadata)."""
