@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Iterable
 import tomllib
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def str2bool(value: str) -> bool:
@@ -61,6 +64,18 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------- switched off
+
+
+def switched_off(label: str, needs: str, why: str = "") -> None:
+    """The one policy for an option whose switch is off: the reference runs and ignores it, so do we, with a warning.
+
+    ``label`` is the option as given (``--save_last_n_steps 1``), ``needs`` what switches it on. Errors stay
+    for values out of range, contradictions, and anything that would make the run differ from what was asked.
+    """
+    logger.warning("%s does nothing without %s%s: ignored, as sd-scripts does", label, needs, f" ({why})" if why else "")
 
 
 # ---------------------------------------------------------------------------------------------- value checks
