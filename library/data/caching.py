@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from library.atomic_io import atomic_path
-from library.cli import check_range
+from library.cli import Limit, Options, flag, option
 from library.data.captions import dynamic_caption_options
 from library.data.config import DatasetConfig
 from library.data.dataset import (
@@ -105,38 +105,32 @@ SINGLE_PROCESS = Processes()
 # ----------------------------------------------------------------------------- options
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("caching")
-    g.add_argument("--cache_latents", action="store_true", help="encode every image with the VAE once, before training")
-    g.add_argument("--cache_latents_to_disk", action="store_true",
-                   help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
-    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call while caching, >= 1")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, before training")
-    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
-    g.add_argument("--skip_cache_check", action="store_true",
-                   help="trust existing latent cache files without hashing the images they were made from: a file "
-                        "whose recorded settings (bucket, crop, resize filter, VAE, dtype, flips, mask, preprocessor) "
-                        "match is used even if an image changed since (a faster start on large datasets). Missing or "
-                        "mismatched files are still made. sd-scripts skips its own content checks likewise")
-
-
 @dataclass(frozen=True)
-class CachingOptions:
-    latents: bool = False
-    latents_to_disk: bool = False
-    vae_batch_size: int = 1
-    text: bool = False
-    text_to_disk: bool = False
-    skip_check: bool = False
+class CachingOptions(Options):
+    group = "caching"
+
+    latents: bool = flag(name="cache_latents", help="encode every image with the VAE once, before training")
+    latents_to_disk: bool = flag(
+        name="cache_latents_to_disk",
+        help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
+    vae_batch_size: int = option(1, type=int, limit=Limit(1), help="images per VAE call while caching, >= 1")
+    text: bool = flag(name="cache_text_encoder_outputs", help="encode every caption once, before training")
+    text_to_disk: bool = flag(
+        name="cache_text_encoder_outputs_to_disk",
+        help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
+    skip_check: bool = flag(
+        name="skip_cache_check",
+        help="trust existing latent cache files without hashing the images they were made from: a file "
+             "whose recorded settings (bucket, crop, resize filter, VAE, dtype, flips, mask, preprocessor) "
+             "match is used even if an image changed since (a faster start on large datasets). Missing or "
+             "mismatched files are still made. sd-scripts skips its own content checks likewise")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "CachingOptions":
-        check_range("vae_batch_size", args.vae_batch_size, low=1)
-        return cls(latents=args.cache_latents or args.cache_latents_to_disk, latents_to_disk=args.cache_latents_to_disk,
-                   vae_batch_size=args.vae_batch_size,
-                   text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
-                   text_to_disk=args.cache_text_encoder_outputs_to_disk, skip_check=args.skip_cache_check)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        return {**v, "latents": v["latents"] or v["latents_to_disk"], "text": v["text"] or v["text_to_disk"]}
+
+
+OPTIONS = (CachingOptions,)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -33,13 +33,10 @@ from typing import Any, Mapping, Sequence
 
 import tomllib
 
-from library.cli import add_refused, check_range, parse_key_values
+from library.cli import Limit, Options, flag, option, parse_key_values, refused
 from library.data import conditioning_preprocessors
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
-from library.sdxl.text_encoding import (
-    add_training_arguments as add_text_encoding_arguments,
-)
 
 # The resize filters of resize_interpolation (sd-scripts' names; linear = bilinear, cubic = bicubic).
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
@@ -612,140 +609,160 @@ def build_dataset_configs(args: Any) -> list[DatasetConfig]:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The dataset options of the training command line (each also a [general]-level default for the TOML)."""
-    _add_dataset_arguments(parser)
-    _add_caption_arguments(parser)
-    _add_image_arguments(parser)
-    add_text_encoding_arguments(parser)
+@dataclass(frozen=True)
+class DatasetSourceOptions(Options):
+    """Where the images come from and how they are batched: each a default for the dataset TOML's keys."""
 
+    group = "dataset"
 
-def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("dataset")
-    g.add_argument("--dataset_config", help="dataset TOML (see docs/dataset.md)")
-    g.add_argument("--train_data_dir", help="training images (when no --dataset_config)")
-    g.add_argument("--conditioning_data_dir",
-                   help="conditioning images, paired with the training images by basename (when no --dataset_config). "
-                        "With --conditioning_preprocessor the guides are made from these images instead")
-    g.add_argument("--in_json",
-                   help="fine-tuning metadata JSON (or .jsonl) giving the captions/tags of the images of --train_data_dir "
-                        "instead of caption files: sd-scripts' FineTuningDataset, here still paired with conditioning "
-                        "images. The dataset TOML's subset key is metadata_file. Only the listed images are used")
-    g.add_argument("--dataset_repeats", type=int, default=None,
-                   help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
-                        "--in_json datasets, here a default for every subset)")
-    g.add_argument("--resolution", help='training area, "1024" or "width,height": positive multiples of 8 (default 1024)').joins_list = True
-    g.add_argument("--train_batch_size", type=int, default=None, help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
-    g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
-    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
-    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 2048)")
-    g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
-    g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
-    g.add_argument("--cache_info", action="store_true", default=None,
-                   help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
-                        "later runs skip decoding unchanged images")
-    g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes, >= 0 (0: load in the training process)")
-    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
-    add_refused(g, "dataset_class", "custom dataset classes are not supported: the dataset is built from folders. Use "
-                "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
-                "(--dataset_config), or a metadata JSON (--in_json)")
-    add_refused(g, "reg_data_dir", "regularization images are a DreamBooth concept (keeping a class prior while a "
-                "model learns a subject) that does not apply to LLLite training, which learns to follow a guide. "
-                "Drop it; add more image/guide pairs as another [[datasets.subsets]] instead")
-    add_refused(g, "prior_loss_weight", "it weights the loss of regularization images, a DreamBooth concept that does "
-                "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
-                type=float, reference_default=1.0)
-
-
-def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("captions")
-    g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt; sd-scripts: .caption)")
-    g.add_argument("--caption_extention", default=None,
-                   help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
-                        "values is an error)")
-    g.add_argument("--caption_prefix", default=None,
-                   help="text added before every caption, as its own first tag: never shuffled, dropped or counted "
-                        "in keep_tokens (sd-scripts prepends it with a space)")
-    g.add_argument("--caption_suffix", default=None,
-                   help="text added after every caption, as its own last tag: never shuffled or dropped")
-    g.add_argument("--caption_separator", default=None, help='what separates the tags of a caption (default ",")')
-    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle the tags every epoch")
-    g.add_argument("--keep_tokens", type=int, default=None,
-                   help="the first N tags are never shuffled or dropped (>= 0)")
-    g.add_argument("--keep_tokens_separator", default=None,
-                   help="if set and in a caption: the tags before it are fixed, and after a second occurrence the tags "
-                        "after that too; overrides --keep_tokens for that caption")
-    g.add_argument("--secondary_separator", default=None,
-                   help="joins tags that move and drop together: replaced by the caption separator after shuffling "
-                        'and dropout (e.g. ";;;": "red hair;;;long hair" stays one tag)')
-    g.add_argument("--enable_wildcard", action="store_true", default=None,
-                   help="{a|b|c} in a caption becomes one of a, b, c at random each epoch ({{ and }} are literal braces), "
-                        "and a caption file with several lines gives one line at random (without it the lines are "
-                        "joined with a space, where sd-scripts takes the first line)")
-    g.add_argument("--caption_dropout_rate", type=float, default=None,
-                   help="train a sample with an empty caption with this probability, 0..1")
-    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=None,
-                   help="every N-th epoch (N, 2N, ...; epochs count from 1) every caption is empty (>= 0, 0 = off)")
-    g.add_argument("--caption_tag_dropout_rate", type=float, default=None,
-                   help="drop each tag that is not fixed with this probability, 0..1")
-    g.add_argument("--token_warmup_min", type=int, default=None,
-                   help="tags used at step 0 with --token_warmup_step (default 1, >= 0)")
-    g.add_argument("--token_warmup_step", type=float, default=None,
-                   help="tag warmup: before this step only the first tags of each caption are used, from "
-                        "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
-                        "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
-
-
-def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("images, guides and masks")
-    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
-    g.add_argument("--color_aug", action="store_true", default=None,
-                   help="small random hue shift and brightness change of the training image, never the conditioning "
-                        "image (cannot be combined with --cache_latents)")
-    g.add_argument("--random_crop", action="store_true", default=None,
-                   help="crop at a random position instead of the centre, the same crop for both images (cannot be "
-                        "combined with --cache_latents; sd-scripts refuses it for ControlNet)")
-    g.add_argument("--face_crop_aug_range", default=None,
-                   help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
-                        "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
-                        "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
-                        "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
-                        "--cache_latents. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing"
-                   ).joins_list = True
-    g.add_argument("--resize_interpolation", default=None,
-                   help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
-                        "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
-                        "Unset: lanczos for training images and area for conditioning images, whose thin edge lines "
-                        "lanczos and bicubic ring around and nearest can drop when shrinking")
-    g.add_argument("--alpha_mask", action="store_true", default=None,
-                   help="use each training image's alpha channel as a loss mask: the loss at each latent pixel is "
-                        "multiplied by the mean alpha (0..1) of its 8x8 pixels, then averaged as usual (as in sd-scripts). "
-                        "Images without alpha weigh 1. Cached with the latents")
-    g.add_argument("--conditioning_preprocessor", default=None,
-                   help=f"make the guides in the data pipeline: {', '.join(conditioning_preprocessors.PREPROCESSORS)} "
-                        "(as tools/make_conditioning.py), applied to each training image after resizing and cropping, "
-                        "so guide and image line up exactly; with --conditioning_data_dir it is applied to the "
-                        "conditioning images instead. Cached with the latents")
-    g.add_argument("--conditioning_preprocessor_args", nargs="*", default=None,
-                   help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
-                        "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
+    dataset_config: str | None = option(
+        help="dataset TOML (see docs/dataset.md)")
+    train_data_dir: str | None = option(
+        help="training images (when no --dataset_config)")
+    conditioning_data_dir: str | None = option(
+        help="conditioning images, paired with the training images by basename (when no --dataset_config). "
+             "With --conditioning_preprocessor the guides are made from these images instead")
+    in_json: str | None = option(
+        help="fine-tuning metadata JSON (or .jsonl) giving the captions/tags of the images of --train_data_dir "
+             "instead of caption files: sd-scripts' FineTuningDataset, here still paired with conditioning "
+             "images. The dataset TOML's subset key is metadata_file. Only the listed images are used")
+    dataset_repeats: int | None = option(type=int,
+        help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
+             "--in_json datasets, here a default for every subset)")
+    resolution: str | None = option(joins_list=True,
+        help='training area, "1024" or "width,height": positive multiples of 8 (default 1024)')
+    train_batch_size: int | None = option(type=int,
+        help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
+    enable_bucket: bool | None = flag(default=None,
+        help="aspect-ratio buckets")
+    min_bucket_reso: int | None = option(type=int,
+        help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
+    max_bucket_reso: int | None = option(type=int,
+        help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 2048)")
+    bucket_reso_steps: int | None = option(type=int,
+        help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
+    bucket_no_upscale: bool | None = flag(default=None,
+        help="never upscale an image to fit a bucket")
+    cache_info: bool | None = flag(default=None,
+        help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
+             "later runs skip decoding unchanged images")
 
 
 @dataclass(frozen=True)
-class DataOptions:
+class CaptionKeyOptions(Options):
+    """The caption keys of a subset, given on the command line (defaults for the dataset TOML)."""
+
+    group = "captions"
+
+    caption_extension: str | None = option(
+        help="caption file extension (default .txt; sd-scripts: .caption)")
+    caption_extention: str | None = option(
+        help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
+             "values is an error)")
+    caption_prefix: str | None = option(
+        help="text added before every caption, as its own first tag: never shuffled, dropped or counted "
+             "in keep_tokens (sd-scripts prepends it with a space)")
+    caption_suffix: str | None = option(
+        help="text added after every caption, as its own last tag: never shuffled or dropped")
+    caption_separator: str | None = option(
+        help='what separates the tags of a caption (default ",")')
+    shuffle_caption: bool | None = flag(default=None,
+        help="shuffle the tags every epoch")
+    keep_tokens: int | None = option(type=int,
+        help="the first N tags are never shuffled or dropped (>= 0)")
+    keep_tokens_separator: str | None = option(
+        help="if set and in a caption: the tags before it are fixed, and after a second occurrence the tags "
+             "after that too; overrides --keep_tokens for that caption")
+    secondary_separator: str | None = option(
+        help="joins tags that move and drop together: replaced by the caption separator after shuffling "
+             'and dropout (e.g. ";;;": "red hair;;;long hair" stays one tag)')
+    enable_wildcard: bool | None = flag(default=None,
+        help="{a|b|c} in a caption becomes one of a, b, c at random each epoch ({{ and }} are literal braces), "
+             "and a caption file with several lines gives one line at random (without it the lines are "
+             "joined with a space, where sd-scripts takes the first line)")
+    caption_dropout_rate: float | None = option(type=float,
+        help="train a sample with an empty caption with this probability, 0..1")
+    caption_dropout_every_n_epochs: int | None = option(type=int,
+        help="every N-th epoch (N, 2N, ...; epochs count from 1) every caption is empty (>= 0, 0 = off)")
+    caption_tag_dropout_rate: float | None = option(type=float,
+        help="drop each tag that is not fixed with this probability, 0..1")
+    token_warmup_min: int | None = option(type=int,
+        help="tags used at step 0 with --token_warmup_step (default 1, >= 0)")
+    token_warmup_step: float | None = option(type=float,
+        help="tag warmup: before this step only the first tags of each caption are used, from "
+             "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
+             "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
+
+
+@dataclass(frozen=True)
+class ImageKeyOptions(Options):
+    """The image keys of a subset, given on the command line (defaults for the dataset TOML)."""
+
+    group = "images, guides and masks"
+
+    flip_aug: bool | None = flag(default=None,
+        help="random horizontal flips (image and conditioning together)")
+    color_aug: bool | None = flag(default=None,
+        help="small random hue shift and brightness change of the training image, never the conditioning "
+             "image (cannot be combined with --cache_latents)")
+    random_crop: bool | None = flag(default=None,
+        help="crop at a random position instead of the centre, the same crop for both images (cannot be "
+             "combined with --cache_latents; sd-scripts refuses it for ControlNet)")
+    face_crop_aug_range: str | None = option(joins_list=True,
+        help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
+             "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
+             "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
+             "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
+             "--cache_latents. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing")
+    resize_interpolation: str | None = option(
+        help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
+             "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
+             "Unset: lanczos for training images and area for conditioning images, whose thin edge lines "
+             "lanczos and bicubic ring around and nearest can drop when shrinking")
+    alpha_mask: bool | None = flag(default=None,
+        help="use each training image's alpha channel as a loss mask: the loss at each latent pixel is "
+             "multiplied by the mean alpha (0..1) of its 8x8 pixels, then averaged as usual (as in sd-scripts). "
+             "Images without alpha weigh 1. Cached with the latents")
+    conditioning_preprocessor: str | None = option(
+        help=f"make the guides in the data pipeline: {', '.join(conditioning_preprocessors.PREPROCESSORS)} "
+             "(as tools/make_conditioning.py), applied to each training image after resizing and cropping, "
+             "so guide and image line up exactly; with --conditioning_data_dir it is applied to the "
+             "conditioning images instead. Cached with the latents")
+    conditioning_preprocessor_args: list[str] | None = option(nargs="*",
+        help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
+             "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
+
+
+@dataclass(frozen=True)
+class DataOptions(Options):
     """The checked dataset configs, how their captions are encoded and how batches are loaded."""
 
-    datasets: tuple[DatasetConfig, ...]
+    group = "dataset"
+
+    debug_dataset: bool = flag(help="save a few batches as images to check pairing, then exit")
+    num_workers: int = option(0, name="max_data_loader_n_workers", type=int, limit=Limit(0),
+                              help="data-loading worker processes, >= 0 (0: load in the training process)")
+    persistent_workers: bool = flag(name="persistent_data_loader_workers", help="keep workers alive between epochs")
+    dataset_class: None = refused(
+        "custom dataset classes are not supported: the dataset is built from folders. Use "
+        "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
+        "(--dataset_config), or a metadata JSON (--in_json)")
+    reg_data_dir: None = refused(
+        "regularization images are a DreamBooth concept (keeping a class prior while a "
+        "model learns a subject) that does not apply to LLLite training, which learns to follow a guide. "
+        "Drop it; add more image/guide pairs as another [[datasets.subsets]] instead")
+    prior_loss_weight: None = refused(
+        "it weights the loss of regularization images, a DreamBooth concept that does "
+        "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
+        type=float, reference_default=1.0)
+    datasets: tuple[DatasetConfig, ...] = ()
     text_encoding: TextEncodingOptions = TextEncodingOptions()
-    num_workers: int = 0
-    persistent_workers: bool = False
-    debug_dataset: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataOptions":
-        check_range("max_data_loader_n_workers", args.max_data_loader_n_workers, low=0)
-        text_encoding = TextEncodingOptions.from_args(args)
-        return cls(datasets=tuple(build_dataset_configs(args)), text_encoding=text_encoding,
-                   num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
-                   debug_dataset=args.debug_dataset)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        return {**v, "text_encoding": TextEncodingOptions.from_args(args),
+                "datasets": tuple(build_dataset_configs(args))}
+
+
+# In --help order: the dataset group goes on with DataOptions' own options.
+OPTIONS = (DatasetSourceOptions, DataOptions, CaptionKeyOptions, ImageKeyOptions, TextEncodingOptions)

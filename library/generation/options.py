@@ -23,7 +23,7 @@ from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
-from library.cli import add_refused, check_refused
+from library.cli import OptionParser, check_refused, refused
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
@@ -50,6 +50,15 @@ REFUSED = {
     "clip_vision_strength": "CLIP Vision conditioning needs a CLIP vision model (IP-Adapter style), which this project "
                             "does not load; for img2img use --image_path with --strength",
 }
+@dataclass(frozen=True)
+class RefusedOptions:
+    """sd-scripts' generation options that cannot apply here: they parse, and stop the run with the reason."""
+
+    network_args: None = refused(REFUSED["network_args"], nargs="*", group="LoRA")
+    network_regional_mask_max_color_codes: None = refused(REFUSED["network_regional_mask_max_color_codes"], group="LoRA")
+    clip_vision_strength: None = refused(REFUSED["clip_vision_strength"], type=float, group="ControlNet-LLLite")
+
+
 DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 650, "ds_ratio": 0.5,
             "gradual_latent_ratio": 0.5, "gradual_latent_ratio_step": 0.125, "gradual_latent_every_n_steps": 3,
             "gradual_latent_s_noise": 1.0}
@@ -93,8 +102,6 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_pre_calc", action="store_true",
                    help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
     g.add_argument("--network_show_meta", action="store_true", help="print each LoRA/LLLite file's metadata")
-    add_refused(g, "network_args", REFUSED["network_args"], nargs="*")
-    add_refused(g, "network_regional_mask_max_color_codes", REFUSED["network_regional_mask_max_color_codes"])
 
 
 def _control_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +115,6 @@ def _control_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the steps, from the start, during which each model stays on (default 1.0)")
     g.add_argument("--control_net_starts", nargs="*", type=float, default=None,
                    help="fraction of the steps before each model switches on (default 0.0; not in sd-scripts)")
-    add_refused(g, "clip_vision_strength", REFUSED["clip_vision_strength"], type=float)
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -189,10 +195,11 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The parser of ``sdxl_gen_img.py``: sd-scripts' options and this project's own."""
-    p = argparse.ArgumentParser(description=description)
+    p = OptionParser(description=description)
     for add in (_model_args, _network_args, _control_args, _prompt_args, _sampling_args, _image_args, _shrink_args,
                 _output_args, console_logging.add_arguments):
         add(p)
+    p.add_options(RefusedOptions)  # into the LoRA and ControlNet-LLLite groups made above
     return p
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from library.cli import check_range
+from library.cli import Limit, Options, option
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
@@ -38,28 +38,19 @@ from networks.control_net_lllite import ControlNetLLLite
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training length")
-    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train, >= 1")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train, >= 1 (overrides --max_train_steps)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step, >= 1")
-    g.add_argument("--seed", type=int, default=None, help="seed for data order, noise and initial weights, 0 .. 2**32-1")
-
-
 @dataclass(frozen=True)
-class RunOptions:
-    max_train_steps: int = 1600
-    max_train_epochs: int | None = None
-    gradient_accumulation_steps: int = 1
-    seed: int | None = None
+class RunOptions(Options):
+    group = "training length"
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RunOptions":
-        check_range("max_train_steps", args.max_train_steps, low=1)
-        check_range("max_train_epochs", args.max_train_epochs, low=1)
-        check_range("gradient_accumulation_steps", args.gradient_accumulation_steps, low=1)
-        check_range("seed", args.seed, low=0, high=2**32 - 1)
-        return cls(args.max_train_steps, args.max_train_epochs, args.gradient_accumulation_steps, args.seed)
+    max_train_steps: int = option(1600, type=int, limit=Limit(1), help="optimizer steps to train, >= 1")
+    max_train_epochs: int | None = option(type=int, limit=Limit(1),
+                                          help="epochs to train, >= 1 (overrides --max_train_steps)")
+    gradient_accumulation_steps: int = option(1, type=int, limit=Limit(1), help="batches per optimizer step, >= 1")
+    seed: int | None = option(type=int, limit=Limit(0, 2**32 - 1),
+                              help="seed for data order, noise and initial weights, 0 .. 2**32-1")
+
+
+OPTIONS = (RunOptions,)
 
 
 class NonFiniteLoss(UserError):

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from library.cli import check_range
+from library.cli import Limit, Options, flag, option
 from library.errors import UserError
 from library.generation.pipeline import (
     GenerationRequest,
@@ -44,46 +44,34 @@ from networks.control_net_lllite import ControlNetLLLite
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sample images during training")
-    g.add_argument("--sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
-    g.add_argument("--sample_every_n_steps", type=int, default=None,
-                   help="draw the sample prompts (and measure --fidelity_guides) every N steps, and at the end")
-    g.add_argument("--sample_every_n_epochs", type=int, default=None,
-                   help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
-    g.add_argument("--sample_at_first", action="store_true",
-                   help="draw the sample prompts (and measure --fidelity_guides) before the first step")
-    g.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help="sampler for samples (names as in sdxl_gen_img.py)")
-
-
 @dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(Options):
+    group = "sample images during training"
+
+    prompt_file: str | None = option(name="sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
+    every_n_steps: int | None = option(
+        name="sample_every_n_steps", type=int, limit=Limit(1),
+        help="draw the sample prompts (and measure --fidelity_guides) every N steps, and at the end")
+    every_n_epochs: int | None = option(
+        name="sample_every_n_epochs", type=int, limit=Limit(1),
+        help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
+    at_first: bool = flag(name="sample_at_first",
+                          help="draw the sample prompts (and measure --fidelity_guides) before the first step")
+    sampler: str = option(DEFAULT_SAMPLER, name="sample_sampler", help="sampler for samples (names as in sdxl_gen_img.py)")
     prompts: tuple[PromptSpec, ...] = ()
-    prompt_file: str | None = None
-    every_n_steps: int | None = None
-    every_n_epochs: int | None = None
-    at_first: bool = False
-    sampler: str = DEFAULT_SAMPLER
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SampleOptions":
-        check_range("sample_every_n_steps", args.sample_every_n_steps, low=1)
-        check_range("sample_every_n_epochs", args.sample_every_n_epochs, low=1)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         try:
-            sampler = normalize_sampler_name(args.sample_sampler)
+            sampler = normalize_sampler_name(v["sampler"])
         except (KeyError, ValueError, UserError):
-            raise UserError(f"--sample_sampler {args.sample_sampler!r} is not a sampler name; "
+            raise UserError(f"--sample_sampler {v['sampler']!r} is not a sampler name; "
                             f"use one of {', '.join(SAMPLER_NAMES)}") from None
-        cadence = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
-        if not args.sample_prompts and not args.fidelity_guides:
-            if cadence:
-                raise UserError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts "
-                                "(a prompt file whose lines name their guide with --cn) or --fidelity_guides")
-            return cls(sampler=sampler)
-        prompts = tuple(_read_prompts(args.sample_prompts)) if args.sample_prompts else ()
-        return cls(prompts=prompts, prompt_file=args.sample_prompts,
-                   every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
-                   at_first=args.sample_at_first, sampler=sampler)
+        if not v["prompt_file"] and not args.fidelity_guides and (v["every_n_steps"] or v["every_n_epochs"] or v["at_first"]):
+            raise UserError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts "
+                            "(a prompt file whose lines name their guide with --cn) or --fidelity_guides")
+        prompts = tuple(_read_prompts(v["prompt_file"])) if v["prompt_file"] else ()
+        return {**v, "sampler": sampler, "prompts": prompts}
 
     # The cadence serves the sample prompts and the fidelity guides alike; the hooks exist only when asked for.
     def due_after_step(self, step: int) -> bool:
@@ -96,6 +84,9 @@ class SampleOptions:
     def at_end(self) -> bool:
         """A cadence was asked for, so the final network is drawn (and measured) too."""
         return bool(self.every_n_steps or self.every_n_epochs)
+
+
+OPTIONS = (SampleOptions,)
 
 
 def _read_prompts(path: str) -> list[PromptSpec]:
