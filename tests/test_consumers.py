@@ -26,7 +26,8 @@ sd-webui-controlnet: Mikubill/sd-webui-controlnet @ 56cec5b2, scripts/controlnet
   per-module load. Then every module name (with "middle_block" read as "middle_blocks_0") is parsed
   into root input/middle/output, block index, transformer index, attention name and projection, and
   resolved to model.{input_blocks|middle_block|output_blocks}[i][1].transformer_blocks[j].attnN.to_P
-  of the ldm U-Net; a name that does not parse or resolve stops the load (assertion or index error).
+  of the ldm U-Net when the unit is applied; a name that does not parse or resolve stops generation
+  (assertion or index error).
   current_h_shape is never set, so the embedding is not resized either.
 sd-scripts: kohya-ss/sd-scripts @ 48d368fa, sdxl_gen_img.py (--control_net_lllite_models) and
   networks/control_net_lllite.py. C and R come from the first conditioning1.0 / down.0.weight key; a
