@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0 <= p < 1")
     g.add_argument("--include_output_blocks", action="store_true",
                    help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
-                        "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
+                        "kohya's ComfyUI node, sd-webui-controlnet and Forge load them, sd-scripts' sdxl_gen_img.py "
+                        "refuses them (docs/training.md). About twice the modules")
     g.add_argument("--network_weights", help="initial LLLite weights, to continue training a file")
     g.add_argument("--network_module", default=NETWORK_MODULE,
                    help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")
