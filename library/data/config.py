@@ -49,7 +49,7 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "conditioning_preprocessor": ("str", None),
     "conditioning_preprocessor_args": ("table", ()),
     "metadata_file": ("file", None),
-    "caption_extension": ("str", ".txt"),
+    "caption_extension": ("str", ".caption"),
     "num_repeats": ("int", 1),
     "shuffle_caption": ("bool", False),
     "caption_separator": ("str", ","),
@@ -78,7 +78,7 @@ DATASET_KEYS: dict[str, tuple[str, Any]] = {
     "batch_size": ("int", 1),
     "enable_bucket": ("bool", False),
     "min_bucket_reso": ("int", 256),
-    "max_bucket_reso": ("int", 2048),
+    "max_bucket_reso": ("int", 1024),
     "bucket_reso_steps": ("int", 64),
     "bucket_no_upscale": ("bool", False),
     "network_multiplier": ("float", 1.0),
@@ -118,7 +118,7 @@ class SubsetConfig:
     conditioning_preprocessor: str | None = None
     conditioning_preprocessor_args: tuple[tuple[str, Any], ...] = ()  # sorted (option, value) pairs
     metadata_file: Path | None = None
-    caption_extension: str = ".txt"
+    caption_extension: str = ".caption"
     num_repeats: int = 1
     shuffle_caption: bool = False
     caption_separator: str = ","
@@ -159,7 +159,7 @@ class DatasetConfig:
     batch_size: int = 1
     enable_bucket: bool = False
     min_bucket_reso: int = 256
-    max_bucket_reso: int = 2048
+    max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     network_multiplier: float = 1.0
@@ -638,7 +638,7 @@ class DatasetSourceOptions(Options):
     min_bucket_reso: int | None = option(type=int,
         help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
     max_bucket_reso: int | None = option(type=int,
-        help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 2048)")
+        help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 1024, as in sd-scripts; SDXL buckets wider than 1024 need 2048)")
     bucket_reso_steps: int | None = option(type=int,
         help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
     bucket_no_upscale: bool | None = flag(default=None,
@@ -655,7 +655,7 @@ class CaptionKeyOptions(Options):
     group = "captions"
 
     caption_extension: str | None = option(
-        help="caption file extension (default .txt; sd-scripts: .caption)")
+        help="caption file extension (default .caption, as in sd-scripts)")
     caption_extention: str | None = option(
         help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
              "values is an error)")
@@ -740,8 +740,8 @@ class DataOptions(Options):
     group = "dataset"
 
     debug_dataset: bool = flag(help="save a few batches as images to check pairing, then exit")
-    num_workers: int = option(0, name="max_data_loader_n_workers", type=int, limit=Limit(0),
-                              help="data-loading worker processes, >= 0 (0: load in the training process)")
+    num_workers: int = option(8, name="max_data_loader_n_workers", type=int, limit=Limit(0),
+                              help="data-loading worker processes, >= 0, at most the CPU count (0: load in the training process)")
     persistent_workers: bool = flag(name="persistent_data_loader_workers", help="keep workers alive between epochs")
     dataset_class: None = refused(
         "custom dataset classes are not supported: the dataset is built from folders. Use "
@@ -760,8 +760,8 @@ class DataOptions(Options):
 
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
-        return {**v, "text_encoding": TextEncodingOptions.from_args(args),
-                "datasets": tuple(build_dataset_configs(args))}
+        return {**v, "text_encoding": TextEncodingOptions.from_args(args), "datasets": tuple(build_dataset_configs(args)),
+                "num_workers": min(v["num_workers"], os.cpu_count() or 1)}  # as sd-scripts: never more workers than CPUs
 
 
 # In --help order: the dataset group goes on with DataOptions' own options.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from library.cli import Limit, Needs, Options, flag, option
+from library.cli import Limit, Needs, Options, flag, option, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class PrecisionOptions(Options):
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
 
 
-_DEEPSPEED = Needs("deepspeed", "is a DeepSpeed option: add --deepspeed, or drop it", error=True, with_value=False)
+_DEEPSPEED = Needs("deepspeed", "it is a DeepSpeed option", with_value=False)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class DistributedOptions(Options):
 
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
-        ds = DeepSpeedOptions.from_args(args)  # a DeepSpeed option without --deepspeed stops there
+        ds = DeepSpeedOptions.from_args(args)  # a DeepSpeed option without --deepspeed warns there
         if v["use_deepspeed"]:
             _check_deepspeed(ds)
         return {**v, "deepspeed": ds if v["use_deepspeed"] else None}
@@ -103,14 +103,14 @@ def _check_deepspeed(ds: DeepSpeedOptions) -> None:
         if device == "nvme" and not path:
             raise UserError(f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path (a folder on the NVMe drive)")
         if path and device != "nvme":
-            raise UserError(f"--offload_{kind}_nvme_path {path} only applies with --offload_{kind}_device nvme")
+            switched_off(f"--offload_{kind}_nvme_path {path}", f"--offload_{kind}_device nvme")
     if ds.offload_param_device not in (None, "none") and ds.zero_stage != 3:
         raise UserError(f"--offload_param_device {ds.offload_param_device} needs --zero_stage 3, got {ds.zero_stage}")
     if ds.offload_optimizer_device not in (None, "none") and ds.zero_stage < 2:
         raise UserError(f"--offload_optimizer_device {ds.offload_optimizer_device} needs --zero_stage 2 or 3, got {ds.zero_stage}")
     for flag in ("zero3_init_flag", "zero3_save_16bit_model"):
         if getattr(ds, flag) and ds.zero_stage != 3:
-            raise UserError(f"--{flag} applies to ZeRO stage 3 only; got --zero_stage {ds.zero_stage}")
+            switched_off(f"--{flag}", "--zero_stage 3", f"this run has --zero_stage {ds.zero_stage}")
 
 
 def check_deepspeed_installed(distributed: DistributedOptions) -> None:

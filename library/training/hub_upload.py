@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from library.cli import Needs, Options, flag, option
+from library.cli import Needs, Options, flag, option, switched_off
 from library.errors import UserError
 from library.training.states import STATE_FILE, state_problem
 
@@ -48,7 +48,7 @@ class HubStateRef:
         return f"{self.repo_id}/{self.path_in_repo}:{self.revision or 'main'}:{self.repo_type}"
 
 
-_UPLOADS = Needs("huggingface_repo_id", "applies to uploads: add --huggingface_repo_id owner/name, or drop it", error=True)
+_UPLOADS = Needs("huggingface_repo_id", "it applies to uploads")
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,12 @@ class HubOptions(Options):
         repo_id = v["repo_id"]
         if repo_id is not None and not _REPO_ID.match(repo_id):
             raise UserError(f"--huggingface_repo_id {repo_id!r} must look like owner/name (letters, digits, '.', '_', '-')")
-        if repo_id is None and v["token"] is not None and not v["resume_from_huggingface"]:
-            raise UserError("--huggingface_token is used for uploads and --resume_from_huggingface: add "
-                            "--huggingface_repo_id owner/name, or drop it")
-        if v["upload_states"] and not (args.save_state or args.save_state_on_train_end):
-            raise UserError("--save_state_to_huggingface uploads the state folders that --save_state or "
-                            "--save_state_on_train_end write: add one of them")
+        if repo_id is None:
+            if v["token"] is not None and not v["resume_from_huggingface"]:
+                switched_off("--huggingface_token", "--huggingface_repo_id or --resume_from_huggingface")
+        elif v["upload_states"] and not (args.save_state or args.save_state_on_train_end):
+            switched_off("--save_state_to_huggingface", "--save_state or --save_state_on_train_end",
+                         "it uploads the state folders they write")
         resume = None
         if v["resume_from_huggingface"]:
             if not args.resume:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from library.cli import Limit, Needs, Options, flag, option, refused
+from library.cli import Limit, Options, check_choice, flag, option, refused, switched_off
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels, check_model_source, load_sdxl
 from library.sdxl.text_encoding import tokenizers_via_cache_dir
@@ -55,13 +55,13 @@ class ModelOptions(Options):
 
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
-        if not v["path"]:
+        if not v["path"] and not args.debug_dataset:  # as sd-scripts: it needs tokenizers only
             raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
         if not args.debug_dataset:  # checking the dataset needs no model, so it may not be there yet
             check_model_source(v["path"], "--pretrained_model_name_or_path")
         if v["vae"] and not args.debug_dataset and not Path(v["vae"]).expanduser().exists():
             raise UserError(f"--vae {v['vae']}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
-        return v
+        return {**v, "path": v["path"] or ""}
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,19 @@ class AttentionOptions(Options):
     gradient_checkpointing: bool = flag(help="recompute U-Net activations in the backward pass (much less memory)")
     torch_compile: bool = flag(help="compile the U-Net (with its LLLite hooks) with torch.compile")
     dynamo_backend: str = option(
-        "inductor", one_of=DYNAMO_BACKENDS, case_sensitive=False, convert=str.lower,
-        needs=Needs("torch_compile", "only applies with --torch_compile: add --torch_compile, or drop --dynamo_backend",
-                    error=True),
-        help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
+        "inductor", help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
+
+    @classmethod
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        # "no" is accelerate's "no compilation"; the kohya_ss GUI writes it into its configs.
+        backend = v["dynamo_backend"]
+        if str(backend).lower() != "no":
+            backend = check_choice("dynamo_backend", backend, DYNAMO_BACKENDS, case_sensitive=False)
+        elif v["torch_compile"]:
+            switched_off("--torch_compile", "a --dynamo_backend other than no", "accelerate compiles nothing with no")
+        if not v["torch_compile"] and backend != "inductor" and str(backend).lower() != "no":
+            switched_off(f"--dynamo_backend {v['dynamo_backend']}", "--torch_compile")
+        return {**v, "dynamo_backend": str(backend).lower()}
 
     @property
     def attention(self) -> str:
@@ -88,7 +97,7 @@ class AttentionOptions(Options):
     @property
     def compile_backend(self) -> str | None:
         """The torch.compile backend, None = no compilation."""
-        return self.dynamo_backend if self.torch_compile else None
+        return self.dynamo_backend if self.torch_compile and self.dynamo_backend != "no" else None
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,8 @@ class NetworkOptions(Options):
                             help="dropout on the mid activations while training, 0 <= p < 1")
     include_output_blocks: bool = flag(
         help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
-             "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
+             "kohya's ComfyUI node, sd-webui-controlnet and Forge load them, sd-scripts' sdxl_gen_img.py "
+             "refuses them (docs/training.md). About twice the modules")
     weights: str | None = option(name="network_weights", help="initial LLLite weights, to continue training a file")
     network_module: str = option(NETWORK_MODULE,
                                  help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")

@@ -108,7 +108,9 @@ class OptimizerOptions(Options):
     use_lion_optimizer: bool = flag(
         help="old spelling of --optimizer_type Lion (needs lion-pytorch); cannot be combined with another "
              "--optimizer_type")
-    learning_rate: float = option(2e-4, type=float, limit=Limit(0, low_open=True), help="learning rate (> 0)")
+    learning_rate: float = option(
+        2e-6, type=float, limit=Limit(0, low_open=True),
+        help="learning rate (> 0); sd-scripts' default, tuned for full fine-tuning: its LLLite README trains with 2e-4")
     max_grad_norm: float = option(1.0, type=float, limit=Limit(0), what="0 turns clipping off",
                                   help="gradient clipping to this norm, >= 0; 0 turns it off")
     fused_backward_pass: None = refused(_FUSED_BACKWARD_REASON, flag=True)

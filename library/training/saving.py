@@ -22,7 +22,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from library.atomic_io import WriteError, as_write_error, publish_folder, remove_tree
-from library.cli import Limit, Options, flag, option
+from library.cli import Limit, Options, flag, option, switched_off
 from library.errors import UserError
 from library.training.states import check_state_folder, load_position, write_state_record
 from library.training.together import together
@@ -37,7 +37,9 @@ class SavingOptions(Options):
     group = "saving"
 
     output_dir: Path = option("output", convert=Path, help="where LLLite files, states and samples go")
-    output_name: str = option("lllite", help="file name stem of the saved LLLite files")
+    output_name: str | None = option(  # None: sd-scripts' stems, see Saver.stem
+        help="file name stem of the saved LLLite files (default as in sd-scripts: last.safetensors, "
+             "epoch-000001.safetensors, at-step00000100.safetensors)")
     extension: str = option("safetensors", name="save_model_as", choices=("safetensors", "ckpt", "pt"),
                             help="file format of saved LLLite files")
     save_precision: str | None = option(choices=tuple(SAVE_PRECISIONS),
@@ -47,8 +49,8 @@ class SavingOptions(Options):
     every_n_steps: int | None = option(name="save_every_n_steps", type=int, limit=Limit(1),
                                        help="save an LLLite file every N steps, >= 1")
     epoch_ratio: int | None = option(
-        name="save_n_epoch_ratio", type=int, limit=Limit(1),
-        help="save at least N files over the run, evenly spaced by epochs, >= 1 (instead of --save_every_n_epochs)")
+        name="save_n_epoch_ratio", type=int, limit=Limit(0), what="0 is off, as in sd-scripts",
+        help="save at least N files over the run, evenly spaced by epochs, >= 0 (0: off; instead of --save_every_n_epochs)")
     last_n_epochs: int | None = option(
         name="save_last_n_epochs", type=int, limit=Limit(1),
         help="keep only the last N files saved by epoch, >= 1 (needs --save_every_n_epochs or --save_n_epoch_ratio)")
@@ -74,7 +76,7 @@ class SavingOptions(Options):
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         name = v["output_name"]
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
             raise UserError(f"--output_name {name!r} must be a plain file name stem without folders (folders go in --output_dir)")
         _check_combinations(args)
         # With --resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
@@ -121,16 +123,17 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.save_n_epoch_ratio and args.save_every_n_epochs:
         raise UserError(f"--save_n_epoch_ratio {args.save_n_epoch_ratio} and --save_every_n_epochs "
                         f"{args.save_every_n_epochs} both set the epoch interval: keep one")
+    # Pruning with nothing to prune: sd-scripts runs and the option does nothing, so here too (one warning).
     needs = {"save_last_n_epochs": ("save_every_n_epochs", "save_n_epoch_ratio"),
              "save_last_n_epochs_state": ("save_every_n_epochs", "save_n_epoch_ratio"),
              "save_last_n_steps": ("save_every_n_steps",), "save_last_n_steps_state": ("save_every_n_steps",)}
     for opt, required in needs.items():
         if getattr(args, opt) and not any(getattr(args, r) for r in required):
-            raise UserError(f"--{opt} {getattr(args, opt)} prunes files saved by "
-                            f"{' or '.join('--' + r for r in required)}: add one of them, or drop --{opt}")
+            switched_off(f"--{opt} {getattr(args, opt)}", " or ".join("--" + r for r in required),
+                         "it prunes the files they save")
     for opt in ("save_last_n_epochs_state", "save_last_n_steps_state"):
         if getattr(args, opt) and not args.save_state:
-            raise UserError(f"--{opt} {getattr(args, opt)} prunes states, which only --save_state writes: add --save_state")
+            switched_off(f"--{opt} {getattr(args, opt)}", "--save_state", "it prunes the states --save_state writes")
 
 
 def _user_metadata(given: ModelspecOptions) -> dict[str, str]:
@@ -216,12 +219,18 @@ class Saver:
 
     # -- names -----------------------------------------------------------------------------------
 
+    def stem(self, tag: str | None) -> str:
+        """``<name>-<tag>`` or ``<name>``; without --output_name, sd-scripts' names: epoch-, at-, last."""
+        name = self.opts.output_name
+        if name is None:
+            name = "last" if tag is None else "at" if tag.startswith("step") else "epoch"
+        return f"{name}-{tag}" if tag else name
+
     def model_path(self, tag: str | None) -> Path:
-        stem = f"{self.opts.output_name}-{tag}" if tag else self.opts.output_name
-        return self.opts.output_dir / f"{stem}.{self.opts.extension}"
+        return self.opts.output_dir / f"{self.stem(tag)}.{self.opts.extension}"
 
     def state_path(self, tag: str | None) -> Path:
-        return self.opts.output_dir / (f"{self.opts.output_name}-{tag}-state" if tag else f"{self.opts.output_name}-state")
+        return self.opts.output_dir / f"{self.stem(tag)}-state"
 
     # -- events from the loop ----------------------------------------------------------------------
 
@@ -256,7 +265,8 @@ class Saver:
     def metadata(self, progress: Progress) -> dict[str, str]:
         meta = {**self.run_metadata, "ss_steps": str(progress.global_step), "ss_epoch": str(progress.epoch),
                 "ss_training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        meta.setdefault("modelspec.title", self.opts.output_name)
+        # sd-scripts' title: --metadata_title, else --output_name, else "LoRA@<time>" (its LLLite files say LoRA)
+        meta.setdefault("modelspec.title", self.opts.output_name or f"LoRA@{time.strftime('%Y-%m-%dT%H:%M:%S')}")
         meta.update(self.opts.metadata)
         return meta
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import tomllib
 
-from library.cli import Needs, Options, flag, option
+from library.cli import Needs, Options, flag, option, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class TrackingOptions(Options):
         help="tracker: tensorboard (needs --logging_dir), wandb, or all (both). Default: tensorboard when "
              "--logging_dir is given, else none")
     log_prefix: str | None = option(
-        needs=Needs("logging_dir", "names the run's folder in --logging_dir: add --logging_dir, or drop it", error=True),
+        needs=Needs("logging_dir", "it names the run's folder there", off=lambda v: not v),
         help="prefix of each run's log folder name, before its timestamp (needs --logging_dir)")
     log_tracker_name: str | None = option(
         help=f"project name: TensorBoard's subfolder and the Weights & Biases project (default {DEFAULT_PROJECT})")
@@ -84,17 +84,17 @@ class TrackingOptions(Options):
         for name in ("wandb_run_name", "wandb_api_key"):
             if v[name] and "wandb" not in trackers:
                 shown = "***" if name == "wandb_api_key" else v[name]
-                raise UserError(f"--{name} {shown} applies to Weights & Biases: add --log_with wandb (or all), or drop it")
+                switched_off(f"--{name} {shown}", "--log_with wandb (or all)", "it applies to Weights & Biases")
+        no_tracker = "--logging_dir (TensorBoard) or --log_with wandb"
         for name in ("log_tracker_name", "log_tracker_config"):
             if v[name] is not None and not trackers:
-                raise UserError(f"--{name} {v[name]} needs a tracker: add --logging_dir (TensorBoard) "
-                                "or --log_with wandb")
+                switched_off(f"--{name} {v[name]}", no_tracker)
         if v["log_config"] and not trackers:
-            raise UserError("--log_config needs a tracker: add --logging_dir (TensorBoard) or --log_with wandb")
+            switched_off("--log_config", no_tracker)
         if v["log_tracker_name"] is not None and not v["log_tracker_name"].strip():
             raise UserError("--log_tracker_name is empty: give a project name, or drop it for the default "
                             f"{DEFAULT_PROJECT}")
-        init_kwargs = _read_tracker_config(v["log_tracker_config"], trackers) if v["log_tracker_config"] else {}
+        init_kwargs = _read_tracker_config(v["log_tracker_config"], trackers) if v["log_tracker_config"] and trackers else {}
         if v["wandb_run_name"]:
             wandb_kwargs = init_kwargs.setdefault("wandb", {})
             if "name" in wandb_kwargs and wandb_kwargs["name"] != v["wandb_run_name"]:
