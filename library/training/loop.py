@@ -106,15 +106,19 @@ class Trainer:
     """Everything one run needs, prepared once; ``run()`` trains and returns the final file."""
 
     def __init__(self, options, accelerator, models: SDXLModels, unet: torch.nn.Module, network: ControlNetLLLite,
-                 dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None):
+                 dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None,
+                 loss: dl.LossOptions | None = None, resume_from: Path | None = None):
+        """``loss``: the loss options after the checkpoint's markers (``TrainingSchedule.loss_options``);
+        ``resume_from``: the state folder to continue, local or downloaded (default: the options')."""
         self.o = options
+        self.resume_from = options.saving.resume if resume_from is None else resume_from
         self.accelerator = accelerator
         self.models = models
         self.unet = unet
         self.samples = samples
         self.device = accelerator.device
         self.wdtype = options.precision.weight_dtype
-        self.loss_opts: dl.LossOptions = options.loss
+        self.loss_opts: dl.LossOptions = options.loss if loss is None else loss
 
         if options.precision.full_bf16 or options.precision.full_fp16:
             network.to(self.wdtype)
@@ -139,8 +143,9 @@ class Trainer:
                                                            self.loss_opts.zero_terminal_snr)
         self.rng = TrainingRNG(run.seed or 0, accelerator.process_index)
         self.progress = Progress()
-        self.saver = Saver(options.saving, accelerator, self.network, run_metadata(options, models, resolution),
-                           self.num_epochs, self.rng, uploader)
+        self.saver = Saver(options.saving, accelerator, self.network,
+                           run_metadata(options, models, resolution, self.loss_opts), self.num_epochs, self.rng,
+                           uploader, last_state=self.resume_from)
         self._pending = _StepStats(self.device)
         self._last_loss = float("nan")
         self._losses = _LossHistory(self.steps_per_epoch)
@@ -243,7 +248,7 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        folder = self.o.saving.resume
+        folder = self.resume_from
         if folder is None:
             return
         try:

@@ -127,13 +127,29 @@ class LossOptions(Options):
 OPTIONS = (LossOptions,)
 
 
-def with_checkpoint_schedule(opts: LossOptions, models) -> LossOptions:
-    """The loss options a checkpoint's own markers call for, and its scheduler config made to match.
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """What the run trains and draws with: the options' prediction type and SNR rescaling, or the checkpoint's.
 
-    A file with a ``v_pred`` key is trained with v-prediction and one with ``ztsnr`` with zero terminal
-    SNR, even without the options; ``models.scheduler_config`` then says what the run trains with, so
-    samples and fidelity images during training are drawn the same way.
+    Derived once after loading, beside the options, which stay as the user gave them.
     """
+
+    v_prediction: bool = False
+    zero_terminal_snr: bool = False
+
+    def loss_options(self, opts: LossOptions) -> LossOptions:
+        """The loss options the run trains with (checked again: a v-prediction checkpoint is v-prediction training)."""
+        return replace(opts, v_parameterization=self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
+
+    def scheduler_config(self, base: dict) -> dict:
+        """``base`` (the checkpoint's scheduler config) saying this schedule, so samples are drawn as the run trains."""
+        return {**base, "prediction_type": "v_prediction" if self.v_prediction else "epsilon",
+                "rescale_betas_zero_snr": self.zero_terminal_snr}
+
+
+def checkpoint_schedule(opts: LossOptions, models) -> TrainingSchedule:
+    """The schedule a checkpoint's own markers call for: a file with a ``v_pred`` key is trained with v-prediction
+    and one with ``ztsnr`` with zero terminal SNR, even without the options (a warning says so)."""
     turned_on = []
     if models.v_prediction and not opts.v_parameterization:
         turned_on.append("--v_parameterization")
@@ -142,12 +158,8 @@ def with_checkpoint_schedule(opts: LossOptions, models) -> LossOptions:
     if turned_on:
         logger.warning("the checkpoint %s carries the markers of %s, which were not given: training with them",
                        models.name, " and ".join(turned_on))
-        opts = replace(opts, v_parameterization=opts.v_parameterization or models.v_prediction,
-                       zero_terminal_snr=opts.zero_terminal_snr or models.zero_terminal_snr)
-    models.scheduler_config = {**models.scheduler_config,
-                               "prediction_type": "v_prediction" if opts.v_parameterization else "epsilon",
-                               "rescale_betas_zero_snr": opts.zero_terminal_snr}
-    return opts
+    return TrainingSchedule(v_prediction=opts.v_parameterization or models.v_prediction,
+                            zero_terminal_snr=opts.zero_terminal_snr or models.zero_terminal_snr)
 
 
 def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_terminal_snr: bool) -> DDPMScheduler:

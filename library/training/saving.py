@@ -205,7 +205,7 @@ class Saver:
     """Names, writes, prunes and uploads LLLite files and training states (the main process writes)."""
 
     def __init__(self, opts: SavingOptions, accelerator, network, run_metadata: dict[str, str], num_epochs: int,
-                 rng: TrainingRNG, uploader: Uploader | None = None):
+                 rng: TrainingRNG, uploader: Uploader | None = None, last_state: Path | None = None):
         self.opts = opts
         self.accelerator = accelerator
         self.network = network
@@ -215,7 +215,7 @@ class Saver:
         self.rng = rng
         self.uploader = uploader
         self.last_saved: Path | None = None  # the newest complete LLLite file of this run
-        self.last_state: Path | None = opts.resume  # the newest complete state, to continue from
+        self.last_state: Path | None = last_state  # the newest complete state, to continue from (the resumed one first)
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -377,12 +377,16 @@ class Saver:
                 logger.info("removed %s (older than the last saves kept)", path)
 
 
-def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict[str, str]:
-    """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file."""
+def run_metadata(options: Any, models: Any, resolution: tuple[int, int], loss: Any = None) -> dict[str, str]:
+    """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file.
+
+    ``loss``: the loss options the run trains with (after the checkpoint's markers); default the options'.
+    """
     o = options
+    loss = o.loss if loss is None else loss
     meta = {
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
-        "modelspec.prediction_type": "v" if o.loss.v_parameterization else "epsilon",
+        "modelspec.prediction_type": "v" if loss.v_parameterization else "epsilon",
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": models.name,
         "ss_learning_rate": str(o.optimizer.learning_rate),
@@ -395,7 +399,7 @@ def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict
         "ss_seed": str(o.run.seed),
         "ss_noise_offset": str(o.loss.noise_offset),
         "ss_min_snr_gamma": str(o.loss.min_snr_gamma),
-        "ss_v_parameterization": str(bool(o.loss.v_parameterization)),
+        "ss_v_parameterization": str(bool(loss.v_parameterization)),
     }
     if o.loss.min_timestep is not None or o.loss.max_timestep is not None:  # as sd-scripts: only when one is given
         meta["modelspec.timestep_range"] = f"{o.loss.min_timestep or 0},{1000 if o.loss.max_timestep is None else o.loss.max_timestep}"
