@@ -81,7 +81,7 @@ def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
         "--image_path": (["--image_path", p["init"]], []), "--images_per_prompt": (["--images_per_prompt", "2"], []),
         "--interactive": (["--interactive"], []), "--iter_same_seed": (["--iter_same_seed"], []),
         "--mask_path": (["--mask_path", p["mask"]], ["--image_path", p["init"]]),
-        "--max_embeddings_multiples": (["--max_embeddings_multiples", "1"], []), "--n_iter": (["--n_iter", "2"], []),
+        "--max_embeddings_multiples": (["--max_embeddings_multiples", "2"], []), "--n_iter": (["--n_iter", "2"], []),
         "--negative_scale": (["--negative_scale", "3"], []), "--network_merge": (["--network_merge"], lora),
         "--network_merge_n_models": (["--network_merge_n_models", "1"], lora),
         "--network_module": (["--network_module", "networks.lycoris"], lora),
@@ -89,7 +89,7 @@ def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
         "--network_show_meta": (["--network_show_meta"], lora), "--network_weights": (lora, []),
         "--no_half_vae": (["--no_half_vae"], []), "--no_preview": (["--no_preview"], ["--interactive"]),
         "--opt_channels_last": (["--opt_channels_last"], []), "--outdir": (["--outdir", p["dir"] + "/other"], []),
-        "--prompt": (["--prompt", "y"], []), "--sampler": (["--sampler", "ddim"], []), "--scale": (["--scale", "5"], []),
+        "--prompt": (["--prompt", "y"], []), "--sampler": (["--sampler", "euler_a"], []), "--scale": (["--scale", "5"], []),
         "--sdpa": (["--sdpa"], []), "--seed": (["--seed", "5"], []), "--sequential_file_name": (["--sequential_file_name"], []),
         "--steps": (["--steps", "5"], []), "--strength": (["--strength", "0.5"], ["--image_path", p["init"]]),
         "--textual_inversion_embeddings": (["--textual_inversion_embeddings", p["emb"]], []),
@@ -138,16 +138,34 @@ def test_every_option_changes_the_resolved_options_or_is_refused(paths, option):
     assert changed != base, f"{option} {args} resolved to the same options as without it"
 
 
-def test_options_that_need_another_are_refused_naming_it(paths):
-    for argv, message in (
-        (["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale"),
-        (["--network_pre_calc"], "--network_pre_calc does nothing without --network_weights"),
-        (["--no_preview"], "--no_preview does nothing without --interactive"),
-        (["--control_net_multipliers", "0.5"], "--control_net_multipliers 0.5 does nothing without --control_net_lllite"),
-        (["--strength", "0.5"], "--strength 0.5 does nothing without --image_path or --highres_fix_scale"),
-    ):
-        with pytest.raises(UserError, match=re.escape(message)):
-            resolved(paths, *argv)
+HIRES, LORA_MERGED = ["--highres_fix_scale", "0.5"], ["--network_weights", "{lora}", "--network_merge"]
+SWITCHED_OFF = (  # (the switches that are on, the ignored option, its one warning): sd-scripts ignores each of them
+    ([], ["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale (it configures "
+                                        "the highres fix): ignored, as sd-scripts does"),
+    ([], ["--network_pre_calc"], "--network_pre_calc does nothing without --network_weights (it sets how LoRA files are "
+                                 "applied): ignored, as sd-scripts does"),
+    ([], ["--no_preview"], "--no_preview does nothing without --interactive (images are shown only in interactive "
+                           "mode): ignored, as sd-scripts does"),
+    ([], ["--control_net_multipliers", "0.5"], "--control_net_multipliers 0.5 does nothing without "
+                                               "--control_net_lllite_models (it is for LLLite models): ignored"),
+    ([], ["--strength", "0.5"], "--strength 0.5 does nothing without --image_path or --highres_fix_scale (it is the "
+                                "img2img strength): ignored, as sd-scripts does"),
+    ([], ["--guide_image_path", "{guide}"], "--guide_image_path {guide} does nothing without --control_net_lllite_models"),
+    (HIRES, ["--highres_fix_strength", "0.5"], "--highres_fix_strength 0.5 does nothing without --image_path (it is the "
+                                               "first highres pass's img2img strength; the second pass's is --strength)"),
+    (LORA_MERGED, ["--network_pre_calc"], "--network_pre_calc does nothing without a LoRA that is not merged for good "
+                                          "(--network_merge / --network_merge_n_models merge every file): ignored"),
+)
+
+
+@pytest.mark.parametrize("on, argv, warning", SWITCHED_OFF, ids=[" ".join(a) for _, a, _ in SWITCHED_OFF])
+def test_options_whose_switch_is_off_warn_once_and_change_nothing(paths, caplog, on, argv, warning):
+    on, argv = [a.format(**paths) for a in on], [a.format(**paths) for a in argv]
+    with caplog.at_level("WARNING"):
+        got = resolved(paths, *on, *argv)
+    warnings = [r.getMessage() for r in caplog.records if "does nothing without" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(warning.format(**paths)), warnings
+    assert got == resolved(paths, *on)  # the run is the one without the ignored option
 
 
 def line_cases() -> dict[str, str]:
