@@ -147,7 +147,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
 G = ("--ckpt", "{ckpt}", "--outdir", "{tmp}/out", "--W", "64", "--H", "64", "--steps", "2", "--no_progress")
 P = G + ("--prompt", "a cat")
 L = P + ("--control_net_lllite_models", "{lllite1}", "--guide_image_path", "{guide0}")
-LORA = P + ("--network_weights", "{lora}")
+LORA = P + ("--network_module", "networks.lora", "--network_weights", "{lora}")
 
 
 def _gen(name: str, argv: tuple[str, ...], named: str, before_load: bool = True) -> BadInput:
@@ -234,14 +234,14 @@ GENERATION_CASES = [
          "--control_net_lllite_models {lora} is not a ControlNet-LLLite file"),
     _gen("LLLite file damaged", P + ("--control_net_lllite_models", "{damaged}", "--guide_image_path", "{guide0}"),
          "{damaged}"),
-    _gen("LoRA file is an LLLite file", P + ("--network_weights", "{lllite1}"), "--network_weights {lllite1} is not a LoRA"),
+    _gen("LoRA file is an LLLite file", P + ("--network_module", "networks.lora", "--network_weights", "{lllite1}"), "--network_weights {lllite1} is not a LoRA"),
     _gen("LLLite for another model", P + ("--control_net_lllite_models", "{lllite_other}", "--guide_image_path",
                                           "{guide0}"), "{lllite_other} does not fit this U-Net", before_load=False),
     _gen("LLLite with a wrong shape", P + ("--control_net_lllite_models", "{lllite_shape}", "--guide_image_path",
                                            "{guide0}"), "{lllite_shape}", before_load=False),
-    _gen("LoRA with a wrong shape", P + ("--network_weights", "{lora_shape}"), "{lora_shape}: LoRA layer",
+    _gen("LoRA with a wrong shape", LORA[:-1] + ("{lora_shape}",), "{lora_shape}: LoRA layer",
          before_load=False),
-    _gen("LoRA for SD1.5", P + ("--network_weights", "{lora_sd15}"), "{lora_sd15}: 5 of 5 LoRA entries match no layer",
+    _gen("LoRA for SD1.5", LORA[:-1] + ("{lora_sd15}",), "{lora_sd15}: 5 of 5 LoRA entries match no layer",
          before_load=False),
     _gen("textual inversion of another width", P + ("--textual_inversion_embeddings", "{ti_width}"), "{ti_width}",
          before_load=False),

@@ -52,7 +52,7 @@ def resolved(paths: dict[str, str], *extra: str):
 def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
     """option -> (its arguments with a non-default value, the options it needs, given with and without it)."""
     lllite = ["--control_net_lllite_models", p["lllite"], "--guide_image_path", p["guide"]]
-    lora, hires = ["--network_weights", p["lora"]], ["--highres_fix_scale", "0.5"]
+    lora, hires = ["--network_module", "networks.lora", "--network_weights", p["lora"]], ["--highres_fix_scale", "0.5"]
     ds, gl = ["--ds_depth_1", "3"], ["--gradual_latent_timesteps", "650"]
     cases = {
         "--H": (["--H", "512"], []), "--W": (["--W", "512"], []), "--batch_size": (["--batch_size", "2"], []),
@@ -138,7 +138,8 @@ def test_every_option_changes_the_resolved_options_or_is_refused(paths, option):
     assert changed != base, f"{option} {args} resolved to the same options as without it"
 
 
-HIRES, LORA_MERGED = ["--highres_fix_scale", "0.5"], ["--network_weights", "{lora}", "--network_merge"]
+HIRES = ["--highres_fix_scale", "0.5"]
+LORA_MERGED = ["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"]
 SWITCHED_OFF = (  # (the switches that are on, the ignored option, its one warning): sd-scripts ignores each of them
     ([], ["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale (it configures "
                                         "the highres fix): ignored, as sd-scripts does"),

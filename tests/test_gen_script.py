@@ -120,7 +120,8 @@ def test_lora_with_multiplier_zero_changes_nothing(files, tmp_path, capsys):
     runs = {
         "plain": ["--prompt", "a cat --d 4"],
         "lora0": ["--prompt", "a cat --d 4 --am 0", "--network_module", "networks.lora", "--network_weights", files["lora"]],
-        "lora1": ["--prompt", "a cat --d 4", "--network_weights", files["lora"], "--network_mul", "1.0"],
+        "lora1": ["--prompt", "a cat --d 4", "--network_module", "networks.lora", "--network_weights", files["lora"],
+                  "--network_mul", "1.0"],
     }
     images = {}
     for name, args in runs.items():
@@ -144,8 +145,9 @@ SWITCHED_OFF_RUNS = [
     ([], ["--prompt", "a cat --d 4 --am 0.5"], "--prompt: --am 0.5 does nothing without --network_weights"),
     (["--image_path", "{init}"], ["--prompt", "a cat --d 4 --w 128"], "--prompt: --w 128 does nothing without "
                                                                        "--highres_fix_scale"),
-    (["--network_weights", "{lora}", "--network_merge"], ["--network_pre_calc"],
+    (["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"], ["--network_pre_calc"],
      "--network_pre_calc does nothing without a LoRA that is not merged for good"),
+    ([], ["--network_weights", "{lora}"], "--network_weights {lora} does nothing without --network_module networks.lora"),
 ]
 
 

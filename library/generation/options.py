@@ -87,7 +87,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
-    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, for all files or one per file")
+    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, one per --network_weights file (as in "
+                   "sd-scripts, a file without a module is not loaded)")
     g.add_argument("--network_weights", nargs="*", default=[], help="kohya-format SDXL LoRA files")
     g.add_argument("--network_mul", nargs="*", type=float, default=[],
                    help="LoRA multipliers in file order; files without one get 1.0")
@@ -360,10 +361,7 @@ def _model_options(args: argparse.Namespace) -> ModelOptions:
 
 def _lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
     files = list(args.network_weights)
-    modules = list(args.network_module) or [LORA_MODULES[0]]
-    if len(modules) not in (1, len(files)):
-        raise UserError(f"--network_module {' '.join(modules)}: {len(modules)} modules for {len(files)} "
-                        "--network_weights files; give one for all or one per file")
+    modules = list(args.network_module)  # one per file: _ignore_switched_off dropped the files without one
     for module in modules:
         if module == "networks.control_net_lllite":
             raise UserError("--network_module networks.control_net_lllite: give LLLite files with "
@@ -462,10 +460,17 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
         # LoRAs the mask becomes a regional-LoRA mask, which is not supported here.
         raise UserError(f"--mask_path {args.mask_path} needs --image_path: the mask says which part of the init image "
                         "is drawn again")
-    if args.network_module and not args.network_weights:
+    if len(args.network_module) > len(args.network_weights):
         # sd-scripts stops here too ("No weight. Weight is required.").
-        raise UserError(f"--network_module {' '.join(args.network_module)} needs --network_weights: give the LoRA "
-                        "file(s), one per module")
+        raise UserError(f"--network_module {' '.join(args.network_module)} needs --network_weights: "
+                        f"{len(args.network_module)} module(s) for {len(args.network_weights)} file(s); give one LoRA "
+                        "file per module")
+    if len(args.network_weights) > len(args.network_module):
+        # sd-scripts loads one file per module and ignores the rest
+        extra = args.network_weights[len(args.network_module):]
+        switched_off(f"--network_weights {' '.join(extra)}", "--network_module networks.lora (one per file)",
+                     "a file without a module is not loaded")
+        args.network_weights = args.network_weights[:len(args.network_module)]
     switches = [
         (args.highres_fix_scale is None, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
                                           "highres_fix_latents_upscaling", "highres_fix_upscaler",
