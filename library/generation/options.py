@@ -295,14 +295,14 @@ def _shown(value: Any) -> str:
     return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else str(value)
 
 
-def _switch_off(args: argparse.Namespace, names: tuple[str, ...], needed: str, why: str,
+def _switch_off(values: dict[str, Any], names: tuple[str, ...], needed: str, why: str,
                 defaults: dict[str, Any]) -> None:
     """Each of ``names`` given without ``needed`` does nothing in sd-scripts: one warning each, then its default."""
     for name in names:
-        if _given(args, name):
-            shown = _shown(getattr(args, name))
+        if values[name] not in (None, False, [], ""):
+            shown = _shown(values[name])
             switched_off(f"--{name}{' ' + shown if shown else ''}", needed, why)
-            setattr(args, name, defaults[name])
+            values[name] = defaults[name]
 
 
 def _existing(label: str, path: str | None, folder_ok: bool = False) -> None:
@@ -451,54 +451,51 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
     Returns a copy of ``args`` with each of them back at its default, so that the run (and the PNG
     metadata) is the one sd-scripts draws. The cases that stay errors say why where they are raised.
     """
-    args = argparse.Namespace(**vars(args))
+    v = dict(vars(args))
     defaults = {action.dest: action.default for action in parser._actions}
-    if args.highres_fix_scale is None and (args.highres_fix_upscaler or args.highres_fix_upscaler_args):
+    if v["highres_fix_scale"] is None and (v["highres_fix_upscaler"] or v["highres_fix_upscaler_args"]):
         _upscaler(args)  # a bad name or argument stays an error (sd-scripts imports the module even then)
-    if args.mask_path is not None and args.image_path is None:
+    if v["mask_path"] is not None and v["image_path"] is None:
         # Not ignored by sd-scripts: without LoRAs it fails on the mask (no init image to go with it), with
         # LoRAs the mask becomes a regional-LoRA mask, which is not supported here.
-        raise UserError(f"--mask_path {args.mask_path} needs --image_path: the mask says which part of the init image "
+        raise UserError(f"--mask_path {v['mask_path']} needs --image_path: the mask says which part of the init image "
                         "is drawn again")
-    if len(args.network_module) > len(args.network_weights):
+    modules, files = v["network_module"], v["network_weights"]
+    if len(modules) > len(files):
         # sd-scripts stops here too ("No weight. Weight is required.").
-        raise UserError(f"--network_module {' '.join(args.network_module)} needs --network_weights: "
-                        f"{len(args.network_module)} module(s) for {len(args.network_weights)} file(s); give one LoRA "
-                        "file per module")
-    if len(args.network_weights) > len(args.network_module):
-        # sd-scripts loads one file per module and ignores the rest
-        extra = args.network_weights[len(args.network_module):]
-        switched_off(f"--network_weights {' '.join(extra)}", "--network_module networks.lora (one per file)",
-                     "a file without a module is not loaded")
-        args.network_weights = args.network_weights[:len(args.network_module)]
+        raise UserError(f"--network_module {' '.join(modules)} needs --network_weights: {len(modules)} module(s) for "
+                        f"{len(files)} file(s); give one LoRA file per module")
+    if len(files) > len(modules):  # sd-scripts loads one file per module and ignores the rest
+        switched_off(f"--network_weights {' '.join(files[len(modules):])}", "--network_module networks.lora (one per "
+                     "file)", "a file without a module is not loaded")
+        v["network_weights"] = files[:len(modules)]
+    image, hires, lora = v["image_path"] is not None, v["highres_fix_scale"] is not None, bool(v["network_weights"])
     switches = [
-        (args.highres_fix_scale is None, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
-                                          "highres_fix_latents_upscaling", "highres_fix_upscaler",
-                                          "highres_fix_upscaler_args", "highres_fix_disable_control_net"),
+        (not hires, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
+                     "highres_fix_upscaler", "highres_fix_upscaler_args", "highres_fix_disable_control_net"),
          "--highres_fix_scale", "it configures the highres fix"),
-        (args.image_path is None, ("highres_fix_strength",), "--image_path",
+        (not image, ("highres_fix_strength",), "--image_path",
          "it is the first highres pass's img2img strength; the second pass's is --strength"),
-        (args.image_path is None and args.highres_fix_scale is None, ("strength",),
-         "--image_path or --highres_fix_scale", "it is the img2img strength"),
-        (not args.control_net_lllite_models, ("guide_image_path", "control_net_multipliers", "control_net_ratios",
+        (not (image or hires), ("strength",), "--image_path or --highres_fix_scale", "it is the img2img strength"),
+        (not v["control_net_lllite_models"], ("guide_image_path", "control_net_multipliers", "control_net_ratios",
                                               "control_net_starts", "highres_fix_disable_control_net"),
          "--control_net_lllite_models", "it is for LLLite models"),
-        (not args.network_weights, ("network_mul", "network_merge", "network_merge_n_models", "network_pre_calc"),
+        (not lora, ("network_mul", "network_merge", "network_merge_n_models", "network_pre_calc"),
          "--network_weights", "it sets how LoRA files are applied"),
-        (not args.interactive, ("no_preview",), "--interactive", "images are shown only in interactive mode"),
-        (not (args.network_weights or args.control_net_lllite_models), ("network_show_meta",),
+        (not v["interactive"], ("no_preview",), "--interactive", "images are shown only in interactive mode"),
+        (not (lora or v["control_net_lllite_models"]), ("network_show_meta",),
          "--network_weights or --control_net_lllite_models", "there is no file to show"),
     ]
     for off, names, needed, why in switches:
         if off:
-            _switch_off(args, names, needed, why, defaults)
-    if args.network_pre_calc and _merged_count(args, len(args.network_weights)) == len(args.network_weights):
+            _switch_off(v, names, needed, why, defaults)
+    if v["network_pre_calc"] and _merged_count(argparse.Namespace(**v), len(v["network_weights"])) == len(v["network_weights"]):
         switched_off("--network_pre_calc", "a LoRA that is not merged for good",
                      "--network_merge / --network_merge_n_models merge every file")
-        args.network_pre_calc = False
-    if not (args.prompt or args.from_file or args.interactive):
+        v["network_pre_calc"] = False
+    if not (v["prompt"] or v["from_file"] or v["interactive"]):
         raise UserError("nothing to draw: give --prompt, --from_file or --interactive")
-    return args
+    return argparse.Namespace(**v)
 
 
 _SWITCHED = (
