@@ -200,17 +200,11 @@ GENERATION_CASES = [
                                              "{init}", "--mask_path", "{mask}"), "inpainting (--mask_path) cannot follow it"),
     # LLLite options
     _gen("control ratio above one", L + ("--control_net_ratios", "1.5"), "--control_net_ratios 1.5 is out of range"),
-    _gen("more multipliers than models", L + ("--control_net_multipliers", "1", "0.5"),
-         "--control_net_multipliers 1 0.5"),
     _gen("start not below ratio", L + ("--control_net_starts", "0.5", "--control_net_ratios", "0.5"),
          "--control_net_starts 0.5 of LLLite model 1 is not below its --control_net_ratios 0.5"),
     _gen("fewer guides than models", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}", "--guide_image_path",
                                           "{guide0}"), "2 LLLite models but only 1 guide image"),
-    _gen("guides that fill no group", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}",
-                                           "--guide_image_path", "{guide0}", "{guide1}", "{guide2}"),
-         "3 guide images for 2 LLLite models"),
     # LoRA options
-    _gen("too many multipliers", LORA + ("--network_mul", "1", "0.5"), "--network_mul 1 0.5"),
     _gen("merge more models than files", LORA + ("--network_merge_n_models", "2"), "--network_merge_n_models 2"),
     _gen("network module other", LORA + ("--network_module", "lycoris.kohya"), "--network_module lycoris.kohya"),
     # refused and conflicting options

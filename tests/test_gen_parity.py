@@ -139,6 +139,8 @@ def test_every_option_changes_the_resolved_options_or_is_refused(paths, option):
 
 
 HIRES = ["--highres_fix_scale", "0.5"]
+LORA = ["--network_module", "networks.lora", "--network_weights", "{lora}"]
+LLLITE = ["--control_net_lllite_models", "{lllite}", "--guide_image_path", "{guide}"]
 LORA_MERGED = ["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"]
 SWITCHED_OFF = (  # (the switches that are on, the ignored option, its one warning): sd-scripts ignores each of them
     ([], ["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale (it configures "
@@ -154,6 +156,10 @@ SWITCHED_OFF = (  # (the switches that are on, the ignored option, its one warni
     ([], ["--guide_image_path", "{guide}"], "--guide_image_path {guide} does nothing without --control_net_lllite_models"),
     (HIRES, ["--highres_fix_strength", "0.5"], "--highres_fix_strength 0.5 does nothing without --image_path (it is the "
                                                "first highres pass's img2img strength; the second pass's is --strength)"),
+    (LORA + ["--network_mul", "1"], ["--network_mul", "1", "0.5"], "--network_mul 0.5 does nothing without a --network_weights file for each "
+                                         "value (1 file given): ignored, as sd-scripts does"),
+    (LLLITE + ["--control_net_multipliers", "1"], ["--control_net_multipliers", "1", "0.5"], "--control_net_multipliers 0.5 does nothing without a "
+                                                        "--control_net_lllite_models file for each value (1 file given)"),
     (LORA_MERGED, ["--network_pre_calc"], "--network_pre_calc does nothing without a LoRA that is not merged for good "
                                           "(--network_merge / --network_merge_n_models merge every file): ignored"),
 )

@@ -104,9 +104,11 @@ def guide_groups(guides: list[str], n_models: int) -> list[list[str]]:
             f"{n_models} LLLite models but only {len(guides)} guide image(s): give at least one guide image per "
             "model with --guide_image_path (in model order), or --cn in every prompt line"
         )
-    if len(guides) % n_models:
-        raise UserError(f"--guide_image_path: {len(guides)} guide images for {n_models} LLLite models: the last "
-                        f"{len(guides) % n_models} would fill no group; give a multiple of {n_models} images")
+    if len(guides) % n_models:  # sd-scripts cycles over whole groups and never reaches the rest
+        switched_off(f"--guide_image_path {' '.join(guides[len(guides) - len(guides) % n_models:])}",
+                     f"a whole group of {n_models} guide images (one per LLLite model)",
+                     f"{len(guides)} guide images given")
+        guides = guides[:len(guides) - len(guides) % n_models]
     return [guides[i: i + n_models] for i in range(0, len(guides), n_models)]
 
 
@@ -224,8 +226,10 @@ class Planner:
             self._switched_off(f"{where}--am {','.join(f'{v:g}' for v in values)}", "--network_weights",
                                "it sets the LoRA multipliers")
             return None
-        if len(values) > len(self.loras):
-            raise UserError(f"{where}--am has {len(values)} multipliers for {len(self.loras)} LoRA file(s)")
+        if len(values) > len(self.loras):  # sd-scripts pairs values with files and never looks at the rest
+            self._switched_off(f"{where}--am {','.join(f'{v:g}' for v in values[len(self.loras):])}",
+                               "a --network_weights file for each value", f"{len(self.loras)} LoRA file(s) given")
+            values = values[:len(self.loras)]
         for spec, value in zip(self.loras, lora_multipliers(self.loras, values)):
             if spec.mode == "merged" and value != spec.multiplier:
                 raise UserError(f"{where}--am {value:g} for {spec.path}, which is merged for good with multiplier "

@@ -368,9 +368,6 @@ def _lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
                             "--control_net_lllite_models, not --network_weights")
         if module not in LORA_MODULES:
             raise UserError(f"--network_module {module}: only networks.lora (kohya-format LoRA/LoCon) is supported here")
-    if len(args.network_mul) > len(files):
-        raise UserError(f"--network_mul {' '.join(f'{m:g}' for m in args.network_mul)}: {len(args.network_mul)} "
-                        f"multipliers for {len(files)} --network_weights file(s); give at most one per file")
     merged = _merged_count(args, len(files))
     muls = list(args.network_mul) + [1.0] * (len(files) - len(args.network_mul))
     modes = ["merged" if i < merged else "pre_calc" if args.network_pre_calc else "hooked" for i in range(len(files))]
@@ -421,7 +418,8 @@ def _default_request(args: argparse.Namespace, n_models: int) -> GenerationReque
         original_width=args.original_width, original_height=args.original_height,
         original_width_negative=args.original_width_negative, original_height_negative=args.original_height_negative,
         crop_top=args.crop_top or 0, crop_left=args.crop_left or 0, clip_skip=args.clip_skip,
-        max_embeddings_multiples=args.max_embeddings_multiples or MAX_EMBEDDINGS_MULTIPLES, highres_fix_scale=args.highres_fix_scale,
+        max_embeddings_multiples=args.max_embeddings_multiples or MAX_EMBEDDINGS_MULTIPLES,
+        highres_fix_scale=args.highres_fix_scale,
         highres_fix_steps=args.highres_fix_steps or DEFAULTS["highres_fix_steps"],
         highres_fix_strength=args.highres_fix_strength,
         highres_fix_disable_control_net=args.highres_fix_disable_control_net,
@@ -489,6 +487,14 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
     for off, names, needed, why in switches:
         if off:
             _switch_off(v, names, needed, why, defaults)
+    for name, files in (("network_mul", "network_weights"), ("control_net_multipliers", "control_net_lllite_models"),
+                        ("control_net_ratios", "control_net_lllite_models"),
+                        ("control_net_starts", "control_net_lllite_models")):
+        n, given = len(v[files]), v[name] or []
+        if n and len(given) > n:  # sd-scripts reads one value per file and never looks at the rest
+            switched_off(f"--{name} {_shown(given[n:])}", f"a --{files} file for each value",
+                         f"{n} file{'s' if n > 1 else ''} given")
+            v[name] = given[:n]
     if v["network_pre_calc"] and _merged_count(argparse.Namespace(**v), len(v["network_weights"])) == len(v["network_weights"]):
         switched_off("--network_pre_calc", "a LoRA that is not merged for good",
                      "--network_merge / --network_merge_n_models merge every file")
