@@ -202,6 +202,11 @@ class Planner:
                 changes[name] = checked_size(label, getattr(spec, name), self.n_models, where)
         for g in spec.guide_images or []:
             check_image_readable(g, f"{where}guide image (--cn)")
+        if spec.guide_images and len(spec.guide_images) > self.n_models:  # the pipeline never reads the rest
+            self._switched_off(f"{where}--cn {','.join(spec.guide_images[self.n_models:])}",
+                               "a --control_net_lllite_models file for each guide image",
+                               f"{self.n_models} file{'' if self.n_models == 1 else 's'} given")
+            changes["guide_images"] = list(spec.guide_images[:self.n_models])
         if spec.network_multipliers is not None:
             changes["network_multipliers"] = self._checked_am(spec.network_multipliers, where)
         if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
