@@ -204,3 +204,11 @@ def test_docs_list_every_option_and_prompt_line_option():
     options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
     assert [o for o in options if f"`{o}`" not in doc] == []
     assert [n for n in OPTIONS if f"`--{n}`" not in doc] == []
+
+
+def test_docs_quote_the_warnings_as_printed(paths, caplog):
+    doc = (ROOT / "docs" / "generation.md").read_text()
+    with caplog.at_level("WARNING"):
+        resolved(paths, "--no_preview", "--strength", "0.5")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all(f"\n    {w}\n" in doc for w in warnings), warnings

@@ -147,7 +147,8 @@ SWITCHED_OFF_RUNS = [
                                                                        "--highres_fix_scale"),
     (["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"], ["--network_pre_calc"],
      "--network_pre_calc does nothing without a LoRA that is not merged for good"),
-    ([], ["--network_weights", "{lora}"], "--network_weights {lora} does nothing without --network_module networks.lora"),
+    ([], ["--network_weights", "{lora}"],
+     "--network_weights {lora} does nothing without a --network_module networks.lora for each file"),
     ([], ["--prompt", "a cat --d 4 --cn {guide0}"], "--prompt: --cn {guide0} does nothing without a "
                                                      "--control_net_lllite_models file for each guide image (0 files given)"),
     (["--network_module", "networks.lora", "--network_weights", "{lora}"], ["--prompt", "a cat --d 4 --am 1,0.5"],

@@ -464,8 +464,8 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
         raise UserError(f"--network_module {' '.join(modules)} needs --network_weights: {len(modules)} module(s) for "
                         f"{len(files)} file(s); give one LoRA file per module")
     if len(files) > len(modules):  # sd-scripts loads one file per module and ignores the rest
-        switched_off(f"--network_weights {' '.join(files[len(modules):])}", "--network_module networks.lora (one per "
-                     "file)", "a file without a module is not loaded")
+        switched_off(f"--network_weights {' '.join(files[len(modules):])}", "a --network_module networks.lora for each "
+                     "file", "a file without a module is not loaded")
         v["network_weights"] = files[:len(modules)]
     image, hires, lora = v["image_path"] is not None, v["highres_fix_scale"] is not None, bool(v["network_weights"])
     switches = [
