@@ -161,7 +161,7 @@ GENERATION_CASES = [
     _gen("W under 32 with LLLite", L + ("--W", "24"), "--W 24 is too small: the smallest size is 32 px with LLLite"),
     _gen("line width under 32 with LLLite", L[:-6] + ("--from_file", "{p_small}", "--control_net_lllite_models",
                                                        "{lllite1}", "--guide_image_path", "{guide0}"), "--w 16"),
-    _gen("highres first pass too small", L + ("--highres_fix_scale", "0.25"), "--highres_fix_scale 0.25 makes the first pass 16x16"),
+    _gen("highres first pass too small", L + ("--highres_fix_scale", "0.25"), "--highres_fix_scale 0.25 makes the first pass 0x0"),
     _gen("W not a number", P + ("--W", "abc"), "'abc'"),
     # counts, ranges, numbers
     _gen("steps zero", P + ("--steps", "0"), "--steps 0 is out of range: it must be at least 1"),
