@@ -145,6 +145,8 @@ SWITCHED_OFF_RUNS = [
     ([], ["--prompt", "a cat --d 4 --am 0.5"], "--prompt: --am 0.5 does nothing without --network_weights"),
     (["--image_path", "{init}"], ["--prompt", "a cat --d 4 --w 128"], "--prompt: --w 128 does nothing without "
                                                                        "--highres_fix_scale"),
+    (["--image_path", "{init}"], ["--W", "128"], "--W 128 does nothing without --H (img2img draws at the init image's "
+                                                 "size, resized to --W x --H only when both are given)"),
     (["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"], ["--network_pre_calc"],
      "--network_pre_calc does nothing without a LoRA that is not merged for good"),
     ([], ["--network_weights", "{lora}"],
@@ -168,7 +170,8 @@ def drawn_without() -> dict[tuple[str, ...], np.ndarray]:
 @pytest.mark.parametrize("on, ignored, warning", SWITCHED_OFF_RUNS, ids=[" ".join(a) for _, a, _ in SWITCHED_OFF_RUNS])
 def test_options_whose_switch_is_off_run_with_one_warning(files, tmp_path, capsys, drawn_without, on, ignored, warning):
     """sd-scripts runs these and ignores the option: so does this script, with one warning, drawing the same image."""
-    common = ["--ckpt", files["ckpt"], "--prompt", "a cat --d 4", *SMALL, *(a.format(**files) for a in on)]
+    size = SMALL[4:] if "--image_path" in on else SMALL  # img2img draws at the 64x64 init image's size
+    common = ["--ckpt", files["ckpt"], "--prompt", "a cat --d 4", *size, *(a.format(**files) for a in on)]
 
     def draw(name: str, *extra: str) -> tuple[np.ndarray, list[str]]:
         code, err = run_main(capsys, *common, *extra, "--outdir", str(tmp_path / name))

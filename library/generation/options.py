@@ -487,6 +487,10 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
     for off, names, needed, why in switches:
         if off:
             _switch_off(v, names, needed, why, defaults)
+    if image and not hires and (v["W"] is None) != (v["H"] is None):
+        given, other = ("W", "H") if v["W"] is not None else ("H", "W")
+        _switch_off(v, (given,), f"--{other}", "img2img draws at the init image's size, resized to --W x --H only "
+                    "when both are given", defaults)
     for name, files in (("network_mul", "network_weights"), ("control_net_multipliers", "control_net_lllite_models"),
                         ("control_net_ratios", "control_net_lllite_models"),
                         ("control_net_starts", "control_net_lllite_models")):
