@@ -171,7 +171,7 @@ def drawn_without() -> dict[tuple[str, ...], np.ndarray]:
 def test_options_whose_switch_is_off_run_with_one_warning(files, tmp_path, capsys, drawn_without, on, ignored, warning):
     """sd-scripts runs these and ignores the option: so does this script, with one warning, drawing the same image."""
     size = SMALL[4:] if "--image_path" in on else SMALL  # img2img draws at the 64x64 init image's size
-    common = ["--ckpt", files["ckpt"], "--prompt", "a cat --d 4", *size, *(a.format(**files) for a in on)]
+    common = ["--ckpt", files["ckpt"], "--prompt", "a cat --d 4", *size, "--steps", "1", *(a.format(**files) for a in on)]
 
     def draw(name: str, *extra: str) -> tuple[np.ndarray, list[str]]:
         code, err = run_main(capsys, *common, *extra, "--outdir", str(tmp_path / name))
