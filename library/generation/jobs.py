@@ -34,8 +34,8 @@ from library.generation.settings import (
     GradualLatent,
     checked_size,
     control_settings,
-    smallest_size,
     request_from_prompt_spec,
+    smallest_size,
     validate_request,
 )
 

@@ -408,7 +408,8 @@ def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLaten
 
 def _default_request(args: argparse.Namespace, n_models: int) -> GenerationRequest:
     deep_shrink, gradual_latent = _shrink_settings(args)
-    width, height = (SIZE if v is None else checked_size(label, v, n_models) for label, v in (("--W", args.W), ("--H", args.H)))
+    width, height = (SIZE if value is None else checked_size(label, value, n_models)
+                     for label, value in (("--W", args.W), ("--H", args.H)))
     upscaler, upscaler_args = _upscaler(args)
     return GenerationRequest(
         negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps, scale=args.scale,
@@ -499,7 +500,8 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
             switched_off(f"--{name} {_shown(given[n:])}", f"a --{files} file for each value",
                          f"{n} file{'s' if n > 1 else ''} given")
             v[name] = given[:n]
-    if v["network_pre_calc"] and _merged_count(argparse.Namespace(**v), len(v["network_weights"])) == len(v["network_weights"]):
+    n_files = len(v["network_weights"])
+    if v["network_pre_calc"] and _merged_count(argparse.Namespace(**v), n_files) == n_files:
         switched_off("--network_pre_calc", "a LoRA that is not merged for good",
                      "--network_merge / --network_merge_n_models merge every file")
         v["network_pre_calc"] = False
