@@ -321,6 +321,9 @@ def _check_fields(r: GenerationRequest, where: str) -> None:
 
 
 def _check_combinations(r: GenerationRequest, where: str) -> None:
+    # For callers of generate(): sdxl_gen_img.py has already ignored, with a warning, what sd-scripts ignores
+    # (highres_fix_strength without its switches, Gradual Latent with another sampler; jobs.Planner, options.py).
+    # The mask rules stay errors there too: sd-scripts fails on them.
     if r.mask is not None and r.init_image is None:
         raise UserError(f"{where}a mask (--mask_path) needs the image to inpaint (--image_path)")
     if r.highres_fix_strength is not None and (r.init_image is None or not r.highres_fix_scale):
