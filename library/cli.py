@@ -76,11 +76,17 @@ class Limit:
         high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
         return " and ".join(w for w in (low, high) if w) or "a finite number"
 
+    def problem(self, label: str, value: float | None, what: str = "") -> str | None:
+        """The one wording of a value out of range (naming ``label``, the value and the range), or None."""
+        if value is None or self.allows(value):
+            return None
+        return f"{label} {_number(value)} is out of range: it must be {self.words()}" + (f" ({what})" if what else "")
+
     def check(self, label: str, value: float | None, what: str = "") -> None:
-        """Refuse ``value`` outside the range; the message names ``label``, the value and the range."""
-        if value is not None and not self.allows(value):
-            raise UserError(f"{label} {_number(value)} is out of range: it must be {self.words()}"
-                            + (f" ({what})" if what else ""))
+        """Refuse ``value`` outside the range with ``problem``'s message."""
+        wrong = self.problem(label, value, what)
+        if wrong:
+            raise UserError(wrong)
 
 
 def _number(x: float) -> str:
@@ -302,11 +308,11 @@ class OptionParser(argparse.ArgumentParser):
             self._groups[title] = super().add_argument_group(title, *args, **kwargs)
         return self._groups[title]
 
-    def add_options(self, *classes: type) -> None:
-        """Add every option the dataclasses declare, in their --help groups (``group`` on the class)."""
-        for cls in classes:
-            for opt in options_of(cls):
-                opt = dataclasses.replace(opt, group=opt.group or cls.group)
+    def add_options(self, *declared: type | Option) -> None:
+        """Add every option the dataclasses declare (or the ``Option``s given), in their --help groups."""
+        for item in declared:
+            for opt in [item] if isinstance(item, Option) else options_of(item):
+                opt = dataclasses.replace(opt, group=opt.group or item.group)
                 opt.add_to(self.add_argument_group(opt.group))
                 self.options[opt.name] = opt
 
