@@ -184,6 +184,7 @@ class Option:
     joins_list: bool = False  # a config-file list is joined with commas ("resolution = [512, 768]")
     convert: Callable[[Any], Any] | None = None  # the value the options object holds, from the checked value
     group: str | None = None  # the --help group, when not the dataclass's
+    required: bool = False  # argparse stops without it
 
     @property
     def label(self) -> str:
@@ -213,6 +214,8 @@ class Option:
             group.add_argument(self.label, action="store_true", default=self.default, help=help_text)
             return
         kwargs: dict[str, Any] = {"default": self.default, "help": help_text}
+        if self.required:
+            kwargs["required"] = True
         for key in ("type", "nargs", "choices"):
             if getattr(self, key) is not None:
                 kwargs[key] = list(self.choices) if key == "choices" else getattr(self, key)
@@ -223,7 +226,7 @@ def option(default: Any = None, *, help: str, name: str = "", type: Any = None, 
            one_of: Iterable | None = None, case_sensitive: bool = True, limit: Limit | None = None, what: str = "",
            nargs: str | None = None, needs: Needs | None = None, joins_list: bool = False,
            convert: Callable[[Any], Any] | None = None, group: str | None = None, held: Any = dataclasses.MISSING,
-           repr: bool = True) -> Any:
+           repr: bool = True, required: bool = False) -> Any:
     """A field that is an option taking a value.
 
     The dataclass default is ``held`` where the options object holds another form than the command
@@ -231,7 +234,7 @@ def option(default: Any = None, *, help: str, name: str = "", type: Any = None, 
     """
     spec = Option(name=name, help=help, default=default, type=type, choices=None if choices is None else tuple(choices),
                   one_of=None if one_of is None else tuple(one_of), case_sensitive=case_sensitive, limit=limit, what=what,
-                  nargs=nargs, needs=needs, joins_list=joins_list, convert=convert, group=group)
+                  nargs=nargs, needs=needs, joins_list=joins_list, convert=convert, group=group, required=required)
     if held is dataclasses.MISSING:
         held = convert(default) if convert is not None and default is not None else default
     if isinstance(held, (list, dict)):
