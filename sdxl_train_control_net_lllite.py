@@ -66,7 +66,7 @@ def train(opts: TrainingOptions, accelerator) -> None:
     if opts.run.seed is not None:
         set_seed(opts.run.seed)
     resume_from = opts.saving.resume
-    if opts.hub.resume is not None:  # --resume_from_huggingface: the state comes down before anything loads
+    if opts.hub.resume is not None:  # a state on the hub comes down before anything loads
         resume_from = download_state(opts.hub.resume, opts.hub.token, accelerator)
 
     # 2. The dataset: every pairing and image problem is reported before any model loads.

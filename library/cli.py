@@ -45,7 +45,7 @@ def str2bool(value: str) -> bool:
 def switched_off(label: str, needs: str, why: str = "") -> None:
     """The one policy for an option whose switch is off: the reference runs and ignores it, so do we, with a warning.
 
-    ``label`` is the option as given (``--save_last_n_steps 1``), ``needs`` what switches it on. Errors stay
+    ``label`` is the option as given (``--network_dim 8``), ``needs`` what switches it on. Errors stay
     for values out of range, contradictions, and anything that would make the run differ from what was asked.
     """
     logger.warning("%s does nothing without %s%s: ignored, as sd-scripts does", label, needs, f" ({why})" if why else "")
@@ -121,7 +121,7 @@ def check_choice(name: str, value: str | None, choices: Iterable[str], *, case_s
 def parse_key_values(name: str, items: Iterable[str] | None) -> dict[str, Any]:
     """``["weight_decay=0.01", "betas=0.9,0.999"]`` -> ``{"weight_decay": 0.01, "betas": (0.9, 0.999)}``.
 
-    The form of sd-scripts' ``--optimizer_args``/``--lr_scheduler_args``: values are Python literals,
+    The form of sd-scripts' optimizer_args / lr_scheduler_args options: values are Python literals,
     anything else stays a string.
     """
     import ast
@@ -447,7 +447,7 @@ def load_config_file(path: str, parser: OptionParser, skip: Iterable[str] = (),
     """
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"config file not found: {file} (given with --config_file)")
+        raise UserError(f"config file not found: {file}")
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -164,16 +164,16 @@ class SubsetConfig:
         help="random horizontal flips (image and conditioning together)")
     color_aug: bool = key(False, "bool", group="images, guides and masks",
         help="small random hue shift and brightness change of the training image, never the conditioning "
-                 "image (cannot be combined with --cache_latents)")
+                 "image (cannot be combined with latent caching)")
     random_crop: bool = key(False, "bool", group="images, guides and masks",
         help="crop at a random position instead of the centre, the same crop for both images (cannot be "
-                 "combined with --cache_latents; sd-scripts refuses it for ControlNet)")
+                 "combined with latent caching; sd-scripts refuses it for ControlNet)")
     face_crop_aug_range: tuple[float, float] | None = key(None, "pair", rule=_low_high, group="images, guides and masks",
         help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
                  "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
                  "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
                  "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
-                 "--cache_latents. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing")
+                 "latent caching. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing")
     resize_interpolation: str | None = key(None, "str", one_of=INTERPOLATIONS, group="images, guides and masks",
         help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
                  "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
@@ -679,6 +679,14 @@ class DatasetSourceOptions(Options):
 
 
 KEY_GROUPS = ("dataset", "captions", "images, guides and masks")
+
+
+def key_label(name: str) -> str:
+    """``--option`` of the dataset key ``name`` on the command line (messages take it from the declaration)."""
+    spec = ALL_KEYS[name][0]
+    if spec.option is None:
+        raise KeyError(f"the dataset key {name} has no command-line option")
+    return f"--{spec.option or name}"
 
 
 def key_options() -> tuple[Option, ...]:

@@ -88,7 +88,8 @@ from library.data.captions import (
     read_metadata_file,
 )
 from library.data.conditioning_preprocessors import apply_preprocessor
-from library.data.config import DatasetConfig, SubsetConfig
+from library.cli import label
+from library.data.config import DatasetConfig, DatasetSourceOptions, SubsetConfig, key_label
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
 
@@ -541,7 +542,8 @@ class LLLiteDataset(torch.utils.data.Dataset):
     def __init__(self, configs: Sequence[DatasetConfig], seed: int | None = 0,
                  text_encoding: TextEncodingOptions = TextEncodingOptions()) -> None:
         if not configs:
-            raise UserError("no dataset configured: give --dataset_config or --train_data_dir and --conditioning_data_dir")
+            raise UserError(f"no dataset configured: give {label(DatasetSourceOptions, 'dataset_config')} or "
+                            f"{key_label('image_dir')} and {key_label('conditioning_data_dir')}")
         self.configs = list(configs)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**32))

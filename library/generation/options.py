@@ -23,7 +23,7 @@ from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
-from library.cli import OptionParser, Options, check_refused, flag, option, option_values, refused, switched_off
+from library.cli import OptionParser, Options, check_refused, flag, label, option, option_values, refused, switched_off
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import SAMPLER_NAMES
@@ -93,7 +93,7 @@ class ModelArgs(Options):
     no_half_vae: bool = flag(help="keep the VAE in float32")
     sdpa: bool = flag(help="PyTorch scaled-dot-product attention (also the default)")
     xformers: bool = flag(help="xformers attention (CUDA only; else SDPA with a warning)")
-    diffusers_xformers: bool = flag(help="the same as --xformers here (diffusers' xformers)")
+    diffusers_xformers: bool = flag(help="diffusers' xformers attention, here the same as the xformers option")
     opt_channels_last: bool = flag(help="U-Net, VAE and networks in channels-last memory format")
     device: str | None = option(
         help="cuda, cuda:1, cpu, ... (default: cuda when available)")
@@ -618,9 +618,9 @@ def prepare_folders(opts: GenOptions) -> list[Path]:
 
     Returns the folders this created, for ``atomic_io.remove_empty`` when the run fails later.
     """
-    folders = [("--outdir", opts.output.outdir)]
+    folders = [(label(OutputArgs, "outdir"), opts.output.outdir)]
     if opts.output.log.file is not None:
-        folders.append(("--console_log_file", opts.output.log.file.parent))
+        folders.append((label(ConsoleLogOptions, "file"), opts.output.log.file.parent))
     if opts.model.tokenizer_cache_dir:
         folders.append(("--tokenizer_cache_dir", Path(opts.model.tokenizer_cache_dir)))
     return make_output_folders(folders)

@@ -104,7 +104,7 @@ def load_sdxl_tokenizers(path: str | None = None) -> tuple[Any, Any]:
 
 
 def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
-    """``--tokenizer_cache_dir``: the tokenizers saved in ``cache_dir``, which is filled first when empty.
+    """The tokenizer cache folder: the tokenizers saved in ``cache_dir``, which is filled first when empty.
 
     sd-scripts downloads the tokenizers into this folder once and reads them from it afterwards, so
     an offline machine can be given a copied folder. Here the bundled tokenizers are what gets
@@ -116,7 +116,7 @@ def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
             for src, dst in zip(load_sdxl_tokenizers(None), folders):
                 _save_folder_atomically(src, dst)
         except OSError as e:
-            raise UserError(f"--tokenizer_cache_dir {cache_dir}: cannot write the tokenizers there ({e})") from None
+            raise UserError(f"tokenizer cache folder {cache_dir}: cannot write the tokenizers there ({e})") from None
         logger.info("wrote the SDXL tokenizers to %s", cache_dir)
     return load_sdxl_tokenizers(cache_dir)
 
@@ -602,7 +602,7 @@ class TextEncodingOptions(Options):
     max_token_length: int = option(
         type=int, held=75,
         help="caption tokens seen by both text encoders: 75 (the default), 150 or 225. Longer captions are "
-             "cut; 150/225 encode 2/3 chunks of 75 tokens, as sdxl_gen_img.py --max_embeddings_multiples 2/3 "
+             "cut; 150/225 encode 2/3 chunks of 75 tokens, as sdxl_gen_img.py's max_embeddings_multiples 2/3 "
              "does, so generate with the same length")
     clip_skip: int | None = option(
         type=int, limit=Limit(1, CLIP_SKIP_MAX), what="1 = last layer, 2 = SDXL's usual penultimate layer",
@@ -625,7 +625,7 @@ class TextEncodingOptions(Options):
 
     @property
     def max_embeddings_multiples(self) -> int:
-        """Chunks of 75 tokens: what ``sdxl_gen_img.py --max_embeddings_multiples`` calls the length."""
+        """Chunks of 75 tokens: what sdxl_gen_img.py's max_embeddings_multiples calls the length."""
         return self.max_token_length // CHUNK_TOKENS
 
     def encode_kwargs(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from library.cli import Limit, Needs, Options, flag, option, switched_off
+from library.cli import Limit, Needs, Options, flag, label, option, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -173,5 +173,7 @@ def create_accelerator(precision: PrecisionOptions, distributed: DistributedOpti
         return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed,
                            log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except (ValueError, ImportError) as e:
+        from library.training.tracking import TrackingOptions
+
         raise UserError(f"could not set up training (--mixed_precision {precision.mixed_precision}, "
-                        f"--log_with {','.join(log_with or []) or 'none'}): {e}") from None
+                        f"{label(TrackingOptions, 'log_with')} {','.join(log_with or []) or 'none'}): {e}") from None

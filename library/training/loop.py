@@ -19,12 +19,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from library.cli import Limit, Options, option
+from library.cli import Limit, Options, label, option
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
 from library.training import loss as dl
-from library.training.optimizers import build_lr_scheduler, build_optimizer
+from library.training.accelerator import PrecisionOptions
+from library.training.models import ModelOptions
+from library.training.optimizers import OptimizerOptions, build_lr_scheduler, build_optimizer
 from library.training.saving import (
     Progress,
     Saver,
@@ -295,8 +297,9 @@ class Trainer:
         kept = f"The last good file is {self.saver.last_saved}." if self.saver.last_saved else "No LLLite file was written."
         raise NonFiniteLoss(
             f"the loss became {mean} at step {p.global_step + 1} (epoch {p.epoch}); training stopped before the bad "
-            f"update, and nothing from this step was saved. {kept} Try a lower --learning_rate, --mixed_precision bf16 "
-            "instead of fp16, or --no_half_vae."
+            f"update, and nothing from this step was saved. {kept} Try a lower "
+            f"{label(OptimizerOptions, 'learning_rate')}, {label(PrecisionOptions, 'mixed_precision')} bf16 "
+            f"instead of fp16, or {label(ModelOptions, 'no_half_vae')}."
         )
 
 

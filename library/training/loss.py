@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.cli import Limit, Needs, Options, flag, option, switched_off
+from library.cli import Limit, Needs, Options, flag, label, option, switched_off
 from library.errors import UserError
+from library.training.models import ModelOptions
 
 logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
+_V_PARAMETERIZATION = label(ModelOptions, "v_parameterization")
 
 
 @dataclass(frozen=True)
@@ -94,17 +96,17 @@ class LossOptions(Options):
     huber_scale: float = option(
         1.0, type=float, limit=Limit(0, low_open=True),
         help="scale of the huber/smooth_l1 threshold for the exponential and constant schedules (> 0)")
-    # Declared with the model options (--v_parameterization); a v-prediction checkpoint turns it on after loading.
+    # Declared with the model options (v_parameterization); a v-prediction checkpoint turns it on after loading.
     v_parameterization: bool = False
 
     def __post_init__(self) -> None:
         # Here rather than in settle: a v-prediction checkpoint turns v_parameterization on after loading.
         if self.v_pred_like_loss and self.v_parameterization:
             raise UserError(f"--v_pred_like_loss {self.v_pred_like_loss} adds a v-prediction-like term to a "
-                            "noise-prediction loss; it cannot apply to v-prediction training (--v_parameterization or "
+                            f"noise-prediction loss; it cannot apply to v-prediction training ({_V_PARAMETERIZATION} or "
                             "a v-prediction checkpoint). Drop --v_pred_like_loss")
         if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
-            raise UserError("--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization "
+            raise UserError(f"--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add {_V_PARAMETERIZATION} "
                             "(for a v-prediction checkpoint) or drop it")
 
     @classmethod
@@ -152,7 +154,7 @@ def checkpoint_schedule(opts: LossOptions, models) -> TrainingSchedule:
     and one with ``ztsnr`` with zero terminal SNR, even without the options (a warning says so)."""
     turned_on = []
     if models.v_prediction and not opts.v_parameterization:
-        turned_on.append("--v_parameterization")
+        turned_on.append(_V_PARAMETERIZATION)
     if models.zero_terminal_snr and not opts.zero_terminal_snr:
         turned_on.append("--zero_terminal_snr")
     if turned_on:

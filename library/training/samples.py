@@ -205,12 +205,12 @@ class SampleDrawer:
         models, device = self.models, self.accelerator.device
         for_trackers: dict[str, tuple[Image.Image, str]] = {}
         with drawing_with(models, network, self.accelerator):
-            for i, request in enumerate(self.requests):
+            for i, (spec, request) in enumerate(zip(self.opts.prompts, self.requests)):
                 image = generate(models, [network], request, device=device, progress=False)[0]
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
                                         base_model=models.name, **({"lllite": self.name} if self.name else {}))
-                prefix = f"{self.name}_" if self.name else ""  # as sd-scripts names samples without --output_name
+                prefix = f"{self.name}_" if self.name else ""  # as sd-scripts names samples without an output name
                 save_png(image, self.out_dir / f"{prefix}{step:06d}_{i:02d}_{seed}.png", meta, "the sample image")
                 if self.accelerator.trackers:
                     for_trackers[f"samples/{i:02d}"] = (beside_guide(image, spec.guide_images[0]),

@@ -79,7 +79,7 @@ class SavingOptions(Options):
         if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
             raise UserError(f"--output_name {name!r} must be a plain file name stem without folders (folders go in --output_dir)")
         _check_combinations(args)
-        # With --resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
+        # With resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
         resume = Path(v["resume"]) if v["resume"] and not args.resume_from_huggingface else None
         if resume is not None:
             check_state_folder(resume)
