@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from library.cli import switched_off
 from library.errors import UserError
+from library.image_files import IMAGE_EXTENSIONS, is_image_name
 from library.cli import label
 from library.generation.options import (
     GenOptions,
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 _W, _H = label(SamplingArgs, "W"), label(SamplingArgs, "H")
 
 GL_LINE_FIELDS = ("gl_timesteps", "gl_ratio", "gl_every_n_steps", "gl_ratio_step", "gl_s_noise", "gl_unsharp")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,9 +98,9 @@ def expand_images(paths: Iterable[str], what: str) -> list[str]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            found = sorted(str(f) for f in path.iterdir() if is_image_name(f))
             if not found:
-                raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+                raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             out += found
         else:
             out.append(str(path))

@@ -44,6 +44,7 @@ import torch
 from library.cli import Limit, Options, flag, option
 from library.errors import UserError
 from library.sdxl import CLIP_SKIP_MAX
+from library.torch_modules import module_device
 
 logger = logging.getLogger(__name__)
 
@@ -360,11 +361,6 @@ def tokenize_prompt(
 # ----------------------------------------------------------------------------------------- encoding
 
 
-def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
-
-
 def _select_layer(hidden_states: Sequence[torch.Tensor], clip_skip: int, which: str) -> torch.Tensor:
     layers = len(hidden_states) - 1  # hidden_states[0] is the embedding output
     if not 1 <= clip_skip <= layers:
@@ -436,7 +432,7 @@ def encode_prompts(
     pooled: torch.Tensor | None = None
     with torch.no_grad():
         for index, (encoder, tokenizer) in enumerate(((text_encoder1, tokenizer1), (text_encoder2, tokenizer2))):
-            device, _ = _module_device_dtype(encoder)
+            device = module_device(encoder)
             tokens = [
                 tokenize_prompt(tokenizer, p, k, use_weighting, textual_inversion=textual_inversion) for p in prompts
             ]
