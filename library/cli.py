@@ -275,7 +275,7 @@ def options_of(cls: type) -> list[Option]:
     return out
 
 
-def label(cls: type, field_name: str) -> str:
+def option_label(cls: type, field_name: str) -> str:
     """``--name`` of the option that fills ``cls.field_name``: messages elsewhere take the name from the spec."""
     for opt in options_of(cls):
         if opt.field == field_name:

@@ -15,9 +15,9 @@ from library.cli import (
     check_range,
     check_refused,
     flag,
-    label,
     load_config_file,
     option,
+    option_label,
     parse_key_values,
     refused,
 )
@@ -111,7 +111,7 @@ def test_the_options_object_comes_from_the_declarations(caplog):
     got = _Example.from_args(p.parse_args(["--network_dim", "8", "--optimizer_args", "a=1", "--cache_latents"]))
     assert (got.network_dim, got.args, got.cache_latents) == (8, ["a=1"], True)
     assert _Example() == _Example(network_dim=64, learning_rate=1e-4, args={}, cache_latents=False)
-    assert label(_Example, "args") == "--optimizer_args"
+    assert option_label(_Example, "args") == "--optimizer_args"
     with pytest.raises(UserError, match="--network_dim 0 is out of range: it must be at least 1"):
         _Example.from_args(p.parse_args(["--network_dim", "0"]))
 

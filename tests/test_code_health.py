@@ -69,7 +69,7 @@ def _count_option_names():
 
 def test_each_option_name_is_written_in_one_file():
     """An option's ``--name`` is written where it is declared; messages elsewhere take it from the spec
-    (``cli.label``). Measured over sd-scripts' 239 trainer and generator option names."""
+    (``cli.option_label``). Measured over sd-scripts' 239 trainer and generator option names."""
     measured = _count_option_names().measure(ROOT)
     spread = {n: sorted(str(p) for p in measured["spread"][n]) for n in measured["names"] if n not in measured["single"]}
     assert len(measured["names"]) == 239

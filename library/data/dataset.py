@@ -88,7 +88,7 @@ from library.data.captions import (
     read_metadata_file,
 )
 from library.data.conditioning_preprocessors import apply_preprocessor
-from library.cli import label
+from library.cli import option_label
 from library.data.config import DatasetConfig, DatasetSourceOptions, SubsetConfig, key_label
 from library.errors import UserError
 from library.image_files import IMAGE_EXTENSIONS, is_image_name
@@ -542,7 +542,7 @@ class LLLiteDataset(torch.utils.data.Dataset):
     def __init__(self, configs: Sequence[DatasetConfig], seed: int | None = 0,
                  text_encoding: TextEncodingOptions = TextEncodingOptions()) -> None:
         if not configs:
-            raise UserError(f"no dataset configured: give {label(DatasetSourceOptions, 'dataset_config')} or "
+            raise UserError(f"no dataset configured: give {option_label(DatasetSourceOptions, 'dataset_config')} or "
                             f"{key_label('image_dir')} and {key_label('conditioning_data_dir')}")
         self.configs = list(configs)
         if seed is None:

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from library.cli import switched_off
+from library.cli import option_label, switched_off
 from library.errors import UserError
 from library.image_files import IMAGE_EXTENSIONS, is_image_name
-from library.cli import label
 from library.generation.options import (
     GenOptions,
     ImageArgs,
@@ -35,6 +34,7 @@ from library.generation.options import (
     LoraSpec,
     OutputArgs,
     OutputOptions,
+    PromptArgs,
     SamplingArgs,
     ShrinkArgs,
 )
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_W, _H = label(SamplingArgs, "W"), label(SamplingArgs, "H")
+_W, _H = option_label(SamplingArgs, "W"), option_label(SamplingArgs, "H")
 
 GL_LINE_FIELDS = ("gl_timesteps", "gl_ratio", "gl_every_n_steps", "gl_ratio_step", "gl_s_noise", "gl_unsharp")
 
@@ -146,8 +146,8 @@ def collect_images(inputs: InputOptions, specs: list[PromptSpec]) -> ImageInputs
     groups: list[list[str]] = []
     if guides or (n_models and specs and not all(s.guide_images for s in specs)):
         groups = guide_groups(guides, n_models)  # raises when there are fewer guide images than models
-    inits = expand_images([inputs.image_path], f"init image ({label(ImageArgs, 'image_path')})") if inputs.image_path else []
-    masks = expand_images([inputs.mask_path], f"mask image ({label(ImageArgs, 'mask_path')})") if inputs.mask_path else []
+    inits = expand_images([inputs.image_path], f"init image ({option_label(ImageArgs, 'image_path')})") if inputs.image_path else []
+    masks = expand_images([inputs.mask_path], f"mask image ({option_label(ImageArgs, 'mask_path')})") if inputs.mask_path else []
     return ImageInputs(n_models, groups, inits, masks)
 
 
@@ -224,14 +224,14 @@ class Planner:
         if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
             # sd-scripts draws without it ("gradual_latent is not supported for this scheduler. Ignoring.")
             from_line = any(getattr(spec, f) is not None for f in GL_LINE_FIELDS) or spec.sampler is not None
-            self._switched_off(f"{where if from_line else ''}Gradual Latent ({label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)",
+            self._switched_off(f"{where if from_line else ''}Gradual Latent ({option_label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)",
                                "--sampler euler_a", f"--sampler {base.sampler} has no ancestral step to grow the "
                                "latents in")
             changes["gradual_latent"] = GradualLatent()
         if self.images.inits and not base.highres_fix_scale:
             for label, name in (("--w", "width"), ("--h", "height")):
                 if getattr(spec, name) is not None:
-                    self._switched_off(f"{where}{label} {getattr(spec, name)}", label(ImageArgs, "highres_fix_scale"),
+                    self._switched_off(f"{where}{label} {getattr(spec, name)}", option_label(ImageArgs, "highres_fix_scale"),
                                        f"img2img draws at the init image's size; {_W} and {_H} resize the init image")
         if self.n_models:
             multipliers, starts, ratios = control_settings(base, self.n_models)
@@ -260,7 +260,7 @@ class Planner:
         if path not in self.init_sizes:
             from library.generation.pipeline import open_image
 
-            width, height = self.inputs.init_size or open_image(path, f"init image ({label(ImageArgs, 'image_path')})").size
+            width, height = self.inputs.init_size or open_image(path, f"init image ({option_label(ImageArgs, 'image_path')})").size
             size = (width // 32 * 32, height // 32 * 32)
             if min(size) < smallest_size(self.n_models):
                 raise UserError(f"init image {path} is {width}x{height}: img2img draws at its size rounded down to a "
@@ -402,7 +402,7 @@ class Writer:
             before = (f"{n} image{'s' if n > 1 else ''} of this run {'were' if n > 1 else 'was'} saved before it (the "
                       f"newest: {self.last})") if n else "No image of this run was saved"
             full = "space" in e.reason or "quota" in e.reason
-            outdir = label(OutputArgs, "outdir")
+            outdir = option_label(OutputArgs, "outdir")
             fix = f"free some space there or choose another {outdir}" if full else f"fix that or choose another {outdir}"
             raise UserError(f"{e}. {before}; {fix}, then run again.") from None
         self.saved += 1
@@ -425,4 +425,4 @@ class Writer:
         if not ImageShow.show(image, title=path.name) and not self.viewer_missing:
             self.viewer_missing = True
             logger.warning("no image viewer found to preview %s (Pillow's ImageShow); %s skips the preview",
-                           path.name, label(OutputArgs, "no_preview"))
+                           path.name, option_label(PromptArgs, "no_preview"))

@@ -23,7 +23,17 @@ from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
-from library.cli import OptionParser, Options, check_refused, flag, label, option, option_values, refused, switched_off
+from library.cli import (
+    OptionParser,
+    Options,
+    check_refused,
+    flag,
+    option,
+    option_label,
+    option_values,
+    refused,
+    switched_off,
+)
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import SAMPLER_NAMES
@@ -618,9 +628,9 @@ def prepare_folders(opts: GenOptions) -> list[Path]:
 
     Returns the folders this created, for ``atomic_io.remove_empty`` when the run fails later.
     """
-    folders = [(label(OutputArgs, "outdir"), opts.output.outdir)]
+    folders = [(option_label(OutputArgs, "outdir"), opts.output.outdir)]
     if opts.output.log.file is not None:
-        folders.append((label(ConsoleLogOptions, "file"), opts.output.log.file.parent))
+        folders.append((option_label(ConsoleLogOptions, "file"), opts.output.log.file.parent))
     if opts.model.tokenizer_cache_dir:
         folders.append(("--tokenizer_cache_dir", Path(opts.model.tokenizer_cache_dir)))
     return make_output_folders(folders)

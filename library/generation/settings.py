@@ -322,10 +322,10 @@ def _check_fields(r: GenerationRequest, where: str) -> None:
 
 def _label(name: str) -> str:
     """``--name`` of a generation option, from its declaration (imported here: options.py imports this module)."""
-    from library.cli import label
+    from library.cli import option_label
     from library.generation import options
 
-    return next(label(c, name) for c in options.ARGS if name in {f.name for f in dataclasses.fields(c)})
+    return next(option_label(c, name) for c in options.ARGS if name in {f.name for f in dataclasses.fields(c)})
 
 
 def _check_combinations(r: GenerationRequest, where: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
 from library.generation.jobs import lora_multipliers
-from library.cli import label
+from library.cli import option_label
 from library.generation.options import GenOptions, LoraSpec, ModelArgs, ModelOptions
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def setup_attention(unet: Any, vae: Any, attention: str, device: torch.device) -
 
     if attention == "xformers":
         if device.type != "cuda":
-            logger.warning("%s needs a CUDA GPU: using PyTorch SDPA attention instead", label(ModelArgs, "xformers"))
+            logger.warning("%s needs a CUDA GPU: using PyTorch SDPA attention instead", option_label(ModelArgs, "xformers"))
         else:
             try:
                 import xformers  # noqa: F401

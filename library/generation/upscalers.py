@@ -58,7 +58,7 @@ def check_upscaler(name: str, label: str = "") -> str:
         why = (" Python upscaler modules (sd-scripts' tools.latent_upscaler) need a trained weights file and are "
                "not loaded here.")
     if not label:
-        from library.cli import label as option_label
+        from library.cli import option_label
         from library.generation.options import ImageArgs
 
         label = option_label(ImageArgs, "highres_fix_upscaler")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from library.cli import Limit, Needs, Options, flag, label, option, switched_off
+from library.cli import Limit, Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -176,4 +176,4 @@ def create_accelerator(precision: PrecisionOptions, distributed: DistributedOpti
         from library.training.tracking import TrackingOptions
 
         raise UserError(f"could not set up training (--mixed_precision {precision.mixed_precision}, "
-                        f"{label(TrackingOptions, 'log_with')} {','.join(log_with or []) or 'none'}): {e}") from None
+                        f"{option_label(TrackingOptions, 'log_with')} {','.join(log_with or []) or 'none'}): {e}") from None

@@ -23,7 +23,7 @@ import toml
 
 from library import console_logging
 from library.atomic_io import atomic_write_text
-from library.cli import OptionParser, Options, check_refused, flag, label, load_config_file, option
+from library.cli import OptionParser, Options, check_refused, flag, load_config_file, option, option_label
 from library.data import caching
 from library.data import config as dataset_config
 from library.errors import UserError
@@ -142,13 +142,13 @@ def foreign_config_keys() -> frozenset[str]:
 
 def output_folders(options: TrainingOptions) -> list[tuple[str, Path]]:
     """The folders a run writes to, by the option that names them (created last, after every other check)."""
-    folders = [(label(saving.SavingOptions, "output_dir"), options.saving.output_dir)]
+    folders = [(option_label(saving.SavingOptions, "output_dir"), options.saving.output_dir)]
     if options.console.file is not None:
-        folders.append((label(console_logging.ConsoleLogOptions, "file"), options.console.file.parent))
+        folders.append((option_label(console_logging.ConsoleLogOptions, "file"), options.console.file.parent))
     if options.model.tokenizer_cache_dir:
-        folders.append((label(training_models.ModelOptions, "tokenizer_cache_dir"), Path(options.model.tokenizer_cache_dir)))
+        folders.append((option_label(training_models.ModelOptions, "tokenizer_cache_dir"), Path(options.model.tokenizer_cache_dir)))
     if options.tracking.run_dir:
-        folders.append((label(tracking.TrackingOptions, "logging_dir"), Path(options.tracking.run_dir).parent))
+        folders.append((option_label(tracking.TrackingOptions, "logging_dir"), Path(options.tracking.run_dir).parent))
     return folders
 
 

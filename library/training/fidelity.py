@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.cli import Limit, Needs, Options, label, option
+from library.cli import Limit, Needs, Options, option, option_label
 from library.errors import UserError
 from library.evaluation.control_eval import (
     EvalItem,
@@ -50,13 +50,13 @@ class FidelityOptions(Options):
     folder: Path | None = option(
         name="fidelity_guides", convert=Path,
         help="folder of held-out canny guide images, each with a <name>.txt prompt beside it (as "
-             f"tools/evaluate_control.py takes them). At the sample cadence ({label(SampleOptions, 'every_n_steps')}, "
-             f"{label(SampleOptions, 'every_n_epochs')}, {label(SampleOptions, 'at_first')}, and at the end) edge F1 "
+             f"tools/evaluate_control.py takes them). At the sample cadence ({option_label(SampleOptions, 'every_n_steps')}, "
+             f"{option_label(SampleOptions, 'every_n_epochs')}, {option_label(SampleOptions, 'at_first')}, and at the end) edge F1 "
              "and SSIM are measured with "
              "the LLLite and, once, without it; they go to the log and to the trackers as fidelity/edge_f1, "
              "fidelity/edge_f1_base, fidelity/edge_ssim, fidelity/edge_ssim_base, fidelity/edge_f1_ratio. "
              "Guides without any edge are skipped. Images are drawn at the training resolution with "
-             f"{label(SampleOptions, 'sampler')}")
+             f"{option_label(SampleOptions, 'sampler')}")
     steps: int = option(name="fidelity_steps", type=int, limit=Limit(1), needs=_NEEDS_GUIDES, held=DEFAULT_STEPS,
                         help=f"sampling steps of each fidelity image, >= 1 (default {DEFAULT_STEPS}; needs --fidelity_guides)")
     scale: float = option(name="fidelity_scale", type=float, limit=Limit(1.0), needs=_NEEDS_GUIDES, held=DEFAULT_SCALE,
@@ -74,7 +74,7 @@ class FidelityOptions(Options):
             return {**v, "folder": None}
         if not (args.sample_every_n_steps or args.sample_every_n_epochs):
             raise UserError(f"--fidelity_guides {v['folder']} is measured at the sample cadence: add "
-                            f"{label(SampleOptions, 'every_n_steps')} N or {label(SampleOptions, 'every_n_epochs')} N")
+                            f"{option_label(SampleOptions, 'every_n_steps')} N or {option_label(SampleOptions, 'every_n_epochs')} N")
         folder = Path(v["folder"])
         try:
             items = load_eval_set(folder, prompt_option=None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from library.cli import Needs, Options, flag, label, option, switched_off
+from library.cli import Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
 from library.training.saving import SavingOptions
 from library.training.states import STATE_FILE, state_problem
@@ -79,8 +79,8 @@ class HubOptions(Options):
              "visibility is reported with a warning")  # None: private, as in sd-scripts, without checking an existing repo
     upload_states: bool = flag(
         name="save_state_to_huggingface", needs=_UPLOADS,
-        help=f"upload state folders too (needs --huggingface_repo_id and {label(SavingOptions, 'save_state')} or "
-             f"{label(SavingOptions, 'save_state_on_train_end')})")
+        help=f"upload state folders too (needs --huggingface_repo_id and {option_label(SavingOptions, 'save_state')} or "
+             f"{option_label(SavingOptions, 'save_state_on_train_end')})")
     resume_from_huggingface: bool = flag(
         help="--resume names a state folder on the hub, as {repo_id}/{path_in_repo}[:{revision}[:{repo_type}]] "
              "(sd-scripts' form; revision default main, repo_type default model), e.g. "
@@ -106,8 +106,8 @@ class HubOptions(Options):
             if v["token"] is not None and not v["resume_from_huggingface"]:
                 switched_off("--huggingface_token", "--huggingface_repo_id or --resume_from_huggingface")
         elif v["upload_states"] and not (args.save_state or args.save_state_on_train_end):
-            switched_off("--save_state_to_huggingface", f"{label(SavingOptions, 'save_state')} or "
-                         f"{label(SavingOptions, 'save_state_on_train_end')}",
+            switched_off("--save_state_to_huggingface", f"{option_label(SavingOptions, 'save_state')} or "
+                         f"{option_label(SavingOptions, 'save_state_on_train_end')}",
                          "it uploads the state folders they write")
         resume = None
         if v["resume_from_huggingface"]:
@@ -181,7 +181,7 @@ def download_state(ref: HubStateRef, token: str | None, accelerator=None) -> Pat
                             "at that revision")
         if not (folder / STATE_FILE).is_file():
             raise UserError(f"--resume {ref} (--resume_from_huggingface): {STATE_FILE} is missing there; only a state "
-                            f"folder written by this script's {label(SavingOptions, 'save_state')} can be resumed")
+                            f"folder written by this script's {option_label(SavingOptions, 'save_state')} can be resumed")
         problem = state_problem(folder)
         if problem is not None:
             raise UserError(f"--resume {ref} (--resume_from_huggingface): {problem}; this state cannot be resumed "

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from library.cli import Limit, Options, label, option
+from library.cli import Limit, Options, option, option_label
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
@@ -298,8 +298,8 @@ class Trainer:
         raise NonFiniteLoss(
             f"the loss became {mean} at step {p.global_step + 1} (epoch {p.epoch}); training stopped before the bad "
             f"update, and nothing from this step was saved. {kept} Try a lower "
-            f"{label(OptimizerOptions, 'learning_rate')}, {label(PrecisionOptions, 'mixed_precision')} bf16 "
-            f"instead of fp16, or {label(ModelOptions, 'no_half_vae')}."
+            f"{option_label(OptimizerOptions, 'learning_rate')}, {option_label(PrecisionOptions, 'mixed_precision')} bf16 "
+            f"instead of fp16, or {option_label(ModelOptions, 'no_half_vae')}."
         )
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.cli import Limit, Needs, Options, flag, label, option, switched_off
+from library.cli import Limit, Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
 from library.training.models import ModelOptions
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
-_V_PARAMETERIZATION = label(ModelOptions, "v_parameterization")
+_V_PARAMETERIZATION = option_label(ModelOptions, "v_parameterization")
 
 
 @dataclass(frozen=True)

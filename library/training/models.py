@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from library.cli import Limit, Options, check_choice, flag, label, option, refused, switched_off
+from library.cli import Limit, Options, check_choice, flag, option, option_label, refused, switched_off
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels, check_model_source, load_sdxl
 from library.sdxl.text_encoding import tokenizers_via_cache_dir
@@ -121,7 +121,7 @@ class NetworkOptions(Options):
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         if v["network_module"] != NETWORK_MODULE:
-            raise UserError(f"{label(NetworkOptions, 'network_module')} {v['network_module']}: this trainer trains ControlNet-LLLite only "
+            raise UserError(f"{option_label(NetworkOptions, 'network_module')} {v['network_module']}: this trainer trains ControlNet-LLLite only "
                             f"({NETWORK_MODULE}); drop the option, or use sd-scripts' train_network.py for LoRA")
         if v["cond_emb_dim"] < 2 or v["cond_emb_dim"] % 2:
             raise UserError(f"--cond_emb_dim {v['cond_emb_dim']} is not allowed: it must be an even number >= 2 "

@@ -126,13 +126,13 @@ def _structure_problem(folder: Path) -> str | None:
 def check_state_folder(folder: Path) -> None:
     """Refuse a state folder that is missing, incomplete or damaged, before any model loads."""
     if not folder.is_dir():
-        from library.cli import label
+        from library.cli import option_label
         from library.training.hub_upload import HubOptions
         from library.training.saving import SavingOptions
 
-        raise UserError(f"--resume {folder}: no such state folder (it is written by {label(SavingOptions, 'save_state')} "
-                        f"or {label(SavingOptions, 'save_state_on_train_end')}; a state on the Hugging Face Hub needs "
-                        f"{label(HubOptions, 'resume_from_huggingface')}){newest_hint(folder)}")
+        raise UserError(f"--resume {folder}: no such state folder (it is written by {option_label(SavingOptions, 'save_state')} "
+                        f"or {option_label(SavingOptions, 'save_state_on_train_end')}; a state on the Hugging Face Hub needs "
+                        f"{option_label(HubOptions, 'resume_from_huggingface')}){newest_hint(folder)}")
     problem = state_problem(folder)
     if problem is not None:
         raise UserError(f"--resume {folder}: {problem}; this state cannot be resumed{newest_hint(folder)}")
