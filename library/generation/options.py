@@ -1,7 +1,8 @@
 """``sdxl_gen_img.py``'s options: the parser, and one pass that turns them into typed, checked objects.
 
-:func:`build_parser` declares every option of sd-scripts' ``sdxl_gen_img.py`` (78) plus this
-project's own (``--control_net_starts``, ``--negative_prompt``, ``--device``, ``--no_progress``).
+Every option of sd-scripts' ``sdxl_gen_img.py`` (78) plus this project's own (``--control_net_starts``,
+``--negative_prompt``, ``--device``, ``--no_progress``) is declared once, as a field of one of the ``ARGS``
+dataclasses (library/cli.py's spec: type, default, range, help); :func:`build_parser` is built from them.
 :func:`resolve` checks every value against its meaning (ranges, combinations, files that must
 exist) and returns a frozen :class:`GenOptions`; nothing reads the ``argparse.Namespace`` after it
 and nothing changes it. Each failure is a ``UserError`` that names the option, the value and what
@@ -125,7 +126,7 @@ class LoraArgs(Options):
     network_mul: list = option([], type=float, nargs="*", limit=LIMITS["number"],
         help="LoRA multipliers in file order; files without one get 1.0")
     network_merge: bool = flag(help="merge every LoRA into the weights for good (fixed multiplier)")
-    network_merge_n_models: int | None = option(type=int, limit=LIMITS["count"],
+    network_merge_n_models: int | None = option(type=int,  # its range is checked with the files (_merged_count)
         help="merge only the first N LoRA files")
     network_pre_calc: bool = flag(help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
     network_show_meta: bool = flag(help="print each LoRA/LLLite file's metadata")
@@ -452,8 +453,7 @@ def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLaten
     values = {}
     for fields, prefix in ((DEEP_SHRINK_FIELDS, "ds"), (GRADUAL_LATENT_FIELDS, "gl")):
         for name, kind, option, _ in fields:
-            value = getattr(args, option[2:])
-            check_limit(option, value, kind)
+            value = getattr(args, option[2:])  # its range was checked from its declaration
             values[(prefix, name)] = DEFAULTS.get(option[2:]) if value is None else value
     unsharp = None
     if args.gradual_latent_unsharp_params is not None:
