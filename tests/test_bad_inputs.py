@@ -373,12 +373,14 @@ TRAINING_CASES = [
     _train("full_bf16 without bf16", ("--full_bf16",), "--full_bf16 needs --mixed_precision bf16"),
     _train("caption dropout 1.5", ("--caption_dropout_rate", "1.5"), "1.5"),
     # combinations
-    _train("save_last_n_epochs alone", ("--save_last_n_epochs", "2"), "--save_last_n_epochs 2 prunes files saved by"),
-    _train("sample cadence without prompts", ("--sample_every_n_steps", "5"), "--sample_prompts"),
-    _train("dynamo_backend without compile", ("--dynamo_backend", "eager"), "--dynamo_backend eager only applies with --torch_compile"),
-    _train("DeepSpeed option without deepspeed", ("--zero_stage", "3"), "--zero_stage is a DeepSpeed option"),
+    # (switched-off options that sd-scripts ignores are warnings: test_training_switched_off below)
+    _train("adaptive_noise_scale without noise_offset", ("--adaptive_noise_scale", "0.1"), "it needs --noise_offset"),
+    _train("v-pred loss scaling without v-prediction", ("--scale_v_pred_loss_like_noise_pred",),
+           "--scale_v_pred_loss_like_noise_pred applies to v-prediction only"),
+    _train("tensorboard without logging_dir", ("--log_with", "tensorboard"), "--log_with tensorboard needs --logging_dir"),
+    _train("epoch ratio and interval", ("--save_n_epoch_ratio", "2", "--save_every_n_epochs", "1"),
+           "both set the epoch interval"),
     _train("deepspeed not installed", ("--deepspeed",), "pip install deepspeed"),
-    _train("wandb name without wandb", ("--wandb_run_name", "x"), "--wandb_run_name x applies to Weights & Biases"),
     _train("network_module lora", ("--network_module", "networks.lora"), "trains ControlNet-LLLite only"),
     # refused options
     _train("v2", ("--v2",), "--v2 : SDXL has no v2"),
@@ -392,7 +394,6 @@ TRAINING_CASES = [
     _train("resume missing", ("--resume", "{tmp}/state"), "--resume {tmp}/state: no such state folder"),
     _train("resume incomplete", ("--resume", "{half_state}"), "train_state.json is missing"),
     _train("sample prompts missing", ("--sample_prompts", "{tmp}/p.txt"), "{tmp}/p.txt"),
-    _train("sample prompt without a guide", ("--sample_prompts", "{no_cn}"), "has no --cn guide image"),
     _train("fidelity guide unreadable", ("--fidelity_guides", "{broken_guides}", "--sample_every_n_steps", "1"),
            "broken.png"),
     _train("thumbnail missing", ("--metadata_thumbnail", "{tmp}/t.png"), "--metadata_thumbnail {tmp}/t.png: no such file"),
@@ -431,6 +432,52 @@ def test_training_bad_input(case, train_files, tmp_path, capsys, monkeypatch):
     if case.before_load:  # the trainer calls the loader through library.training.models
         monkeypatch.setattr("library.training.models.load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
     check_refusal(case, sdxl_train_control_net_lllite.main, train_files, tmp_path, capsys, monkeypatch)
+
+
+# Options whose switch is off: sd-scripts runs and ignores them, so the run goes on with exactly one warning.
+SWITCHED_OFF = [
+    (("--save_last_n_epochs", "2"), "--save_last_n_epochs 2 does nothing without --save_every_n_epochs or "
+     "--save_n_epoch_ratio (it prunes the files they save): ignored, as sd-scripts does"),
+    (("--save_last_n_steps", "1"), "--save_last_n_steps 1 does nothing without --save_every_n_steps (it prunes the "
+     "files they save): ignored, as sd-scripts does"),
+    (("--save_every_n_steps", "5", "--save_last_n_steps_state", "2"), "--save_last_n_steps_state 2 does nothing "
+     "without --save_state (it prunes the states --save_state writes): ignored, as sd-scripts does"),
+    (("--sample_every_n_steps", "5"), "--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first does nothing "
+     "without --sample_prompts or --fidelity_guides (there is nothing to draw or measure): ignored, as sd-scripts does"),
+    (("--dynamo_backend", "eager"), "--dynamo_backend eager does nothing without --torch_compile: ignored, as "
+     "sd-scripts does"),
+    (("--zero_stage", "3"), "--zero_stage does nothing without --deepspeed (it is a DeepSpeed option): ignored, as "
+     "sd-scripts does"),
+    (("--wandb_run_name", "x"), "--wandb_run_name x does nothing without --log_with wandb (or all) (it applies to "
+     "Weights & Biases): ignored, as sd-scripts does"),
+    (("--log_config",), "--log_config does nothing without --logging_dir (TensorBoard) or --log_with wandb: ignored, "
+     "as sd-scripts does"),
+    (("--huggingface_path_in_repo", "x"), "--huggingface_path_in_repo x does nothing without --huggingface_repo_id "
+     "(it applies to uploads): ignored, as sd-scripts does"),
+]
+
+
+@pytest.mark.parametrize("extra,warning", SWITCHED_OFF, ids=[" ".join(e) for e, _ in SWITCHED_OFF])
+def test_training_switched_off(extra, warning, train_files, tmp_path, caplog):
+    from library.training.config import parse_training_options
+
+    argv = [a.format(**train_files, tmp=tmp_path) for a in T + extra]
+    with caplog.at_level("WARNING"):
+        parse_training_options(argv)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
+
+
+def test_sample_prompt_without_a_guide_is_skipped_with_a_warning(train_files, tmp_path, caplog):
+    """sd-scripts' LLLite trainer draws no samples, so its users' prompt files have no --cn: the run goes on."""
+    from library.training.config import parse_training_options
+
+    argv = [a.format(**train_files, tmp=tmp_path) for a in T + ("--sample_prompts", "{no_cn}", "--sample_at_first")]
+    with caplog.at_level("WARNING"):
+        opts = parse_training_options(argv)
+    assert opts.samples.prompts == ()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{train_files['no_cn']}: prompt 1 ('a red square') has no --cn guide image: it is skipped (an LLLite sample "
+        "needs one, e.g. `a cat --cn guides/cat_canny.png`)"]
 
 
 def test_tables_cover_both_scripts():

@@ -609,6 +609,19 @@ def fingerprint_log(tmp, assets, capsys, monkeypatch) -> str:
 
 
 @trigger
+def switched_off_warning(tmp, assets, capsys, monkeypatch) -> str:
+    from library.training.config import parse_training_options
+
+    handler, logger = _Lines(), logging.getLogger("library.cli")
+    logger.addHandler(handler)
+    try:
+        parse_training_options(_train_options(tmp, assets["checkpoint"], save_last_n_steps=1))
+    finally:
+        logger.removeHandler(handler)
+    return "\n".join(handler.lines)
+
+
+@trigger
 def png_parameters(tmp, assets, capsys, monkeypatch) -> str:
     from PIL import Image
 
