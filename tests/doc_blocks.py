@@ -34,6 +34,10 @@ COMMAND_STARTS = ("python", "python3", "accelerate", "pip", "torchrun")
 _MARKER = re.compile(r"<!--\s*doc-test:(.*?)-->", re.S)
 
 
+def _rel(doc: Path) -> str:
+    return str(doc.relative_to(ROOT)) if doc.is_relative_to(ROOT) else str(doc)
+
+
 def doc_files() -> list[Path]:
     """README.md and every page in docs/: a new page is covered without touching the tests."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -82,7 +86,7 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+        return f"{_rel(self.doc)}:{self.line}"
 
     def is_command(self) -> bool:
         if self.info in COMMAND_LANGUAGES:
@@ -125,7 +129,7 @@ class Quote:
 
     @property
     def where(self) -> str:
-        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+        return f"{_rel(self.doc)}:{self.line}"
 
     def pattern(self) -> re.Pattern:
         """The quote as a pattern: ``...`` stands for any text, and with the ``figures`` flag every number for any
@@ -134,6 +138,7 @@ class Quote:
         for i, piece in enumerate(self.text.split("...")):
             if i:
                 parts.append(".*?")
+            piece = piece.strip()  # the spaces beside "..." belong to the text it stands for
             for j, chunk in enumerate(re.split(r"(\d+(?:\.\d+)?)", piece)):
                 if j % 2 and self.marker and "figures" in self.marker.flags:
                     parts.append(r"\d+(?:\.\d+)?")
@@ -142,21 +147,21 @@ class Quote:
         return re.compile("".join(parts))
 
 
-def _blocks_and_quotes(doc: Path) -> tuple[list[Block], list[Quote]]:
+def blocks_and_quotes(doc: Path) -> tuple[list[Block], list[Quote]]:
     tokens = MarkdownIt("commonmark").enable("table").parse(doc.read_text(encoding="utf-8"))
     blocks, quotes = [], []
     for i, tok in enumerate(tokens):
         if tok.type in ("fence", "code_block"):
             prev = tokens[i - 1] if i else None
-            where = f"{doc.relative_to(ROOT)}:{tok.map[0] + 1}"
+            where = f"{_rel(doc)}:{tok.map[0] + 1}"
             marker = parse_marker(prev.content, where) if prev is not None and prev.type == "html_block" else None
             blocks.append(Block(doc, tok.map[0] + 1, tok.info.strip(), tok.content, marker))
-        elif tok.type == "html_block" and parse_marker(tok.content, f"{doc.relative_to(ROOT)}:{tok.map[0] + 1}"):
+        elif tok.type == "html_block" and parse_marker(tok.content, f"{_rel(doc)}:{tok.map[0] + 1}"):
             nxt = tokens[i + 1] if i + 1 < len(tokens) else None
             if nxt is None or nxt.type not in ("fence", "code_block"):
-                raise DocError(f"{doc.relative_to(ROOT)}:{tok.map[0] + 1}: a doc-test marker must be right above its block")
+                raise DocError(f"{_rel(doc)}:{tok.map[0] + 1}: a doc-test marker must be right above its block")
         elif tok.type == "inline":
-            where = f"{doc.relative_to(ROOT)}:{tok.map[0] + 1}"
+            where = f"{_rel(doc)}:{tok.map[0] + 1}"
             pending = None
             for child in tok.children:
                 if child.type == "html_inline" and _MARKER.search(child.content):
@@ -177,7 +182,7 @@ def _blocks_and_quotes(doc: Path) -> tuple[list[Block], list[Quote]]:
 def collect() -> tuple[list[Block], list[Quote]]:
     blocks, quotes = [], []
     for doc in doc_files():
-        b, q = _blocks_and_quotes(doc)
+        b, q = blocks_and_quotes(doc)
         blocks += b
         quotes += q
     return blocks, quotes  # cached: treat as read-only

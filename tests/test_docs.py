@@ -26,7 +26,7 @@ import torch
 
 from library.errors import run_cli
 from tests.conftest import make_shape_dataset
-from tests.doc_blocks import ROOT, Block, DocError, Quote, collect, commands, doc_files
+from tests.doc_blocks import ROOT, Block, DocError, Marker, Quote, collect, commands, doc_files
 from tests.gen_helpers import make_gen_files
 
 # What a documented path is made of, by the option (or TOML key, or prompt-line option) that names it.
@@ -59,12 +59,16 @@ CUTS: dict[str, Callable[[str], str]] = {
     "W": _size, "H": _size, "w": _size, "h": _size, "resolution": _size,
     "min_bucket_reso": _size, "max_bucket_reso": _size, "bucket_reso_steps": lambda v: "8",
 }
-# Added when a command leaves them to their defaults (1024 px and tens of steps would take minutes on the CPU).
-IMPLIED = {"sdxl_gen_img.py": {"W": "64", "H": "64", "steps": "2"},
-           "tools/evaluate_control.py": {"W": "64", "H": "64", "steps": "2"},
-           # the cut resolution needs buckets to match; a dataset TOML's own values still win over these
-           "sdxl_train_control_net_lllite.py": {"max_train_steps": "2", "min_bucket_reso": "32", "max_bucket_reso": "128",
-                                                "bucket_reso_steps": "8"}}
+# Added when a command leaves them to their defaults (1024 px and tens of steps would take minutes on the CPU),
+# some only when the option they need is given: {option: (value, needs)}.
+IMPLIED: dict[str, dict[str, tuple[str, str | None]]] = {
+    "sdxl_gen_img.py": {"W": ("64", None), "H": ("64", None), "steps": ("2", None)},
+    "tools/evaluate_control.py": {"W": ("64", None), "H": ("64", None), "steps": ("2", None)},
+    # the cut resolution needs buckets to match (a dataset TOML's own values still win); loader processes cost seconds
+    "sdxl_train_control_net_lllite.py": {
+        "max_train_steps": ("2", None), "min_bucket_reso": ("32", None), "max_bucket_reso": ("128", None),
+        "bucket_reso_steps": ("8", None), "max_data_loader_n_workers": ("0", None), "fidelity_steps": ("2", "fidelity_guides")},
+}
 SCRIPTS = ("sdxl_train_control_net_lllite.py", "sdxl_gen_img.py")
 
 
@@ -93,6 +97,62 @@ def test_every_block_and_quote_has_a_verdict():
     assert not problems, "\n".join(problems)
     assert sum(verdicts.values()) == len(blocks) and verdicts["run"] >= 20, verdicts
     print(f"{len(blocks)} blocks: {dict(verdicts)}; {len(quotes)} quoted messages")
+
+
+SAMPLE = """A prompt file and a command that uses it:
+
+<!-- doc-test: file name=p.txt loader=prompts -->
+
+    a cat --w 1024 --s 30
+
+<!-- doc-test: fails "error: argument --sampler: invalid choice: 'nosuch'" -->
+```bash
+python sdxl_gen_img.py --ckpt m.safetensors --from_file p.txt --sampler nosuch
+```
+
+```toml
+[general]
+```
+
+It says <!-- doc-test: message trigger=x figures -->`step 600 on 32 guides ... (1.92x)` and `error: boom` and `error: ...`.
+"""
+
+
+def test_markers_verdicts_and_quote_patterns(tmp_path):
+    """The doc-test markers on a sample page: verdicts, the block left unclassified, and how a quote matches."""
+    from tests.doc_blocks import blocks_and_quotes
+
+    page = tmp_path / "sample.md"
+    page.write_text(SAMPLE)
+    blocks, quotes = blocks_and_quotes(page)
+    assert [b.verdict() for b in blocks[:2]] == ["file", "fails"] and blocks[0].text == "a cat --w 1024 --s 30\n"
+    with pytest.raises(DocError, match="neither a command nor a python snippet"):
+        blocks[2].verdict()
+    assert [q.text for q in quotes] == ["step 600 on 32 guides ... (1.92x)", "error: boom"]
+    assert quotes[0].pattern().search("at step 2 on 2 guides: edge F1 0.044 (0.99x); more")
+    assert not quotes[0].pattern().search("at step 2 on 2 images: (0.99x)")
+    assert quotes[1].marker is None and quotes[1].pattern().search("error: boom") and not quotes[1].pattern().search("error: 1")
+    assert map_prompt_lines("a cat --w 1024 --s 30 --d 5") == "a cat --w 64 --s 2 --d 5"
+    assert map_toml('resolution = [1216, 832]  # wide\npath = "/models/x.safetensors"') == \
+        'resolution = [72, 48]  # wide\npath = "models/x.safetensors"'
+    page.write_text("<!-- doc-test: skip \"why\" -->\n\ntext\n")
+    with pytest.raises(DocError, match="right above its block"):
+        blocks_and_quotes(page)
+
+
+def test_a_fails_block_must_fail_with_its_message(tmp_path, monkeypatch, capsys, doc_assets):
+    """The fails marker: the run must stop with the quoted message (the sample's --sampler is refused before loading)."""
+    from tests.doc_blocks import blocks_and_quotes
+
+    page = tmp_path / "sample.md"
+    page.write_text(SAMPLE)
+    blocks, _ = blocks_and_quotes(page)
+    monkeypatch.chdir(tmp_path)
+    world = World(tmp_path, page, doc_assets, {"p.txt": [blocks[0]]}, capsys)
+    run_block(world, blocks[1], "fails")
+    wrong = Block(page, 1, "bash", blocks[1].text, Marker("fails", "error: something else"))
+    with pytest.raises(AssertionError, match="expected the message"):
+        run_block(world, wrong, "fails")
 
 
 # ---------------------------------------------------------------------------------------------- the fixtures
@@ -235,7 +295,7 @@ class World:
         elif loader == "dataset":
             from library.data.config import load_dataset_config
 
-            buckets = {k: int(v) for k, v in IMPLIED["sdxl_train_control_net_lllite.py"].items() if "bucket" in k}
+            buckets = {k: int(v) for k, (v, _) in IMPLIED["sdxl_train_control_net_lllite.py"].items() if "bucket" in k}
             assert load_dataset_config(name, buckets)
         elif loader == "prompts":
             from library.generation.prompt_lines import load_prompt_file
@@ -270,8 +330,10 @@ class World:
             out.append(value)
         given = {w[2:] for w in out if w.startswith("--")}
         config = self.config_values(out)
-        for k, v in IMPLIED.get(script, {}).items():
-            if k not in given and k not in config and not (k == "max_train_steps" and "max_train_epochs" in config):
+        for k, (v, needs) in IMPLIED.get(script, {}).items():
+            if k in given or k in config or (k == "max_train_steps" and "max_train_epochs" in config):
+                continue
+            if needs is None or needs in given or needs in config:
                 out += [f"--{k}", v]
         if script.startswith("benchmarks/"):
             out.append("--tiny")
@@ -474,7 +536,7 @@ def test_doc_blocks(doc, tmp_path, monkeypatch, capsys, doc_assets, doc_files_by
                 check_python(block)
             elif verdict in ("run", "fails", "parse-only"):
                 run_block(world, block, verdict)
-        except (DocError, AssertionError, Exception) as e:  # noqa: B014  (every block reported, not the first)
+        except Exception as e:  # every block is reported, not only the first that fails
             problems.append(f"{block.where}: {type(e).__name__}: {e}")
         seconds[block.where] = time.perf_counter() - start
     print("seconds per block:", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
@@ -649,40 +711,45 @@ def test_quoted_messages(name, tmp_path, monkeypatch, capsys, doc_assets):
 # ---------------------------------------------------------------------------------------------- the README's figures
 
 
-RECORDED = ROOT / "tests" / "data" / "recorded"
+RECORDED = ROOT / "tests" / "data" / "recorded"  # what was measured, and how (tests/data/recorded/README.md)
+
+
+def _duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds} s"
 
 
 def test_readme_demo_figures_are_the_recorded_runs():
-    """The demo figures in README.md and the docs are those of the recorded `python tools/demo.py` run."""
-    run = json.loads((RECORDED / "demo_run.json").read_text())
+    """The demo figures in README.md and docs/training.md are those of the recorded `python tools/demo.py` run."""
     fid = json.loads((RECORDED / "demo_fidelity.json").read_text())
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    m0, m1, ref = fid["mean"]["0"], fid["mean"]["1"], fid["reference"]
-    ratio = m1["f1"] / m0["f1"]
+    run, (m0, m1), ref = fid["run"], (fid["mean"]["0"], fid["mean"]["1"]), fid["reference"]
+    guides = sum(1 for r in fid["per_item"] if r.get("multiplier") == 0.0)
+    curve = {c["step"]: c["edge_f1"] for c in fid["fidelity_curve"]}
     expected = [
+        f"with LLLite, {guides} held-out guides",
+        f"default options, {_duration(run['seconds'])}, {run['peak_memory_gb']:.1f} GB of memory",
         f"| 0 (base model alone) | {m0['f1']:.3f} | {m0['ssim']:.3f} |",
         f"| 1 (with the trained LLLite) | {m1['f1']:.3f} | {m1['ssim']:.3f} |",
-        f"at strength {ref['strength']}, no LLLite | {ref['f1']:.3f} | {ref['ssim']:.3f} |",
-        f"Edge F1 rises {ratio:.2f}x after {run['train_steps']} training steps on {run['train_images']} images",
+        f"at strength {ref['strength']:g}, no LLLite | {ref['f1']:.3f} | {ref['ssim']:.3f} |",
+        f"Edge F1 rises {m1['f1'] / m0['f1']:.2f}x after {run['train_steps']} training steps on {run['train_images']} images",
         f"The LLLite covers {(m1['f1'] - m0['f1']) / (ref['f1'] - m0['f1']):.0%} of the gap",
-        f"{len(fid['per_guide_seeds']) if 'per_guide_seeds' in fid else run['eval_guides']} held-out guides",
-        f"default options, {run['time']}, {run['memory_gb']:.1f} GB of memory",
+        f"edge F1 was {curve[100]:.3f} at step 100, {curve[200]:.3f} at 200, {curve[300]:.3f} at 300",
+        f"{curve[run['train_steps']]:.3f} at {run['train_steps']}, the figure above",
+        *(f"| {m} | {f['colour']:.0%} | {f['shape']:.0%} | {f['both']:.0%} |" for m, f in fid["prompt_fidelity"].items()),
     ]
-    curve = {c["step"]: c["edge_f1"] for c in fid["fidelity_curve"]}
-    expected.append(f"edge F1 was {curve[100]:.3f} at step 100, {curve[200]:.3f} at 200, {curve[300]:.3f} at 300")
-    for mult, f in fid["prompt_fidelity"].items():
-        expected.append(f"| {mult} | {f['colour']:.0%} | {f['shape']:.0%} | {f['both']:.0%} |")
+    readme = " ".join((ROOT / "README.md").read_text().split())
     missing = [e for e in expected if e not in readme]
-    assert not missing, "README.md does not say (from tests/data/recorded):\n" + "\n".join(missing)
-    # The training log line docs/training.md quotes is the recorded run's.
+    assert not missing, "README.md does not say (tests/data/recorded/demo_fidelity.json):\n" + "\n".join(missing)
+    # docs/training.md quotes the log line of the run's last fidelity measurement
     training = " ".join((ROOT / "docs" / "training.md").read_text().split())
-    (line,) = [x for x in run["log"] if x.startswith(f"control fidelity at step {run['train_steps']} ")]
-    assert line.split("; edge SSIM")[0] in training
+    last = fid["fidelity_curve"][-1]
+    assert (f"control fidelity at step {last['step']} on {guides} guides: edge F1 {last['edge_f1']:.3f} with the LLLite, "
+            f"{last['edge_f1_base']:.3f} without ({last['edge_f1'] / last['edge_f1_base']:.2f}x)") in training
 
 
 def test_readme_suite_figures_are_the_recorded_runs():
     """The test count and times in README.md are those of the recorded `.ci/run`."""
     ci = json.loads((RECORDED / "ci_run.json").read_text())
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"({ci['passed']} passed in {ci['suite_time']} on this 2-core machine" in readme
-    assert f"{ci['total_time']} with the set-up" in readme
+    assert (f"({ci['passed']} passed in {_duration(ci['suite_seconds'])} on this 2-core machine in a fresh clone via "
+            f"`.ci/run`, {_duration(ci['total_seconds'])} with the set-up") in readme
