@@ -15,7 +15,6 @@ import logging
 import re
 import runpy
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
