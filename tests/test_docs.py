@@ -542,13 +542,6 @@ def test_doc_blocks(doc, tmp_path, monkeypatch, capsys, doc_assets, doc_files_by
     assert not problems, "\n\n".join(problems)
 
 
-def test_readme_test_command_is_what_ci_runs():
-    """.ci/run runs exactly the README's test command (the README block itself is parse-only: it builds a venv)."""
-    readme = [b for b in collect()[0] if b.doc.name == "README.md" and "pytest" in b.text]
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert [b.text.strip() for b in readme] == [ci]
-
-
 # ---------------------------------------------------------------------------------------------- quoted messages
 
 
