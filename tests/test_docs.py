@@ -682,7 +682,7 @@ def png_parameters(tmp, assets, capsys, monkeypatch) -> str:
     code, printed = call_main("sdxl_gen_img.py", [
         "--ckpt", str(assets["checkpoint"]), "--control_net_lllite_models", str(assets["lllite"]),
         "--guide_image_path", str(assets["image"]), "--prompt", "a castle", "--W", "64", "--H", "64", "--steps", "2",
-        "--sampler", "euler_a", "--scale", "7", "--seed", "42", "--outdir", "out"], capsys)
+        "--sampler", "ddim", "--scale", "7.5", "--seed", "42", "--outdir", "out"], capsys)
     assert code == 0, printed
     (png,) = Path("out").glob("*.png")
     return Image.open(png).text["parameters"]

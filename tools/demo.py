@@ -173,6 +173,7 @@ optimizer_type = "AdamW"
 seed = {args.seed}
 cache_latents = true
 cache_text_encoder_outputs = true
+max_data_loader_n_workers = 0
 save_model_as = "safetensors"
 logging_dir = "{(work / 'logs').as_posix()}"
 log_prefix = "demo_"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,12 @@ from library.generation.pipeline import (
     open_image,
     request_from_prompt_spec,
     request_metadata,
+    validate_request,
 )
 from library.generation.png_metadata import save_png
 from library.generation.prompt_lines import PromptSpec, load_prompt_file
-from library.generation.samplers import SAMPLER_NAMES, normalize_sampler_name
+from library.generation.samplers import ANCESTRAL_EULER, SAMPLER_NAMES, normalize_sampler_name
+from library.generation.settings import GradualLatent
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.together import together
@@ -184,6 +187,18 @@ class SampleDrawer:
                                           sampler=opts.sampler,
                                           seed=seed, clip_skip=text.clip_skip,
                                           max_embeddings_multiples=text.max_embeddings_multiples)
+        # Checked now, before training: a line's mistake must not stop the run at its first sample.
+        self.requests = [self._request(spec, i) for i, spec in enumerate(opts.prompts)]
+
+    def _request(self, spec: PromptSpec, index: int) -> GenerationRequest:
+        request = request_from_prompt_spec(spec, self.defaults)
+        if request.gradual_latent.enabled and normalize_sampler_name(request.sampler) not in ANCESTRAL_EULER:
+            # as sdxl_gen_img.py (and sd-scripts): drawn without it
+            switched_off(f"sample prompt {index + 1}: Gradual Latent (--glt)", "--sampler euler_a",
+                         f"--sampler {request.sampler} has no ancestral step to grow the latents in")
+            request = dataclasses.replace(request, gradual_latent=GradualLatent())
+        validate_request(request, 1, f"{self.opts.prompt_file}: sample prompt {index + 1}: ")
+        return request
 
     def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
         together(self.accelerator, lambda: self._draw(network, step, epoch), f"drawing the samples of step {step}",
@@ -193,8 +208,7 @@ class SampleDrawer:
         models, device = self.models, self.accelerator.device
         for_trackers: dict[str, tuple[Image.Image, str]] = {}
         with drawing_with(models, network, self.accelerator):
-            for i, spec in enumerate(self.opts.prompts):
-                request = request_from_prompt_spec(spec, self.defaults)
+            for i, request in enumerate(self.requests):
                 image = generate(models, [network], request, device=device, progress=False)[0]
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
