@@ -8,11 +8,13 @@ quote::
     <!-- doc-test: parse-only "reason" -->         a command block that cannot run here: its options are parsed
     <!-- doc-test: file name=x.toml loader=L -->   an example file that command blocks use by name
     <!-- doc-test: skip "reason" -->               neither run nor parsed (a file tree, an output sample)
-    <!-- doc-test: message trigger=T [figures] --> before an inline `quote`: the text trigger T must produce
+    <!-- doc-test: message trigger=T [figures] --> before an inline `quote` (or a block of them, one a line):
+                                                   the text trigger T must produce
 
 Every block gets a verdict: a command block (bash/sh/console, or lines that start with python, accelerate,
 pip or torchrun) runs unless marked, a python block is compiled and its imports resolved, and any other
 block needs a marker. An inline quote that starts with ``error:`` needs a message marker.
+Spaces around ``...`` in a quote belong to the text it stands for.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class Block:
         """run, fails, parse-only, file, skip or python; a block that is none of them raises DocError."""
         kind = self.marker.kind if self.marker else None
         if kind == "message":
-            raise DocError(f"{self.where}: a message marker goes before an inline quote, not a block")
+            if "trigger" not in self.marker.options:
+                raise DocError(f"{self.where}: a message marker needs trigger=NAME (a trigger of tests/test_docs.py)")
+            return "message"  # each line is a quote, checked with its trigger
         if kind == "file":
             name, loader = self.marker.options.get("name"), self.marker.options.get("loader")
             if not name or loader not in FILE_LOADERS:
@@ -156,6 +160,9 @@ def blocks_and_quotes(doc: Path) -> tuple[list[Block], list[Quote]]:
             where = f"{_rel(doc)}:{tok.map[0] + 1}"
             marker = parse_marker(prev.content, where) if prev is not None and prev.type == "html_block" else None
             blocks.append(Block(doc, tok.map[0] + 1, tok.info.strip(), tok.content, marker))
+            if marker is not None and marker.kind == "message":
+                quotes += [Quote(doc, tok.map[0] + 1 + n, line.strip(), marker)
+                           for n, line in enumerate(tok.content.splitlines()) if line.strip()]
         elif tok.type == "html_block" and parse_marker(tok.content, f"{_rel(doc)}:{tok.map[0] + 1}"):
             nxt = tokens[i + 1] if i + 1 < len(tokens) else None
             if nxt is None or nxt.type not in ("fence", "code_block"):

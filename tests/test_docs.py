@@ -676,6 +676,20 @@ def switched_off_warning(tmp, assets, capsys, monkeypatch) -> str:
 
 
 @trigger
+def gen_switched_off_warnings(tmp, assets, capsys, monkeypatch) -> str:
+    from library.generation.options import build_parser, resolve
+
+    handler, logger = _Lines(), logging.getLogger("library.cli")
+    logger.addHandler(handler)
+    try:
+        resolve(build_parser("").parse_args(["--ckpt", str(assets["checkpoint"]), "--prompt", "a cat", "--no_preview",
+                                             "--strength", "0.5"]))
+    finally:
+        logger.removeHandler(handler)
+    return "\n".join(handler.lines)
+
+
+@trigger
 def png_parameters(tmp, assets, capsys, monkeypatch) -> str:
     from PIL import Image
 
