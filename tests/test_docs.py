@@ -8,6 +8,7 @@ from fixtures by the option that names them (FIXTURE_OPTIONS), with sizes and st
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -435,17 +436,12 @@ def check_pip(words: list[str], run: bool) -> None:
             assert not pin or installed.split("+")[0] == pin, f"{name} {installed} is installed, the doc pins {pin}"
 
 
-_MODULES: dict[str, dict] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def script_module(script: str) -> dict:
     """A script's globals (its main and build_parser), loaded once; the entry scripts are imported as modules."""
-    if script not in _MODULES:
-        if script in SCRIPTS:
-            _MODULES[script] = vars(importlib.import_module(script[:-3]))
-        else:
-            _MODULES[script] = runpy.run_path(str(ROOT / script), run_name=f"doc_test_{Path(script).stem}")
-    return _MODULES[script]
+    if script in SCRIPTS:
+        return vars(importlib.import_module(script[:-3]))
+    return runpy.run_path(str(ROOT / script), run_name=f"doc_test_{Path(script).stem}")
 
 
 def call_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
