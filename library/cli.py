@@ -45,7 +45,9 @@ def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type:
     if flag:
         action = group.add_argument(f"--{name}", action="store_true", help=f"refused: {reason}")
     else:
-        action = group.add_argument(f"--{name}", default=None, type=type, nargs=nargs, help=f"refused: {reason}")
+        accepted = "" if reference_default is None else (f". sd-scripts' default {reference_default} is accepted; any other "
+                                                         "value stops the run")
+        action = group.add_argument(f"--{name}", default=None, type=type, nargs=nargs, help=f"refused: {reason}{accepted}")
     action.refusal = reason
     action.reference_default = reference_default
 

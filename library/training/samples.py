@@ -208,7 +208,7 @@ class SampleDrawer:
         models, device = self.models, self.accelerator.device
         for_trackers: dict[str, tuple[Image.Image, str]] = {}
         with drawing_with(models, network, self.accelerator):
-            for i, request in enumerate(self.requests):
+            for i, (spec, request) in enumerate(zip(self.opts.prompts, self.requests)):
                 image = generate(models, [network], request, device=device, progress=False)[0]
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
