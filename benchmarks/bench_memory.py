@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,19 +111,21 @@ def training_batch(cfg: dict, batch: int, resolution: int) -> dict:
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     lat = resolution // 8
     size = torch.tensor([[resolution, resolution]] * batch, dtype=torch.float32)
+    # latents and guides are float32 as the loader yields them; cached text outputs are in the weight dtype
     return {
-        "latents": torch.randn(batch, 4, lat, lat),
+        "latents": torch.randn(batch, 4, lat, lat, dtype=torch.float32),
         "text_hidden": torch.randn(batch, 77, cfg["cross_attention_dim"]),
         "text_pooled": torch.randn(batch, pooled),
         "original_sizes_hw": size, "crop_top_lefts": torch.zeros(batch, 2), "target_sizes_hw": size.clone(),
-        "conditioning_images": torch.rand(batch, 3, resolution, resolution) * 2 - 1,
+        "conditioning_images": torch.rand(batch, 3, resolution, resolution, dtype=torch.float32) * 2 - 1,
         "network_multiplier": 1.0,
     }
 
 
 def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 1024, gradient_checkpointing: bool = True,
                         fp8_base: bool = False, full_bf16: bool = False, optimizer: str = "AdamW",
-                        cond_emb_dim: int = 32, network_dim: int = 64, flops: bool = True) -> dict:
+                        cond_emb_dim: int = 32, network_dim: int = 64, flops: bool = True,
+                        include_output_blocks: bool = False) -> dict:
     """Peak live bytes (second step) and FLOPs (third step) of this project's training step on fake tensors."""
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
@@ -147,7 +150,9 @@ def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 
             unet.enable_gradient_checkpointing()
         # Trainer.__init__: the network in fp32 (bf16 with --full_bf16), attached, in training mode
         with default_dtype(wdtype if full_bf16 else torch.float32):
-            network = create_network(NetworkOptions(cond_emb_dim=cond_emb_dim, network_dim=network_dim), unet)
+            network = create_network(NetworkOptions(cond_emb_dim=cond_emb_dim, network_dim=network_dim,
+                                                    include_output_blocks=include_output_blocks), unet)
+        cond_graph = conditioning_graph_bytes(network, batch, resolution, wdtype)
         network.attach()
         network.train()
         params = [p for p in network.parameters() if p.requires_grad]
@@ -183,10 +188,26 @@ def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 
         "impl": "this project", "kind": "train", "config": config, "batch": batch, "resolution": resolution,
         "gradient_checkpointing": gradient_checkpointing, "fp8_base": fp8_base, "full_bf16": full_bf16,
         "optimizer": optimizer, "peak_bytes": peak + state_8bit, "peak_op": peak_op, "after_step_bytes": after + state_8bit,
-        "weight_bytes": weights, "optimizer_state_counted_bytes": state_8bit or None,
+        "weight_bytes": weights, "conditioning_graph_bytes": cond_graph, "optimizer_state_counted_bytes": state_8bit or None,
         "trainable_parameters": sum(p.numel() for p in params), "flops": step_flops,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def conditioning_graph_bytes(network, batch: int, resolution: int, autocast_dtype: torch.dtype) -> int:
+    """Bytes that all modules' ``conditioning1`` graphs hold for ``batch`` guides under autograd and autocast.
+
+    What embedding every guide before the U-Net call (outside the checkpointed blocks) keeps alive
+    until backward, each module with its own autocast copy of the guide. Call inside ``fake_mode``.
+    """
+    guide = torch.rand(batch, 3, resolution, resolution, dtype=torch.float32)  # as the data loader yields it
+    counter = LiveBytes()
+    with counter, torch.autocast("cpu", dtype=autocast_dtype):
+        before = counter.live
+        embeddings = [m.conditioning1(guide) for _, m in network.lllite_modules()]
+        held = counter.live - before
+    del embeddings
+    return held
 
 
 def _text_encoding_options():
@@ -285,7 +306,9 @@ def _tflop(n) -> str:
 
 def print_training(rows: list[tuple[dict, dict | None]]) -> None:
     print("\n### Training step (second step: optimizer state exists), counted on fake tensors\n")
-    head = ["batch", "grad ckpt", "fp8_base", "full_bf16", "optimizer", "weights GiB", "peak GiB", "above weights GiB", "TFLOP/step"]
+    head = ["batch", "grad ckpt", "fp8_base", "full_bf16", "optimizer", "weights GiB", "peak GiB", "above weights GiB",
+            "TFLOP/step", "peak at (op)", "conditioning graphs GiB"]
+    n_ours = len(head)
     if any(r for _, r in rows):
         head += ["sd-scripts peak GiB", "sd-scripts above weights GiB", "sd-scripts TFLOP/step",
                  "peak ratio", "above-weights ratio", "FLOP ratio"]
@@ -295,8 +318,9 @@ def print_training(rows: list[tuple[dict, dict | None]]) -> None:
         above = ours["peak_bytes"] - ours["weight_bytes"]
         cells = [ours["batch"], "on" if ours["gradient_checkpointing"] else "off", "on" if ours["fp8_base"] else "off",
                  "on" if ours["full_bf16"] else "off", ours["optimizer"] + (" (state counted)" if ours["optimizer_state_counted_bytes"] else ""),
-                 _gib(ours["weight_bytes"]), _gib(ours["peak_bytes"]), _gib(above), _tflop(ours["flops"])]
-        if len(head) > 9:
+                 _gib(ours["weight_bytes"]), _gib(ours["peak_bytes"]), _gib(above), _tflop(ours["flops"]),
+                 ours["peak_op"], _gib(ours["conditioning_graph_bytes"])]
+        if len(head) > n_ours:
             if ref is None or "peak_bytes" not in ref:
                 why = (ref or {}).get("note", "not run")
                 cells += [why, "", "", "", "", ""]
@@ -305,6 +329,9 @@ def print_training(rows: list[tuple[dict, dict | None]]) -> None:
                 cells += [_gib(ref["peak_bytes"]), _gib(ref_above), _tflop(ref["flops"]),
                           _ratio(ours["peak_bytes"], ref["peak_bytes"]), _ratio(above, ref_above), _ratio(ours["flops"], ref["flops"])]
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    print("\n\"conditioning graphs\": what all modules' conditioning1 graphs hold for the batch's guides when each "
+          "module embeds them under autograd and autocast and keeps the result until backward (embedding before the "
+          "U-Net call, outside the checkpointed blocks). Under autograd the embedding now runs inside each block.")
     if any(o["optimizer_state_counted_bytes"] for o, _ in rows):
         print("\n8-bit optimizer: bitsandbytes cannot run on fake tensors; its state is counted from the parameter "
               "count (1 byte per value per state, an fp32 scale per 256 values, 32-bit state under 4096 values) and "
@@ -345,6 +372,9 @@ def main(argv=None) -> dict:
     p.add_argument("--network_dim", type=int, default=64)
     p.add_argument("--no_inference", action="store_true", help="skip the inference cases")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count (a third step per case)")
+    p.add_argument("--flops_all_batches", action="store_true",
+                   help="count FLOPs at every batch size (default: the first only; they grow linearly with the batch)")
+    p.add_argument("--jobs", type=int, default=1, help="cases counted at once, each in its own process")
     p.add_argument("--reference", metavar="PATH", default=None,
                    help="a kohya-ss/sd-scripts checkout: count the same cases on its LLLite trainer and generation path")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
@@ -374,25 +404,34 @@ def main(argv=None) -> dict:
         for fp8 in fp8s:
             for b in batches:
                 train_cases.append(dict(common, kind="train", batch=b, gradient_checkpointing=gc == "on", fp8_base=fp8,
-                                        full_bf16=args.full_bf16, optimizer=args.optimizer))
+                                        full_bf16=args.full_bf16, optimizer=args.optimizer,
+                                        flops=common["flops"] and (b == batches[0] or args.flops_all_batches)))
     infer_cases = [] if args.no_inference else [dict(common, kind="infer", n_lllite=n) for n in (0, 1, 2)]
 
     t0 = time.perf_counter()
-    train_rows, infer_rows = [], []
-    for case in train_cases:
-        ours = run_case_process(dict(case, impl="ours"), None)
-        ref = None
-        if args.reference:
-            if case["fp8_base"]:
-                ref = {"note": "n/a: sd-scripts' LLLite trainer has no --fp8_base"}
-            else:
-                ref = run_case_process(dict(case, impl="reference"), args.reference)
-        train_rows.append((ours, ref))
-        print(f"counted: {json.dumps({k: v for k, v in ours.items() if k != 'impl'})}", file=sys.stderr, flush=True)
-    for case in infer_cases:
-        ours = run_case_process(dict(case, impl="ours"), None)
-        ref = run_case_process(dict(case, impl="reference"), args.reference) if args.reference else None
-        infer_rows.append((ours, ref))
+    jobs = []  # (row index, side, case)
+    for i, case in enumerate(train_cases + infer_cases):
+        jobs.append((i, 0, dict(case, impl="ours")))
+        if args.reference and not case.get("fp8_base"):
+            jobs.append((i, 1, dict(case, impl="reference")))
+    results: dict[tuple[int, int], dict] = {}
+
+    def work(job):
+        i, side, case = job
+        res = run_case_process(case, args.reference if side else None)
+        print(f"counted: {json.dumps(res)}", file=sys.stderr, flush=True)
+        return (i, side), res
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for key, res in pool.map(work, jobs):
+            results[key] = res
+    rows = []
+    for i, case in enumerate(train_cases + infer_cases):
+        ref = results.get((i, 1))
+        if args.reference and case.get("fp8_base"):
+            ref = {"note": "n/a: sd-scripts' LLLite trainer has no --fp8_base"}
+        rows.append((results[(i, 0)], ref))
+    train_rows, infer_rows = rows[:len(train_cases)], rows[len(train_cases):]
 
     print(f"\nCounted on fake tensors: {args.config} U-Net in bf16, LLLite C={args.cond_emb_dim} R={args.network_dim} "
           f"in {'bf16' if args.full_bf16 else 'fp32'} under bf16 autocast, {resolution}x{resolution}, SDPA attention. "

@@ -25,8 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 class LiveBytes(TorchDispatchMode):
     """Live tensor storage bytes and their peak, counted per storage (views and in-place ops add nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, detail: bool = False) -> None:
         super().__init__()
+        self.detail = detail  # keep what made each storage, for ``peak_breakdown`` (slower)
+        self._made_by: dict[int, str] = {}
+        self._at_peak: dict[int, str] = {}
+        self._at_peak_bytes: dict[int, int] = {}
         self.live = 0
         self.peak = 0
         self.phase = ""
@@ -57,15 +61,30 @@ class LiveBytes(TorchDispatchMode):
             return
         n = storage.nbytes()
         self._seen[key] = n
+        if self.detail:
+            self._made_by[key] = f"{self._op} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
         self.live += n
         weakref.finalize(storage, self._free, key)
         if self.live > self.peak:
             self.peak = self.live
             self.peak_phase = self.phase
             self.peak_op = self._op
+            if self.detail:
+                self._at_peak = {k: self._made_by.get(k, "outside") for k in self._seen}
+                self._at_peak_bytes = dict(self._seen)
 
     def _free(self, key: int) -> None:
         self.live -= self._seen.pop(key, 0)
+        self._made_by.pop(key, None)
+
+    def peak_breakdown(self, top: int = 15) -> list[tuple[str, int, int]]:
+        """(what made them, count, bytes) of the storages live at the peak, largest first (``detail`` only)."""
+        sizes: dict[str, list[int]] = {}
+        for key, what in self._at_peak.items():
+            entry = sizes.setdefault(what, [0, 0])
+            entry[0] += 1
+            entry[1] += self._at_peak_bytes.get(key, 0)
+        return sorted(((w, c, b) for w, (c, b) in sizes.items()), key=lambda r: -r[2])[:top]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -73,10 +73,13 @@ def train_case(case: dict) -> dict:
         else:
             unet.eval()
         opt = torch.optim.AdamW(params, lr=2e-4)
-        latents, text, vector = _sdxl_inputs(torch, b, res, wdtype)
-        cond = torch.rand(b, 3, res, res).to(wdtype)  # batch["conditioning_images"].to(dtype=weight_dtype)
+        batch_latents, text, vector = _sdxl_inputs(torch, b, res, torch.float32)  # float32 from the loader
+        text, vector = text.to(wdtype), vector.to(wdtype)
+        batch_cond = torch.rand(b, 3, res, res, dtype=torch.float32)
 
         def step():
+            latents = batch_latents.to(wdtype)  # batch["latents"].to(dtype=weight_dtype)
+            cond = batch_cond.to(wdtype)  # batch["conditioning_images"].to(dtype=weight_dtype)
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, 1000, (b,))
             noisy = (latents + noise).to(wdtype)
@@ -91,7 +94,7 @@ def train_case(case: dict) -> dict:
         weights = module_bytes(unet)
         counter = LiveBytes()
         counter.track(module_tensors(unet))
-        counter.track([latents, text, vector, cond])
+        counter.track([batch_latents, text, vector, batch_cond])
         with counter:
             step()
             counter.reset_peak()
