@@ -125,8 +125,9 @@ def training_batch(cfg: dict, batch: int, resolution: int) -> dict:
 def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 1024, gradient_checkpointing: bool = True,
                         fp8_base: bool = False, full_bf16: bool = False, optimizer: str = "AdamW",
                         cond_emb_dim: int = 32, network_dim: int = 64, flops: bool = True,
-                        include_output_blocks: bool = False) -> dict:
-    """Peak live bytes (second step) and FLOPs (third step) of this project's training step on fake tensors."""
+                        include_output_blocks: bool = False, measured_step: int = 2) -> dict:
+    """Peak live bytes of step ``measured_step`` (the second: the optimizer state exists) and FLOPs of the
+    step after it, of this project's training step on fake tensors."""
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
@@ -176,16 +177,16 @@ def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 
         counter.track(module_tensors(unet, network))
         counter.track(v for v in data.values() if isinstance(v, torch.Tensor))
         with counter:
-            counter.set_phase("step 1")
-            Trainer.micro_step(trainer, data)
-            counter.set_phase("step 2")
-            counter.reset_peak()
-            Trainer.micro_step(trainer, data)
+            for step in range(1, measured_step + 1):
+                counter.set_phase(f"step {step}")
+                counter.reset_peak()
+                Trainer.micro_step(trainer, data)
         peak, after, peak_op = counter.peak, counter.live, counter.peak_op
         step_flops = count_flops(lambda: Trainer.micro_step(trainer, data)) if flops else None
     state_8bit = eight_bit_state_bytes(params, eight_bit) if eight_bit else 0
     return {
         "impl": "this project", "kind": "train", "config": config, "batch": batch, "resolution": resolution,
+        "cond_emb_dim": cond_emb_dim, "network_dim": network_dim,
         "gradient_checkpointing": gradient_checkpointing, "fp8_base": fp8_base, "full_bf16": full_bf16,
         "optimizer": optimizer, "peak_bytes": peak + state_8bit, "peak_op": peak_op, "after_step_bytes": after + state_8bit,
         "weight_bytes": weights, "conditioning_graph_bytes": cond_graph, "optimizer_state_counted_bytes": state_8bit or None,
@@ -357,6 +358,69 @@ def print_inference(rows: list[tuple[dict, dict | None]]) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
+CARDS_GIB = (8, 12, 16, 24)
+ALLOWANCE_GIB = 0.75  # CUDA context (0.3-0.8 GiB with current drivers and lazy module loading) and workspaces
+ALLOWANCE_SHARE = 0.10  # allocator rounding and fragmentation, as a share of the counted peak
+H100_TFLOPS = 790.0  # bf16 peak used by docs/benchmarks.md's targets (benchmarks/common.py)
+H100_UTILISATION = 0.30  # the training-speed target's utilisation
+
+
+def largest_batch(points: dict[int, int], card_gib: float) -> int:
+    """Largest batch whose counted peak, plus the allowance, fits ``card_gib``: the line through the counts."""
+    (b0, p0), (b1, p1) = min(points.items()), max(points.items())
+    slope = (p1 - p0) / (b1 - b0)
+    budget = (card_gib - ALLOWANCE_GIB) / (1 + ALLOWANCE_SHARE) * GIB
+    if p0 - slope * (b0 - 1) > budget:
+        return 0
+    return int((budget - (p0 - slope * b0)) // slope)
+
+
+def print_fits(rows: list[tuple[dict, dict | None]]) -> None:
+    """The largest batch per card size, with gradient checkpointing, for each implementation and --fp8_base."""
+    series: dict[str, dict[int, int]] = {}
+    flops: dict[str, float] = {}
+    for ours, ref in rows:
+        for r, name in ((ours, "this project"), (ref, "sd-scripts")):
+            if not r or "peak_bytes" not in r or not r["gradient_checkpointing"]:
+                continue
+            key = f"{name}, --fp8_base" if r.get("fp8_base") else name
+            series.setdefault(key, {})[r["batch"]] = r["peak_bytes"]
+            if r.get("flops"):
+                flops.setdefault(key, r["flops"] / r["batch"])
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return
+    print(f"\n### What fits: largest batch at {rows[0][0]['resolution']}px with gradient checkpointing\n")
+    print(f"Counted peak x {1 + ALLOWANCE_SHARE:.2f} + {ALLOWANCE_GIB} GiB (CUDA context, workspaces, allocator) "
+          "must fit the card; the counts lie on a line in the batch size, extended past the largest batch counted.\n")
+    head = ["trainer"] + [f"{c} GB card" for c in CARDS_GIB] + ["GiB per extra image", "est. H100 ms/step, batch 1"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for key, points in series.items():
+        (b0, p0), (b1, p1) = min(points.items()), max(points.items())
+        cells = [key] + [str(largest_batch(points, c)) if largest_batch(points, c) else "does not fit" for c in CARDS_GIB]
+        cells.append(f"{(p1 - p0) / (b1 - b0) / GIB:.3f}")
+        f = flops.get(key)
+        cells.append("n/a" if f is None else f"{f / (H100_TFLOPS * 1e12 * H100_UTILISATION) * 1e3:.0f} (estimate)")
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nH100 step time: an estimate, not a measurement: counted FLOPs per step at {H100_UTILISATION:.0%} of "
+          f"{H100_TFLOPS:.0f} TFLOP/s (bf16). Measured GPU figures: not measured (no GPU was lent).")
+
+
+def report(train_rows: list, infer_rows: list) -> None:
+    first = (train_rows or infer_rows)[0][0]
+    net = (f"LLLite C={first.get('cond_emb_dim', 32)} R={first.get('network_dim', 64)} in "
+           f"{'bf16' if first.get('full_bf16') else 'fp32'}")
+    print(f"\nCounted on fake tensors: {first['config']} U-Net in bf16, {net} under bf16 autocast, "
+          f"{first['resolution']}x{first['resolution']}, SDPA attention. Peak = live tensor storage bytes; CUDA context, "
+          "workspaces and allocator rounding are not included. GiB = 2^30 bytes.")
+    if train_rows:
+        print_training(train_rows)
+        print_fits(train_rows)
+    if infer_rows:
+        print_inference(infer_rows)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=CONFIGS, default="sdxl", help="sdxl (full size, the default) or tiny (smoke test)")
@@ -379,12 +443,20 @@ def main(argv=None) -> dict:
                    help="a kohya-ss/sd-scripts checkout: count the same cases on its LLLite trainer and generation path")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="smoke test: --config tiny, 64 px, batches 1 2")
+    p.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                   help="print the tables of earlier runs' --json files (together) instead of counting")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._case:
         print("RESULT " + json.dumps(run_case(json.loads(args._case))), flush=True)
         return {}
+    if args.report:
+        loaded = [json.loads(Path(f).read_text()) for f in args.report]
+        train = [(r["ours"], r["reference"]) for d in loaded for r in d["train"]]
+        infer = [(r["ours"], r["reference"]) for d in loaded for r in d["infer"]]
+        report(train, infer)
+        return {"train": train, "infer": infer}
     if args.tiny:
         args.config, args.resolution = "tiny", args.resolution or 64
         if args.batch_sizes == [1, 4, 8]:
@@ -433,14 +505,7 @@ def main(argv=None) -> dict:
         rows.append((results[(i, 0)], ref))
     train_rows, infer_rows = rows[:len(train_cases)], rows[len(train_cases):]
 
-    print(f"\nCounted on fake tensors: {args.config} U-Net in bf16, LLLite C={args.cond_emb_dim} R={args.network_dim} "
-          f"in {'bf16' if args.full_bf16 else 'fp32'} under bf16 autocast, {resolution}x{resolution}, SDPA attention. "
-          "Peak = live tensor storage bytes; CUDA context, workspaces and allocator rounding are not included. "
-          "GiB = 2^30 bytes.")
-    if train_rows:
-        print_training(train_rows)
-    if infer_rows:
-        print_inference(infer_rows)
+    report(train_rows, infer_rows)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     result = {"train": [{"ours": o, "reference": r} for o, r in train_rows],
               "infer": [{"ours": o, "reference": r} for o, r in infer_rows],
