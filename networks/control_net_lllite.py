@@ -226,11 +226,14 @@ class LLLiteModule(nn.Module):
     def residual(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D) on an (h, w) ``grid``."""
         n = x.shape[1]
-        down = self.down[0]
-        # Under autocast (mixed-precision training) the linears cast for themselves: converting a
-        # bf16 ``x`` to the fp32 weights first would only be cast back to bf16.
-        dtype = None if torch.is_autocast_enabled(x.device.type) else down.weight.dtype
-        h = F.relu(down(x if dtype is None else x.to(dtype)))
+        down, up = self.down[0], self.up[0]
+        # Under autocast (mixed-precision training) compute in its dtype, with explicit casts: autocast's
+        # own casts of leaf weights are cached until the forward pass ends, so every module's bf16
+        # copy of ``down`` and ``up`` would be held at once (45 MiB for SDXL at the end of the forward).
+        # These casts belong to the graph, and under gradient checkpointing are recomputed in backward.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else down.weight.dtype
+        h = F.relu(F.linear(x.to(dtype), down.weight.to(dtype), down.bias.to(dtype)))
         part = self._cond_part(n, dtype, grid)
         bx, be = x.shape[0], part.shape[0]
         if bx != be and bx % be:
@@ -246,7 +249,7 @@ class LLLiteModule(nn.Module):
         h = F.relu(h)
         if self.dropout and self.training:
             h = F.dropout(h, p=self.dropout)
-        return self.up(h).to(x.dtype)
+        return F.linear(h, up.weight.to(h.dtype), up.bias.to(h.dtype)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
