@@ -43,18 +43,18 @@ def test_live_bytes_counts_each_storage_once_and_subtracts_freed_ones(bench):
 
 @pytest.fixture(scope="module")
 def tiny_steps(bench):
-    """Counted training steps of the tiny model, batch 1 and 2, gradient checkpointing on (the first step: the
-    optimizer state adds the same bytes at every batch size).
+    """Counted second training steps of the tiny model at 128 px, batch 1 and 2, gradient checkpointing on.
 
     With output-block modules too: the tiny U-Net is so narrow that its own per-image activations are
-    about those of 12 modules' conditioning graphs; 24 modules make the difference plain.
+    about those of 12 modules' conditioning graphs; 24 modules make the difference plain (embedding
+    before the U-Net, as before issue 22, grew 5.9 MB per image here against 3.9 MB of graphs; inside
+    the blocks, 2.0 MB).
     """
     from accelerate.state import AcceleratorState
 
     try:
-        return {b: bench.bench_memory.count_training_step("tiny", batch=b, resolution=64, flops=False,
-                                                          include_output_blocks=True, measured_step=1)
-                for b in (1, 2)}
+        return {b: bench.bench_memory.count_training_step("tiny", batch=b, resolution=128, flops=False,
+                                                          include_output_blocks=True) for b in (1, 2)}
     finally:
         AcceleratorState._reset_state(True)  # later tests make their own Accelerator
 
@@ -67,4 +67,6 @@ def test_checkpointed_step_grows_with_batch_by_less_than_the_conditioning_graphs
     # conditioning graphs through the step: the peak would grow by at least that much per image.
     assert per_image > 0 and 0 < growth < per_image, (growth, per_image)
     assert one["weight_bytes"] == two["weight_bytes"] and one["peak_bytes"] > one["weight_bytes"]
-    assert one["trainable_parameters"] > 0 and one["peak_op"]
+    # the peak is in backward, where activations held through the step count (not in the optimizer step)
+    assert one["peak_op"].endswith("(backward)") and two["peak_op"].endswith("(backward)")
+    assert one["trainable_parameters"] > 0
