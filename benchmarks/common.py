@@ -22,12 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as ``python benchmarks/x.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
-import diffusers  # noqa: E402
+from library.console_logging import take_over_console  # noqa: E402
+
+take_over_console()  # the console rule, before any third-party import (the float32-modules notice is debug-only)
+
 import torch  # noqa: E402
 
 from library.sdxl.loading import build_unet, bundled_config  # noqa: E402
-
-diffusers.logging.set_verbosity_error()  # the "kept in float32" notice on .to(bf16) is noise here
 
 # Model FLOPs of SDXL's U-Net (2.57 B parameters), per image at 1024x1024:
 FWD_TFLOP_1024 = 6.76  # one forward pass

@@ -45,7 +45,9 @@ def add_refused(group: Any, name: str, reason: str, *, flag: bool = False, type:
     if flag:
         action = group.add_argument(f"--{name}", action="store_true", help=f"refused: {reason}")
     else:
-        action = group.add_argument(f"--{name}", default=None, type=type, nargs=nargs, help=f"refused: {reason}")
+        accepted = "" if reference_default is None else (f". sd-scripts' default {reference_default} is accepted; any other "
+                                                         "value stops the run")
+        action = group.add_argument(f"--{name}", default=None, type=type, nargs=nargs, help=f"refused: {reason}{accepted}")
     action.refusal = reason
     action.reference_default = reference_default
 
@@ -54,7 +56,8 @@ def check_refused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for action in parser._actions:
         reason = getattr(action, "refusal", None)
         value = getattr(args, action.dest, None)
-        if reason is not None and value not in (None, False, [], action.reference_default):
+        # "" too: GUIs write an unused path option as an empty string, which the reference reads as unset
+        if reason is not None and value not in (None, False, [], "", action.reference_default):
             raise UserError(f"--{action.dest} {_show(value)}: {reason}")
 
 
@@ -224,11 +227,13 @@ def _coerce_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> dict[str, Any]:
+def load_config_file(path: str, parser: argparse.ArgumentParser, skip: Iterable[str] = (),
+                     foreign: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Validated option values from a TOML whose keys are option names (sections are flattened).
 
-    Unlike the reference tool, an unknown key is an error that suggests the closest option, so a
-    typo never silently trains with a default.
+    A ``foreign`` key (one the reference tool reads and ignores, such as the kohya_ss GUI's) is ignored
+    with a warning. Unlike the reference tool, any other unknown key is an error that suggests the
+    closest option, so a typo never silently trains with a default.
     """
     file = Path(path)
     if not file.is_file():
@@ -243,6 +248,10 @@ def load_config_file(path: str, parser: argparse.ArgumentParser, skip: Iterable[
     values = {}
     for key, (value, section) in _flatten(data, set(actions)).items():
         where = f"{file} {section}"
+        if key not in actions and key in foreign:
+            logger.warning("%s: %s is not an option of this script (another sd-scripts script or the kohya_ss GUI "
+                           "writes it): ignored, as sd-scripts does", where, key)
+            continue
         if key not in actions:
             close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
             hint = f' Did you mean "{close[0]}"?' if close else " See docs/training.md for the option list."

@@ -51,6 +51,17 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def full_sdxl_unet():
+    """The full-size SDXL U-Net on the meta device: real layer names and shapes, no weights."""
+    from accelerate import init_empty_weights
+
+    from library.sdxl.loading import build_unet, bundled_config
+
+    with init_empty_weights():
+        return build_unet(bundled_config("unet"))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_models) -> Path:
     """The tiny pipeline as a single-file checkpoint in the original (sgm) key layout."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"

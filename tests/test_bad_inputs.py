@@ -118,8 +118,7 @@ def _bad_images_and_prompts(d: Path, good: dict[str, str], out: dict[str, str]) 
     (d / "no_images" / "readme.txt").write_text("no images here")
     (d / "a_file").write_text("a file, not a folder")
     prompts = {"unknown": "a cat --zz 3\n", "value": "a cat\na dog --s zero\n", "small": "a cat --w 16\n",
-               "cn": "a cat --cn missing_guide.png\n", "am": "a cat --am 0.5\n", "empty": "# nothing\n\n",
-               "glt": "a cat --glt 500\n"}
+               "cn": "a cat --cn missing_guide.png\n", "empty": "# nothing\n\n"}
     for key, text in prompts.items():
         (d / f"p_{key}.txt").write_text(text)
         out[f"p_{key}"] = str(d / f"p_{key}.txt")
@@ -148,7 +147,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
 G = ("--ckpt", "{ckpt}", "--outdir", "{tmp}/out", "--W", "64", "--H", "64", "--steps", "2", "--no_progress")
 P = G + ("--prompt", "a cat")
 L = P + ("--control_net_lllite_models", "{lllite1}", "--guide_image_path", "{guide0}")
-LORA = P + ("--network_weights", "{lora}")
+LORA = P + ("--network_module", "networks.lora", "--network_weights", "{lora}")
 
 
 def _gen(name: str, argv: tuple[str, ...], named: str, before_load: bool = True) -> BadInput:
@@ -162,7 +161,7 @@ GENERATION_CASES = [
     _gen("W under 32 with LLLite", L + ("--W", "24"), "--W 24 is too small: the smallest size is 32 px with LLLite"),
     _gen("line width under 32 with LLLite", L[:-6] + ("--from_file", "{p_small}", "--control_net_lllite_models",
                                                        "{lllite1}", "--guide_image_path", "{guide0}"), "--w 16"),
-    _gen("highres first pass too small", L + ("--highres_fix_scale", "0.25"), "--highres_fix_scale 0.25 makes the first pass 16x16"),
+    _gen("highres first pass too small", L + ("--highres_fix_scale", "0.25"), "--highres_fix_scale 0.25 makes the first pass 0x0"),
     _gen("W not a number", P + ("--W", "abc"), "'abc'"),
     # counts, ranges, numbers
     _gen("steps zero", P + ("--steps", "0"), "--steps 0 is out of range: it must be at least 1"),
@@ -182,12 +181,11 @@ GENERATION_CASES = [
     _gen("sampler unknown", P + ("--sampler", "warp"), "'warp'"),
     # img2img, inpainting, highres fix
     _gen("strength above one", P + ("--image_path", "{init}", "--strength", "1.5"), "--strength 1.5 is out of range"),
-    _gen("strength without an image", P + ("--strength", "0.5"), "--strength 0.5 does nothing without --image_path"),
-    _gen("mask without an image", P + ("--mask_path", "{mask}"), "--mask_path {mask} does nothing without --image_path"),
+    # sd-scripts fails on it too (no init image to mask); what sd-scripts ignores is tested in test_gen_script.py
+    _gen("mask without an image", P + ("--mask_path", "{mask}"), "--mask_path {mask} needs --image_path"),
+    _gen("network module without weights", P + ("--network_module", "networks.lora"),
+         "--network_module networks.lora needs --network_weights"),
     _gen("highres scale one", P + ("--highres_fix_scale", "1"), "--highres_fix_scale 1 is out of range"),
-    _gen("highres steps without scale", P + ("--highres_fix_steps", "10"), "--highres_fix_steps 10 does nothing"),
-    _gen("highres strength without image", P + ("--highres_fix_scale", "0.5", "--highres_fix_strength", "0.5"),
-         "--highres_fix_strength 0.5 does nothing without --image_path"),
     _gen("upscaler unknown", P + ("--highres_fix_scale", "0.5", "--highres_fix_upscaler", "tools.latent_upscaler"),
          "'tools.latent_upscaler' is not an upscaler here"),
     _gen("upscaler args for a latent upscaler", P + ("--highres_fix_scale", "0.5", "--highres_fix_upscaler",
@@ -196,31 +194,19 @@ GENERATION_CASES = [
     # Deep Shrink, Gradual Latent
     _gen("deep shrink depth 9", P + ("--ds_depth_1", "9"), "--ds_depth_1 9 is out of range: it must be at least 0 and at most 8"),
     _gen("deep shrink ratio 1.5", P + ("--ds_depth_1", "3", "--ds_ratio", "1.5"), "--ds_ratio 1.5"),
-    _gen("deep shrink timesteps without depth", P + ("--ds_timesteps_1", "500"), "--ds_timesteps_1 500 does nothing"),
-    _gen("gradual latent with euler", P + ("--gradual_latent_timesteps", "650", "--sampler", "euler"),
-         "got --sampler euler"),
     _gen("gradual latent unsharp", P + ("--gradual_latent_timesteps", "650", "--gradual_latent_unsharp_params", "2,1"),
          "--gradual_latent_unsharp_params '2,1'"),
-    _gen("gradual latent with a mask", P + ("--gradual_latent_timesteps", "650", "--image_path", "{init}",
-                                             "--mask_path", "{mask}"), "inpainting (--mask_path) cannot follow it"),
+    _gen("gradual latent with a mask", P + ("--gradual_latent_timesteps", "650", "--sampler", "euler_a", "--image_path",
+                                             "{init}", "--mask_path", "{mask}"), "inpainting (--mask_path) cannot follow it"),
     # LLLite options
     _gen("control ratio above one", L + ("--control_net_ratios", "1.5"), "--control_net_ratios 1.5 is out of range"),
-    _gen("more multipliers than models", L + ("--control_net_multipliers", "1", "0.5"),
-         "--control_net_multipliers 1 0.5"),
     _gen("start not below ratio", L + ("--control_net_starts", "0.5", "--control_net_ratios", "0.5"),
          "--control_net_starts 0.5 of LLLite model 1 is not below its --control_net_ratios 0.5"),
-    _gen("guide without a model", P + ("--guide_image_path", "{guide0}"), "--guide_image_path {guide0} does nothing"),
     _gen("fewer guides than models", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}", "--guide_image_path",
                                           "{guide0}"), "2 LLLite models but only 1 guide image"),
-    _gen("guides that fill no group", P + ("--control_net_lllite_models", "{lllite1}", "{lllite2}",
-                                           "--guide_image_path", "{guide0}", "{guide1}", "{guide2}"),
-         "3 guide images for 2 LLLite models"),
     # LoRA options
-    _gen("too many multipliers", LORA + ("--network_mul", "1", "0.5"), "--network_mul 1 0.5"),
     _gen("merge more models than files", LORA + ("--network_merge_n_models", "2"), "--network_merge_n_models 2"),
-    _gen("pre_calc with everything merged", LORA + ("--network_merge", "--network_pre_calc"), "--network_pre_calc"),
     _gen("network module other", LORA + ("--network_module", "lycoris.kohya"), "--network_module lycoris.kohya"),
-    _gen("line multiplier without LoRA", G + ("--from_file", "{p_am}"), "--am 0.5 does nothing without --network_weights"),
     # refused and conflicting options
     _gen("network_args", LORA + ("--network_args", "conv_dim=4"), "--network_args conv_dim=4"),
     _gen("regional mask colours", LORA + ("--network_regional_mask_max_color_codes", "3"),
@@ -242,14 +228,14 @@ GENERATION_CASES = [
          "--control_net_lllite_models {lora} is not a ControlNet-LLLite file"),
     _gen("LLLite file damaged", P + ("--control_net_lllite_models", "{damaged}", "--guide_image_path", "{guide0}"),
          "{damaged}"),
-    _gen("LoRA file is an LLLite file", P + ("--network_weights", "{lllite1}"), "--network_weights {lllite1} is not a LoRA"),
+    _gen("LoRA file is an LLLite file", P + ("--network_module", "networks.lora", "--network_weights", "{lllite1}"), "--network_weights {lllite1} is not a LoRA"),
     _gen("LLLite for another model", P + ("--control_net_lllite_models", "{lllite_other}", "--guide_image_path",
                                           "{guide0}"), "{lllite_other} does not fit this U-Net", before_load=False),
     _gen("LLLite with a wrong shape", P + ("--control_net_lllite_models", "{lllite_shape}", "--guide_image_path",
                                            "{guide0}"), "{lllite_shape}", before_load=False),
-    _gen("LoRA with a wrong shape", P + ("--network_weights", "{lora_shape}"), "{lora_shape}: LoRA layer",
+    _gen("LoRA with a wrong shape", LORA[:-1] + ("{lora_shape}",), "{lora_shape}: LoRA layer",
          before_load=False),
-    _gen("LoRA for SD1.5", P + ("--network_weights", "{lora_sd15}"), "{lora_sd15}: 5 of 5 LoRA entries match no layer",
+    _gen("LoRA for SD1.5", LORA[:-1] + ("{lora_sd15}",), "{lora_sd15}: 5 of 5 LoRA entries match no layer",
          before_load=False),
     _gen("textual inversion of another width", P + ("--textual_inversion_embeddings", "{ti_width}"), "{ti_width}",
          before_load=False),
@@ -271,8 +257,6 @@ GENERATION_CASES = [
     _gen("prompt file syntax", G + ("--from_file", "{p_syntax}"), "syntax error in prompt file {p_syntax}"),
     _gen("prompt file empty", G + ("--from_file", "{p_empty}"), "prompt file {p_empty} contains no prompts"),
     _gen("prompt file not UTF-8", G + ("--from_file", "{p_latin1}"), "prompt file {p_latin1} is not UTF-8"),
-    _gen("prompt line gradual latent with euler", G + ("--from_file", "{p_glt}", "--sampler", "euler"),
-         "{p_glt} line 1: Gradual Latent"),
     _gen("--prompt unknown option", G + ("--prompt", "a cat --W2 512"), "--prompt: unknown prompt option --W2"),
     # folders
     _gen("outdir under a file", P[:3] + ("{a_file}/out",) + P[4:], "--outdir {a_file}/out: cannot create or write"),
@@ -373,12 +357,14 @@ TRAINING_CASES = [
     _train("full_bf16 without bf16", ("--full_bf16",), "--full_bf16 needs --mixed_precision bf16"),
     _train("caption dropout 1.5", ("--caption_dropout_rate", "1.5"), "1.5"),
     # combinations
-    _train("save_last_n_epochs alone", ("--save_last_n_epochs", "2"), "--save_last_n_epochs 2 prunes files saved by"),
-    _train("sample cadence without prompts", ("--sample_every_n_steps", "5"), "--sample_prompts"),
-    _train("dynamo_backend without compile", ("--dynamo_backend", "eager"), "--dynamo_backend eager only applies with --torch_compile"),
-    _train("DeepSpeed option without deepspeed", ("--zero_stage", "3"), "--zero_stage is a DeepSpeed option"),
+    # (switched-off options that sd-scripts ignores are warnings: test_training_switched_off below)
+    _train("adaptive_noise_scale without noise_offset", ("--adaptive_noise_scale", "0.1"), "it needs --noise_offset"),
+    _train("v-pred loss scaling without v-prediction", ("--scale_v_pred_loss_like_noise_pred",),
+           "--scale_v_pred_loss_like_noise_pred applies to v-prediction only"),
+    _train("tensorboard without logging_dir", ("--log_with", "tensorboard"), "--log_with tensorboard needs --logging_dir"),
+    _train("epoch ratio and interval", ("--save_n_epoch_ratio", "2", "--save_every_n_epochs", "1"),
+           "both set the epoch interval"),
     _train("deepspeed not installed", ("--deepspeed",), "pip install deepspeed"),
-    _train("wandb name without wandb", ("--wandb_run_name", "x"), "--wandb_run_name x applies to Weights & Biases"),
     _train("network_module lora", ("--network_module", "networks.lora"), "trains ControlNet-LLLite only"),
     # refused options
     _train("v2", ("--v2",), "--v2 : SDXL has no v2"),
@@ -392,7 +378,6 @@ TRAINING_CASES = [
     _train("resume missing", ("--resume", "{tmp}/state"), "--resume {tmp}/state: no such state folder"),
     _train("resume incomplete", ("--resume", "{half_state}"), "train_state.json is missing"),
     _train("sample prompts missing", ("--sample_prompts", "{tmp}/p.txt"), "{tmp}/p.txt"),
-    _train("sample prompt without a guide", ("--sample_prompts", "{no_cn}"), "has no --cn guide image"),
     _train("fidelity guide unreadable", ("--fidelity_guides", "{broken_guides}", "--sample_every_n_steps", "1"),
            "broken.png"),
     _train("thumbnail missing", ("--metadata_thumbnail", "{tmp}/t.png"), "--metadata_thumbnail {tmp}/t.png: no such file"),
@@ -431,6 +416,52 @@ def test_training_bad_input(case, train_files, tmp_path, capsys, monkeypatch):
     if case.before_load:  # the trainer calls the loader through library.training.models
         monkeypatch.setattr("library.training.models.load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
     check_refusal(case, sdxl_train_control_net_lllite.main, train_files, tmp_path, capsys, monkeypatch)
+
+
+# Options whose switch is off: sd-scripts runs and ignores them, so the run goes on with exactly one warning.
+SWITCHED_OFF = [
+    (("--save_last_n_epochs", "2"), "--save_last_n_epochs 2 does nothing without --save_every_n_epochs or "
+     "--save_n_epoch_ratio (it prunes the files they save): ignored, as sd-scripts does"),
+    (("--save_last_n_steps", "1"), "--save_last_n_steps 1 does nothing without --save_every_n_steps (it prunes the "
+     "files they save): ignored, as sd-scripts does"),
+    (("--save_every_n_steps", "5", "--save_last_n_steps_state", "2"), "--save_last_n_steps_state 2 does nothing "
+     "without --save_state (it prunes the states --save_state writes): ignored, as sd-scripts does"),
+    (("--sample_every_n_steps", "5"), "--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first does nothing "
+     "without --sample_prompts or --fidelity_guides (there is nothing to draw or measure): ignored, as sd-scripts does"),
+    (("--dynamo_backend", "eager"), "--dynamo_backend eager does nothing without --torch_compile: ignored, as "
+     "sd-scripts does"),
+    (("--zero_stage", "3"), "--zero_stage does nothing without --deepspeed (it is a DeepSpeed option): ignored, as "
+     "sd-scripts does"),
+    (("--wandb_run_name", "x"), "--wandb_run_name x does nothing without --log_with wandb (or all) (it applies to "
+     "Weights & Biases): ignored, as sd-scripts does"),
+    (("--log_config",), "--log_config does nothing without --logging_dir (TensorBoard) or --log_with wandb: ignored, "
+     "as sd-scripts does"),
+    (("--huggingface_path_in_repo", "x"), "--huggingface_path_in_repo x does nothing without --huggingface_repo_id "
+     "(it applies to uploads): ignored, as sd-scripts does"),
+]
+
+
+@pytest.mark.parametrize("extra,warning", SWITCHED_OFF, ids=[" ".join(e) for e, _ in SWITCHED_OFF])
+def test_training_switched_off(extra, warning, train_files, tmp_path, caplog):
+    from library.training.config import parse_training_options
+
+    argv = [a.format(**train_files, tmp=tmp_path) for a in T + extra]
+    with caplog.at_level("WARNING"):
+        parse_training_options(argv)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
+
+
+def test_sample_prompt_without_a_guide_is_skipped_with_a_warning(train_files, tmp_path, caplog):
+    """sd-scripts' LLLite trainer draws no samples, so its users' prompt files have no --cn: the run goes on."""
+    from library.training.config import parse_training_options
+
+    argv = [a.format(**train_files, tmp=tmp_path) for a in T + ("--sample_prompts", "{no_cn}", "--sample_at_first")]
+    with caplog.at_level("WARNING"):
+        opts = parse_training_options(argv)
+    assert opts.samples.prompts == ()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{train_files['no_cn']}: prompt 1 ('a red square') has no --cn guide image: it is skipped (an LLLite sample "
+        "needs one, e.g. `a cat --cn guides/cat_canny.png`)"]
 
 
 def test_tables_cover_both_scripts():

@@ -77,7 +77,7 @@ def test_defaults(tmp_path, dirs):
     assert ds.resolution == (1024, 1024) and ds.batch_size == 1 and not ds.enable_bucket
     assert (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) == (256, 2048, 64)
     sub = ds.subsets[0]
-    assert sub.caption_extension == ".txt" and sub.caption_separator == "," and sub.num_repeats == 1
+    assert sub.caption_extension == ".caption" and sub.caption_separator == "," and sub.num_repeats == 1
 
 
 def test_cli_defaults_apply_only_where_toml_is_silent(tmp_path, dirs):

@@ -72,8 +72,8 @@ def test_sample_cadence_serves_fidelity_without_sample_prompts(tmp_path):
     o = SampleOptions.from_args(build_parser().parse_args(["--fidelity_guides", str(guides), "--sample_every_n_epochs", "2"]))
     assert o.prompts == () and o.at_end
     assert [e for e in range(1, 7) if o.due_after_epoch(e)] == [2, 4, 6] and not o.due_after_step(2)
-    with pytest.raises(UserError, match="need --sample_prompts .* or --fidelity_guides"):
-        SampleOptions.from_args(build_parser().parse_args(["--sample_every_n_steps", "2"]))
+    # a cadence with nothing to draw does nothing, as in sd-scripts: one warning, no hooks
+    assert not SampleOptions.from_args(build_parser().parse_args(["--sample_every_n_steps", "2"])).at_end
     calls = []
     hook = combine_hooks(None, lambda n, s, e: calls.append(("a", s)), lambda n, s, e: calls.append(("b", s)))
     hook(None, 3, 1)
@@ -137,3 +137,24 @@ def test_meter_measures_the_baseline_once_and_logs_both(tmp_path, tiny_checkpoin
     assert second["fidelity/edge_ssim"] != pytest.approx(second["fidelity/edge_ssim_base"])  # the LLLite now acts
     assert set(second) >= {"fidelity/edge_f1", "fidelity/edge_ssim", "fidelity/edge_f1_base", "fidelity/edge_ssim_base"}
     assert [h["step"] for h in meter.history] == [0, 5]
+
+
+def test_sample_prompt_with_gradual_latent_and_the_default_sampler_is_drawn_without_it(tmp_path, caplog):
+    """sd-scripts' sampler default is ddim, which has no ancestral step: --glt is ignored with a warning, as in
+    sdxl_gen_img.py, and a line's other mistakes are found before training, not at the first sample."""
+    from library.training.samples import SampleDrawer
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "g.png")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"a red square --cn {tmp_path / 'g.png'} --glt 500\n")
+    opts = SampleOptions.from_args(build_parser().parse_args(["--sample_prompts", str(prompts), "--sample_at_first"]))
+    with caplog.at_level("WARNING"):
+        drawer = SampleDrawer(opts, None, FakeAccelerator(), tmp_path / "s", None, (64, 64), 0)
+    assert opts.sampler == "ddim" and not drawer.requests[0].gradual_latent.enabled
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample prompt 1: Gradual Latent (--glt) does nothing without --sampler euler_a (--sampler ddim has no "
+        "ancestral step to grow the latents in): ignored, as sd-scripts does"]
+    prompts.write_text(f"a red square --cn {tmp_path / 'g.png'} --w 8 --h 8\n")
+    opts = SampleOptions.from_args(build_parser().parse_args(["--sample_prompts", str(prompts), "--sample_at_first"]))
+    with pytest.raises(UserError, match="sample prompt 1: "):
+        SampleDrawer(opts, None, FakeAccelerator(), tmp_path / "s", None, (64, 64), 0)

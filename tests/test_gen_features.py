@@ -310,7 +310,8 @@ def test_script_writes_first_pass_metadata_log_and_tokenizer_cache(files, tmp_pa
     code, err = run_main(
         capsys, "--ckpt", files["ckpt"], "--prompt", "a cat --c a photo of a cat --nw 512 --nh 256 --d 3",
         "--highres_fix_scale", "0.5", "--highres_fix_steps", "2", "--highres_fix_save_1st",
-        "--network_weights", files["lora"], "--network_show_meta", "--control_net_lllite_models", files["lllite1"],
+        "--network_module", "networks.lora", "--network_weights", files["lora"], "--network_show_meta",
+        "--control_net_lllite_models", files["lllite1"],
         "--guide_image_path", files["guide0"], "--console_log_file", str(log), "--tokenizer_cache_dir", str(tok),
         "--outdir", str(out), *SMALL,
     )
@@ -326,8 +327,9 @@ def test_script_writes_first_pass_metadata_log_and_tokenizer_cache(files, tmp_pa
 
 
 def test_network_show_meta_prints_each_files_metadata(files, tmp_path, capsys):
-    code, err, out = run_main_outputs(capsys, "--ckpt", files["ckpt"], "--prompt", "x", "--network_weights",
-                                      files["lora"], "--control_net_lllite_models", files["lllite1"],
+    code, err, out = run_main_outputs(capsys, "--ckpt", files["ckpt"], "--prompt", "x", "--network_module",
+                                      "networks.lora", "--network_weights", files["lora"],
+                                      "--control_net_lllite_models", files["lllite1"],
                                       "--guide_image_path", files["guide0"], "--network_show_meta",
                                       "--outdir", str(tmp_path), *SMALL)
     assert code == 0, err
@@ -350,7 +352,8 @@ def test_interactive_preview_unless_no_preview(files, tmp_path, capsys, monkeypa
 
 
 def test_merged_lora_refuses_a_line_multiplier_and_pre_calc_takes_it(files, tmp_path, capsys):
-    common = ["--ckpt", files["ckpt"], "--network_weights", files["lora"], "--network_mul", "0.8", *SMALL]
+    common = ["--ckpt", files["ckpt"], "--network_module", "networks.lora", "--network_weights", files["lora"],
+              "--network_mul", "0.8", *SMALL]
     code, err = run_main(capsys, *common, "--network_merge", "--prompt", "x --am 0.5 --d 1", "--outdir", str(tmp_path))
     assert code == 2 and "--am 0.5 for" in err.splitlines()[-1] and not pngs(tmp_path)
     images = {}

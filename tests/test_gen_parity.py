@@ -52,7 +52,7 @@ def resolved(paths: dict[str, str], *extra: str):
 def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
     """option -> (its arguments with a non-default value, the options it needs, given with and without it)."""
     lllite = ["--control_net_lllite_models", p["lllite"], "--guide_image_path", p["guide"]]
-    lora, hires = ["--network_weights", p["lora"]], ["--highres_fix_scale", "0.5"]
+    lora, hires = ["--network_module", "networks.lora", "--network_weights", p["lora"]], ["--highres_fix_scale", "0.5"]
     ds, gl = ["--ds_depth_1", "3"], ["--gradual_latent_timesteps", "650"]
     cases = {
         "--H": (["--H", "512"], []), "--W": (["--W", "512"], []), "--batch_size": (["--batch_size", "2"], []),
@@ -81,7 +81,7 @@ def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
         "--image_path": (["--image_path", p["init"]], []), "--images_per_prompt": (["--images_per_prompt", "2"], []),
         "--interactive": (["--interactive"], []), "--iter_same_seed": (["--iter_same_seed"], []),
         "--mask_path": (["--mask_path", p["mask"]], ["--image_path", p["init"]]),
-        "--max_embeddings_multiples": (["--max_embeddings_multiples", "1"], []), "--n_iter": (["--n_iter", "2"], []),
+        "--max_embeddings_multiples": (["--max_embeddings_multiples", "2"], []), "--n_iter": (["--n_iter", "2"], []),
         "--negative_scale": (["--negative_scale", "3"], []), "--network_merge": (["--network_merge"], lora),
         "--network_merge_n_models": (["--network_merge_n_models", "1"], lora),
         "--network_module": (["--network_module", "networks.lycoris"], lora),
@@ -89,7 +89,7 @@ def option_cases(p: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
         "--network_show_meta": (["--network_show_meta"], lora), "--network_weights": (lora, []),
         "--no_half_vae": (["--no_half_vae"], []), "--no_preview": (["--no_preview"], ["--interactive"]),
         "--opt_channels_last": (["--opt_channels_last"], []), "--outdir": (["--outdir", p["dir"] + "/other"], []),
-        "--prompt": (["--prompt", "y"], []), "--sampler": (["--sampler", "ddim"], []), "--scale": (["--scale", "5"], []),
+        "--prompt": (["--prompt", "y"], []), "--sampler": (["--sampler", "euler_a"], []), "--scale": (["--scale", "5"], []),
         "--sdpa": (["--sdpa"], []), "--seed": (["--seed", "5"], []), "--sequential_file_name": (["--sequential_file_name"], []),
         "--steps": (["--steps", "5"], []), "--strength": (["--strength", "0.5"], ["--image_path", p["init"]]),
         "--textual_inversion_embeddings": (["--textual_inversion_embeddings", p["emb"]], []),
@@ -138,16 +138,41 @@ def test_every_option_changes_the_resolved_options_or_is_refused(paths, option):
     assert changed != base, f"{option} {args} resolved to the same options as without it"
 
 
-def test_options_that_need_another_are_refused_naming_it(paths):
-    for argv, message in (
-        (["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale"),
-        (["--network_pre_calc"], "--network_pre_calc does nothing without --network_weights"),
-        (["--no_preview"], "--no_preview does nothing without --interactive"),
-        (["--control_net_multipliers", "0.5"], "--control_net_multipliers 0.5 does nothing without --control_net_lllite"),
-        (["--strength", "0.5"], "--strength 0.5 does nothing without --image_path or --highres_fix_scale"),
-    ):
-        with pytest.raises(UserError, match=re.escape(message)):
-            resolved(paths, *argv)
+HIRES = ["--highres_fix_scale", "0.5"]
+LORA = ["--network_module", "networks.lora", "--network_weights", "{lora}"]
+LLLITE = ["--control_net_lllite_models", "{lllite}", "--guide_image_path", "{guide}"]
+LORA_MERGED = ["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"]
+SWITCHED_OFF = (  # (the switches that are on, the ignored option, its one warning): sd-scripts ignores each of them
+    ([], ["--highres_fix_steps", "10"], "--highres_fix_steps 10 does nothing without --highres_fix_scale (it configures "
+                                        "the highres fix): ignored, as sd-scripts does"),
+    ([], ["--network_pre_calc"], "--network_pre_calc does nothing without --network_weights (it sets how LoRA files are "
+                                 "applied): ignored, as sd-scripts does"),
+    ([], ["--no_preview"], "--no_preview does nothing without --interactive (images are shown only in interactive "
+                           "mode): ignored, as sd-scripts does"),
+    ([], ["--control_net_multipliers", "0.5"], "--control_net_multipliers 0.5 does nothing without "
+                                               "--control_net_lllite_models (it is for LLLite models): ignored"),
+    ([], ["--strength", "0.5"], "--strength 0.5 does nothing without --image_path or --highres_fix_scale (it is the "
+                                "img2img strength): ignored, as sd-scripts does"),
+    ([], ["--guide_image_path", "{guide}"], "--guide_image_path {guide} does nothing without --control_net_lllite_models"),
+    (HIRES, ["--highres_fix_strength", "0.5"], "--highres_fix_strength 0.5 does nothing without --image_path (it is the "
+                                               "first highres pass's img2img strength; the second pass's is --strength)"),
+    (LORA + ["--network_mul", "1"], ["--network_mul", "1", "0.5"], "--network_mul 0.5 does nothing without a --network_weights file for each "
+                                         "value (1 file given): ignored, as sd-scripts does"),
+    (LLLITE + ["--control_net_multipliers", "1"], ["--control_net_multipliers", "1", "0.5"], "--control_net_multipliers 0.5 does nothing without a "
+                                                        "--control_net_lllite_models file for each value (1 file given)"),
+    (LORA_MERGED, ["--network_pre_calc"], "--network_pre_calc does nothing without a LoRA that is not merged for good "
+                                          "(--network_merge / --network_merge_n_models merge every file): ignored"),
+)
+
+
+@pytest.mark.parametrize("on, argv, warning", SWITCHED_OFF, ids=[" ".join(a) for _, a, _ in SWITCHED_OFF])
+def test_options_whose_switch_is_off_warn_once_and_change_nothing(paths, caplog, on, argv, warning):
+    on, argv = [a.format(**paths) for a in on], [a.format(**paths) for a in argv]
+    with caplog.at_level("WARNING"):
+        got = resolved(paths, *on, *argv)
+    warnings = [r.getMessage() for r in caplog.records if "does nothing without" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(warning.format(**paths)), warnings
+    assert got == resolved(paths, *on)  # the run is the one without the ignored option
 
 
 def line_cases() -> dict[str, str]:
@@ -179,3 +204,11 @@ def test_docs_list_every_option_and_prompt_line_option():
     options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
     assert [o for o in options if f"`{o}`" not in doc] == []
     assert [n for n in OPTIONS if f"`--{n}`" not in doc] == []
+
+
+def test_docs_quote_the_warnings_as_printed(paths, caplog):
+    doc = (ROOT / "docs" / "generation.md").read_text()
+    with caplog.at_level("WARNING"):
+        resolved(paths, "--no_preview", "--strength", "0.5")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all(f"\n    {w}\n" in doc for w in warnings), warnings

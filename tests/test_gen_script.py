@@ -57,7 +57,7 @@ def test_two_stacked_models_with_their_own_guides(files, tmp_path):
     assert first["lllite_multipliers"] == [1.0, 0.5] and first["lllite_starts"] == [0.0, 0.25]
     assert first["lllite_ratios"] == [1.0, 0.75]
     assert (first["prompt"], first["negative_prompt"], first["steps"], first["size"]) == ("a (red:1.2) house", "blurry", 3, "64x64")
-    assert "Steps: 3, Sampler: euler, CFG scale: 7, Seed: 10, Size: 64x64" in Image.open(files_out[0]).text["parameters"]
+    assert "Steps: 3, Sampler: euler, CFG scale: 7.5, Seed: 10, Size: 64x64" in Image.open(files_out[0]).text["parameters"]
 
 
 def test_lllite_file_as_ckpt_is_a_clear_error(files, tmp_path):
@@ -120,7 +120,8 @@ def test_lora_with_multiplier_zero_changes_nothing(files, tmp_path, capsys):
     runs = {
         "plain": ["--prompt", "a cat --d 4"],
         "lora0": ["--prompt", "a cat --d 4 --am 0", "--network_module", "networks.lora", "--network_weights", files["lora"]],
-        "lora1": ["--prompt", "a cat --d 4", "--network_weights", files["lora"], "--network_mul", "1.0"],
+        "lora1": ["--prompt", "a cat --d 4", "--network_module", "networks.lora", "--network_weights", files["lora"],
+                  "--network_mul", "1.0"],
     }
     images = {}
     for name, args in runs.items():
@@ -131,3 +132,56 @@ def test_lora_with_multiplier_zero_changes_nothing(files, tmp_path, capsys):
     assert np.abs(images["lora0"] - images["plain"]).max() <= 1
     assert np.abs(images["lora1"] - images["plain"]).max() > 1
     assert read_png_parameters(pngs(tmp_path / "lora1")[0])["networks"] == ["lora.safetensors"]
+
+
+# (switches that are on, the option that does nothing without its switch, the start of its one warning)
+SWITCHED_OFF_RUNS = [
+    ([], ["--no_preview"], "--no_preview does nothing without --interactive"),
+    ([], ["--strength", "0.5"], "--strength 0.5 does nothing without --image_path or --highres_fix_scale"),
+    ([], ["--guide_image_path", "{guide0}"], "--guide_image_path {guide0} does nothing without --control_net_lllite_models"),
+    ([], ["--ds_timesteps_1", "500"], "--ds_timesteps_1 500 does nothing without --ds_depth_1 (or a prompt line's --dsd1)"),
+    ([], ["--gradual_latent_timesteps", "650"],
+     "Gradual Latent (--gradual_latent_timesteps / --glt) does nothing without --sampler euler_a"),
+    ([], ["--prompt", "a cat --d 4 --am 0.5"], "--prompt: --am 0.5 does nothing without --network_weights"),
+    (["--image_path", "{init}"], ["--prompt", "a cat --d 4 --w 128"], "--prompt: --w 128 does nothing without "
+                                                                       "--highres_fix_scale"),
+    (["--image_path", "{init}"], ["--W", "128"], "--W 128 does nothing without --H (img2img draws at the init image's "
+                                                 "size, resized to --W x --H only when both are given)"),
+    (["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_merge"], ["--network_pre_calc"],
+     "--network_pre_calc does nothing without a LoRA that is not merged for good"),
+    ([], ["--network_weights", "{lora}"],
+     "--network_weights {lora} does nothing without a --network_module networks.lora for each file"),
+    ([], ["--prompt", "a cat --d 4 --cn {guide0}"], "--prompt: --cn {guide0} does nothing without a "
+                                                     "--control_net_lllite_models file for each guide image (0 files given)"),
+    (["--network_module", "networks.lora", "--network_weights", "{lora}"], ["--prompt", "a cat --d 4 --am 1,0.5"],
+     "--prompt: --am 0.5 does nothing without a --network_weights file for each value (1 LoRA file(s) given)"),
+    (["--control_net_lllite_models", "{lllite1}", "{lllite2}", "--guide_image_path", "{guide0}", "{guide1}"],
+     ["--guide_image_path", "{guide0}", "{guide1}", "{guide2}"], "--guide_image_path {guide2} does nothing without a "
+                                                                 "whole group of 2 guide images (one per LLLite model)"),
+]
+
+
+@pytest.fixture(scope="module")
+def drawn_without() -> dict[tuple[str, ...], np.ndarray]:
+    """The image of each run without the ignored option, drawn once per set of switches."""
+    return {}
+
+
+@pytest.mark.parametrize("on, ignored, warning", SWITCHED_OFF_RUNS, ids=[" ".join(a) for _, a, _ in SWITCHED_OFF_RUNS])
+def test_options_whose_switch_is_off_run_with_one_warning(files, tmp_path, capsys, drawn_without, on, ignored, warning):
+    """sd-scripts runs these and ignores the option: so does this script, with one warning, drawing the same image."""
+    size = SMALL[4:] if "--image_path" in on else SMALL  # img2img draws at the 64x64 init image's size
+    common = ["--ckpt", files["ckpt"], "--prompt", "a cat --d 4", *size, "--steps", "1", *(a.format(**files) for a in on)]
+
+    def draw(name: str, *extra: str) -> tuple[np.ndarray, list[str]]:
+        code, err = run_main(capsys, *common, *extra, "--outdir", str(tmp_path / name))
+        assert code == 0, err
+        (f,) = pngs(tmp_path / name)
+        return np.asarray(Image.open(f)), [line for line in err.splitlines() if "does nothing without" in line]
+
+    if tuple(on) not in drawn_without:
+        drawn_without[tuple(on)] = draw("without")[0]
+    image, said = draw("with", *(a.format(**files) for a in ignored))
+    assert len(said) == 1 and warning.format(**files) in said[0], said
+    assert said[0].endswith(": ignored, as sd-scripts does")
+    assert np.array_equal(image, drawn_without[tuple(on)])

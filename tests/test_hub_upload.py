@@ -86,14 +86,7 @@ def saved(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--huggingface_path_in_repo", "runs"], "--huggingface_path_in_repo runs applies to uploads"),
-    (["--huggingface_repo_type", "dataset"], "--huggingface_repo_type dataset applies to uploads"),
-    (["--huggingface_repo_visibility", "public"], "--huggingface_repo_visibility public applies to uploads"),
-    (["--async_upload"], "--async_upload applies to uploads"),
-    (["--save_state_to_huggingface", "--save_state"], "--save_state_to_huggingface applies to uploads"),
-    (["--huggingface_token", "hf_x"], "--huggingface_token is used for uploads"),
     (["--huggingface_repo_id", "lllite"], "must look like owner/name"),
-    (["--huggingface_repo_id", "me/x", "--save_state_to_huggingface"], "add one of them"),
     (["--huggingface_repo_id", "me/x", "--huggingface_path_in_repo", "a/../b"], "without '.' or '..'"),
     (["--resume_from_huggingface"], "needs --resume {repo_id}/{path_in_repo}"),
     (["--resume_from_huggingface", "--resume", "lllite-state"], "does not start with a repo id"),
@@ -103,6 +96,23 @@ def saved(tmp_path: Path) -> tuple[Path, Path]:
 def test_option_mistakes_are_refused(argv, message):
     with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
         hub_options(*argv)
+
+
+# sd-scripts uploads nothing without a repo id and ignores these: here too, with one warning line each.
+@pytest.mark.parametrize("argv, warning", [
+    (["--huggingface_path_in_repo", "runs"], "--huggingface_path_in_repo runs does nothing without --huggingface_repo_id"),
+    (["--huggingface_repo_type", "dataset"], "--huggingface_repo_type dataset does nothing without --huggingface_repo_id"),
+    (["--huggingface_repo_visibility", "public"], "--huggingface_repo_visibility public does nothing without"),
+    (["--async_upload"], "--async_upload does nothing without --huggingface_repo_id"),
+    (["--huggingface_token", "hf_x"], "--huggingface_token does nothing without --huggingface_repo_id or"),
+    (["--huggingface_repo_id", "me/x", "--save_state_to_huggingface"],
+     "--save_state_to_huggingface does nothing without --save_state or --save_state_on_train_end"),
+])
+def test_upload_options_without_their_switch_warn(argv, warning, caplog):
+    with caplog.at_level("WARNING"):
+        hub_options(*argv)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(warning) and "hf_x" not in warnings[0]
 
 
 def test_options_resolve_and_keep_the_token_out_of_logs():

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.sdxl.loading import build_unet, bundled_config
 from library.sdxl.tiny import build_random_models
 from library.sdxl.weights_io import read_weights
 from networks.control_net_lllite import ControlNetLLLite, describe_state_dict
@@ -31,12 +29,6 @@ def reference_keys() -> dict[str, list[int]]:
 def unet():
     torch.manual_seed(0)
     return build_random_models()[0]
-
-
-@pytest.fixture(scope="module")
-def full_sdxl_unet():
-    with init_empty_weights():
-        return build_unet(bundled_config("unet"))
 
 
 def randomize_up(net: ControlNetLLLite, scale: float = 0.05, seed: int = 0) -> None:

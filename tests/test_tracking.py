@@ -210,16 +210,26 @@ def test_wandb_gets_the_options_as_sd_scripts_means_them(tmp_path, tiny_checkpoi
 @pytest.mark.parametrize("argv, message", [
     (["--log_with", "tensorboard"], "needs --logging_dir"),
     (["--log_with", "all"], "needs --logging_dir"),
-    (["--log_prefix", "x_", "--log_with", "wandb"], "--log_prefix x_ names the run's folder in --logging_dir"),
-    (["--wandb_run_name", "r", "--logging_dir", "logs"], "--wandb_run_name r applies to Weights & Biases"),
-    (["--wandb_api_key", "k", "--logging_dir", "logs"], r"--wandb_api_key \*\*\* applies to Weights & Biases"),
-    (["--log_tracker_name", "p"], "--log_tracker_name p needs a tracker"),
-    (["--log_config"], "--log_config needs a tracker"),
     (["--log_tracker_name", " ", "--logging_dir", "logs"], "--log_tracker_name is empty"),
 ])
 def test_tracking_option_mistakes(argv, message):
     with pytest.raises(UserError, match=message):
         tracking_options(*argv)
+
+
+# sd-scripts ignores these without their tracker: here too, with one warning line each.
+@pytest.mark.parametrize("argv, warning", [
+    (["--log_prefix", "x_", "--log_with", "wandb"], "--log_prefix x_ does nothing without --logging_dir"),
+    (["--wandb_run_name", "r", "--logging_dir", "logs"], "--wandb_run_name r does nothing without --log_with wandb"),
+    (["--wandb_api_key", "k", "--logging_dir", "logs"], "--wandb_api_key *** does nothing without --log_with wandb"),
+    (["--log_tracker_name", "p"], "--log_tracker_name p does nothing without --logging_dir (TensorBoard) or"),
+    (["--log_config"], "--log_config does nothing without --logging_dir (TensorBoard) or --log_with wandb"),
+])
+def test_tracking_options_without_their_tracker_warn(argv, warning, caplog):
+    with caplog.at_level("WARNING"):
+        tracking_options(*argv)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(warning) and "k" not in warnings[0].split()[1]
 
 
 @pytest.mark.parametrize("toml_text, extra, message", [

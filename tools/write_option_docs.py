@@ -28,7 +28,7 @@ def option_tables(parser: argparse.ArgumentParser) -> str:
     out = [HEADING, "",
            "Generated from the parser by `python tools/write_option_docs.py`; the same text is in `--help`.",
            "Options marked *refused* exist in sd-scripts but cannot apply to SDXL LLLite training: giving one",
-           "stops the run with the reason.", ""]
+           "stops the run with the reason (sd-scripts' default value, where the row names one, is accepted).", ""]
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
         if not actions:

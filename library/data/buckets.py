@@ -47,7 +47,7 @@ class BucketPlan:
     resolution: Size
     enable_bucket: bool = False
     min_reso: int = 256
-    max_reso: int = 2048
+    max_reso: int = 1024  # sd-scripts' default (SDXL users often set 2048)
     steps: int = 64
     no_upscale: bool = False
     buckets: list[Size] = field(init=False)

@@ -52,7 +52,7 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "conditioning_preprocessor": ("str", None),
     "conditioning_preprocessor_args": ("table", ()),
     "metadata_file": ("file", None),
-    "caption_extension": ("str", ".txt"),
+    "caption_extension": ("str", ".caption"),
     "num_repeats": ("int", 1),
     "shuffle_caption": ("bool", False),
     "caption_separator": ("str", ","),
@@ -81,7 +81,7 @@ DATASET_KEYS: dict[str, tuple[str, Any]] = {
     "batch_size": ("int", 1),
     "enable_bucket": ("bool", False),
     "min_bucket_reso": ("int", 256),
-    "max_bucket_reso": ("int", 2048),
+    "max_bucket_reso": ("int", 1024),
     "bucket_reso_steps": ("int", 64),
     "bucket_no_upscale": ("bool", False),
     "network_multiplier": ("float", 1.0),
@@ -121,7 +121,7 @@ class SubsetConfig:
     conditioning_preprocessor: str | None = None
     conditioning_preprocessor_args: tuple[tuple[str, Any], ...] = ()  # sorted (option, value) pairs
     metadata_file: Path | None = None
-    caption_extension: str = ".txt"
+    caption_extension: str = ".caption"
     num_repeats: int = 1
     shuffle_caption: bool = False
     caption_separator: str = ","
@@ -162,7 +162,7 @@ class DatasetConfig:
     batch_size: int = 1
     enable_bucket: bool = False
     min_bucket_reso: int = 256
-    max_bucket_reso: int = 2048
+    max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     network_multiplier: float = 1.0
@@ -638,14 +638,15 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_batch_size", type=int, default=None, help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
     g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
     g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
-    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 2048)")
+    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 1024, as in sd-scripts; SDXL buckets wider than 1024 need 2048)")
     g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
     g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
     g.add_argument("--cache_info", action="store_true", default=None,
                    help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
                         "later runs skip decoding unchanged images")
     g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0, help="data-loading worker processes, >= 0 (0: load in the training process)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8,
+                   help="data-loading worker processes, >= 0, at most the CPU count (0: load in the training process)")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
     add_refused(g, "dataset_class", "custom dataset classes are not supported: the dataset is built from folders. Use "
                 "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
@@ -660,7 +661,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captions")
-    g.add_argument("--caption_extension", default=None, help="caption file extension (default .txt; sd-scripts: .caption)")
+    g.add_argument("--caption_extension", default=None, help="caption file extension (default .caption, as in sd-scripts)")
     g.add_argument("--caption_extention", default=None,
                    help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
                         "values is an error)")
@@ -747,5 +748,7 @@ class DataOptions:
         check_range("max_data_loader_n_workers", args.max_data_loader_n_workers, low=0)
         text_encoding = TextEncodingOptions.from_args(args)
         return cls(datasets=tuple(build_dataset_configs(args)), text_encoding=text_encoding,
-                   num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
+                   # as sd-scripts: never more workers than CPUs
+                   num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+                   persistent_workers=args.persistent_data_loader_workers,
                    debug_dataset=args.debug_dataset)

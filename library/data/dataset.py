@@ -483,7 +483,7 @@ def _make_items(configs: Sequence[DatasetConfig], pairs: list[_Pair], sizes: dic
         for ds in configs
     ]
     items: list[ImageItem] = []
-    missing_captions: list[str] = []
+    missing_captions: list[tuple[Path, str]] = []
     resized_conds = 0
     odd_aspect: list[str] = []
     for ds_index, sub, img, cond in pairs:
@@ -493,7 +493,7 @@ def _make_items(configs: Sequence[DatasetConfig], pairs: list[_Pair], sizes: dic
         else:
             caption = read_caption(img, sub.caption_extension, face_name_fallback=face_crop_on)
         if caption is None:
-            missing_captions.append(img.name)
+            missing_captions.append((img, sub.caption_extension))
         size, cond_size = sizes[img], (sizes[cond] if cond is not None else None)
         if cond_size is not None and cond_size != size:
             resized_conds += 1
@@ -507,7 +507,8 @@ def _make_items(configs: Sequence[DatasetConfig], pairs: list[_Pair], sizes: dic
         )
     if missing_captions:
         logger.warning(
-            "%d image(s) have no caption and train with an empty caption: %s", len(missing_captions), _names(missing_captions)
+            "%d image(s) have no caption and train with an empty caption: %s%s", len(missing_captions),
+            _names([img.name for img, _ in missing_captions]), _other_caption_hint(missing_captions)
         )
     if resized_conds:
         logger.info("%d conditioning image(s) differ in size from their training image and are resized to it", resized_conds)
@@ -738,6 +739,17 @@ def unwrap_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     if len(items) != 1:
         raise ValueError("LLLiteDataset items are whole batches: use DataLoader(batch_size=1)")
     return items[0]
+
+
+def _other_caption_hint(missing: list[tuple[Path, str]]) -> str:
+    """A caption file with the other usual extension beside a captionless image: say which key to set."""
+    for img, ext in missing:
+        for other in (".txt", ".caption"):
+            if other != ext and img.with_suffix(other).is_file():
+                return (f" ({img.with_suffix(other).name} is there: set caption_extension = \"{other}\"; "
+                        f"the default is \"{ext}\", as in sd-scripts)" if ext == ".caption" else
+                        f" ({img.with_suffix(other).name} is there: set caption_extension = \"{other}\")")
+    return ""
 
 
 def create_dataloader(

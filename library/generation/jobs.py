@@ -24,14 +24,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from library.cli import switched_off
 from library.errors import UserError
 from library.generation.options import GenOptions, InputOptions, LoraSpec, OutputOptions
+from library.generation.samplers import ANCESTRAL_EULER, normalize_sampler_name
 from library.generation.settings import (
     MAX_SEED,
     GenerationRequest,
+    GradualLatent,
     checked_size,
     control_settings,
     request_from_prompt_spec,
+    smallest_size,
     validate_request,
 )
 
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+GL_LINE_FIELDS = ("gl_timesteps", "gl_ratio", "gl_every_n_steps", "gl_ratio_step", "gl_s_noise", "gl_unsharp")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -99,9 +104,11 @@ def guide_groups(guides: list[str], n_models: int) -> list[list[str]]:
             f"{n_models} LLLite models but only {len(guides)} guide image(s): give at least one guide image per "
             "model with --guide_image_path (in model order), or --cn in every prompt line"
         )
-    if len(guides) % n_models:
-        raise UserError(f"--guide_image_path: {len(guides)} guide images for {n_models} LLLite models: the last "
-                        f"{len(guides) % n_models} would fill no group; give a multiple of {n_models} images")
+    if len(guides) % n_models:  # sd-scripts cycles over whole groups and never reaches the rest
+        switched_off(f"--guide_image_path {' '.join(guides[len(guides) - len(guides) % n_models:])}",
+                     f"a whole group of {n_models} guide images (one per LLLite model)",
+                     f"{len(guides)} guide images given")
+        guides = guides[:len(guides) - len(guides) % n_models]
     return [guides[i: i + n_models] for i in range(0, len(guides), n_models)]
 
 
@@ -164,6 +171,13 @@ class Planner:
         self.rng = random.Random(opts.inputs.seed)
         self.index = 0
         self.iteration_seeds: dict[int, int] = {}
+        self.warned: set[tuple[str, str]] = set()  # each ignored setting is named once, not once per image
+        self.init_sizes: dict[str, tuple[int, int]] = {}
+
+    def _switched_off(self, label: str, needs: str, why: str = "") -> None:
+        if (label, needs) not in self.warned:
+            self.warned.add((label, needs))
+            switched_off(label, needs, why)
 
     def _seed(self, spec: PromptSpec, k: int, iteration: int) -> int:
         if spec.seeds:  # a line's --d: one seed per image; past the list's end, count up from its last seed
@@ -188,23 +202,62 @@ class Planner:
                 changes[name] = checked_size(label, getattr(spec, name), self.n_models, where)
         for g in spec.guide_images or []:
             check_image_readable(g, f"{where}guide image (--cn)")
+        if spec.guide_images and len(spec.guide_images) > self.n_models:  # the pipeline never reads the rest
+            self._switched_off(f"{where}--cn {','.join(spec.guide_images[self.n_models:])}",
+                               "a --control_net_lllite_models file for each guide image",
+                               f"{self.n_models} file{'' if self.n_models == 1 else 's'} given")
+            changes["guide_images"] = list(spec.guide_images[:self.n_models])
         if spec.network_multipliers is not None:
             changes["network_multipliers"] = self._checked_am(spec.network_multipliers, where)
+        if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
+            # sd-scripts draws without it ("gradual_latent is not supported for this scheduler. Ignoring.")
+            from_line = any(getattr(spec, f) is not None for f in GL_LINE_FIELDS) or spec.sampler is not None
+            self._switched_off(f"{where if from_line else ''}Gradual Latent (--gradual_latent_timesteps / --glt)",
+                               "--sampler euler_a", f"--sampler {base.sampler} has no ancestral step to grow the "
+                               "latents in")
+            changes["gradual_latent"] = GradualLatent()
+        if self.images.inits and not base.highres_fix_scale:
+            for label, name in (("--w", "width"), ("--h", "height")):
+                if getattr(spec, name) is not None:
+                    self._switched_off(f"{where}{label} {getattr(spec, name)}", "--highres_fix_scale",
+                                       "img2img draws at the init image's size; --W and --H resize the init image")
         if self.n_models:
             multipliers, starts, ratios = control_settings(base, self.n_models)
             changes.update(control_multipliers=multipliers, control_starts=starts, control_ratios=ratios)
         return replace(base, **changes)
 
-    def _checked_am(self, values: list[float], where: str) -> list[float]:
+    def _checked_am(self, values: list[float], where: str) -> list[float] | None:
         if not self.loras:
-            raise UserError(f"{where}--am {','.join(f'{v:g}' for v in values)} does nothing without --network_weights")
-        if len(values) > len(self.loras):
-            raise UserError(f"{where}--am has {len(values)} multipliers for {len(self.loras)} LoRA file(s)")
+            self._switched_off(f"{where}--am {','.join(f'{v:g}' for v in values)}", "--network_weights",
+                               "it sets the LoRA multipliers")
+            return None
+        if len(values) > len(self.loras):  # sd-scripts pairs values with files and never looks at the rest
+            self._switched_off(f"{where}--am {','.join(f'{v:g}' for v in values[len(self.loras):])}",
+                               "a --network_weights file for each value", f"{len(self.loras)} LoRA file(s) given")
+            values = values[:len(self.loras)]
         for spec, value in zip(self.loras, lora_multipliers(self.loras, values)):
             if spec.mode == "merged" and value != spec.multiplier:
                 raise UserError(f"{where}--am {value:g} for {spec.path}, which is merged for good with multiplier "
                                 f"{spec.multiplier:g} (--network_merge...): use --network_pre_calc to change it per line")
         return values
+
+    def _img2img_size(self, path: str) -> tuple[int, int]:
+        """sd-scripts' img2img size without the highres fix: the init image's (resized to --W x --H when both
+        are given), rounded down to a multiple of 32. One resize here where sd-scripts resizes twice (to --W x --H,
+        then to the multiple of 32): the same size, and the same image when --W and --H are multiples of 32."""
+        if path not in self.init_sizes:
+            from library.generation.pipeline import open_image
+
+            width, height = self.inputs.init_size or open_image(path, "init image (--image_path)").size
+            size = (width // 32 * 32, height // 32 * 32)
+            if min(size) < smallest_size(self.n_models):
+                raise UserError(f"init image {path} is {width}x{height}: img2img draws at its size rounded down to a "
+                                "multiple of 32, which leaves no image; give a larger image, or --W and --H to resize it")
+            if size != (width, height):
+                logger.warning("init image %s is %dx%d, not a multiple of 32: drawing at %dx%d (the aspect ratio changes "
+                               "a little, as in sd-scripts)", path, width, height, *size)
+            self.init_sizes[path] = size
+        return self.init_sizes[path]
 
     def jobs(self, specs: list[PromptSpec], iteration: int = 0) -> list[Job]:
         """One iteration over ``specs``: ``images_per_prompt`` checked requests per prompt."""
@@ -221,6 +274,8 @@ class Planner:
                     changes["guide_images"] = list(img.groups[self.index % len(img.groups)])
                 if img.inits:
                     changes["init_image"] = img.inits[self.index % len(img.inits)]
+                    if not base.highres_fix_scale:
+                        changes["width"], changes["height"] = self._img2img_size(changes["init_image"])
                 if img.masks:
                     changes["mask"] = img.masks[self.index % len(img.masks)]
                 request = replace(base, **changes)
@@ -238,12 +293,12 @@ class Planner:
 
 
 def check_waiting_settings(opts: GenOptions, jobs: list[Job]) -> None:
-    """Refuse Deep Shrink / Gradual Latent settings that no planned line switched on (they would do nothing)."""
+    """Deep Shrink / Gradual Latent settings that no planned line switched on: ignored with a warning, as sd-scripts."""
     if opts.inputs.interactive:
         return  # lines typed later may switch them on
     for feature, option, switch in opts.waiting_for_lines:
         if not any(getattr(job.request, feature).enabled for job in jobs):
-            raise UserError(f"{option} does nothing without {switch}")
+            switched_off(option, switch)
 
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:

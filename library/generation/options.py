@@ -23,10 +23,10 @@ from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
-from library.cli import add_refused, check_refused
+from library.cli import add_refused, check_refused, switched_off
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
-from library.generation.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from library.generation.samplers import SAMPLER_NAMES
 from library.generation.settings import (
     DEEP_SHRINK_FIELDS,
     GRADUAL_LATENT_FIELDS,
@@ -50,6 +50,9 @@ REFUSED = {
     "clip_vision_strength": "CLIP Vision conditioning needs a CLIP vision model (IP-Adapter style), which this project "
                             "does not load; for img2img use --image_path with --strength",
 }
+SAMPLER = "ddim"  # sd-scripts' sdxl_gen_img.py default (the trainer's samples have their own)
+SIZE = 1024  # --W / --H when not given (sd-scripts' fallback)
+MAX_EMBEDDINGS_MULTIPLES = 1  # --max_embeddings_multiples when not given (sd-scripts': 75 tokens)
 DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 650, "ds_ratio": 0.5,
             "gradual_latent_ratio": 0.5, "gradual_latent_ratio_step": 0.125, "gradual_latent_every_n_steps": 3,
             "gradual_latent_s_noise": 1.0}
@@ -84,7 +87,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
-    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, for all files or one per file")
+    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, one per --network_weights file (as in "
+                   "sd-scripts, a file without a module is not loaded)")
     g.add_argument("--network_weights", nargs="*", default=[], help="kohya-format SDXL LoRA files")
     g.add_argument("--network_mul", nargs="*", type=float, default=[],
                    help="LoRA multipliers in file order; files without one get 1.0")
@@ -119,7 +123,8 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interactive", action="store_true", help="read prompt lines from stdin until EOF or an empty line")
     g.add_argument("--no_preview", action="store_true", help="in --interactive mode, do not open each image in a viewer")
     g.add_argument("--clip_skip", type=int, default=None, help="text encoder hidden state counted from the end (default 2)")
-    g.add_argument("--max_embeddings_multiples", type=int, default=3, help="prompt length in units of 75 tokens (default 3)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=None,
+                   help="prompt length in units of 75 tokens; longer prompts are cut (default 1, as sd-scripts)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,12 +132,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times (default 1)")
     g.add_argument("--batch_size", type=int, default=1, help="images per U-Net call (default 1)")
-    g.add_argument("--W", type=int, default=1024, help="width, rounded down to a multiple of 8 (default 1024)")
-    g.add_argument("--H", type=int, default=1024, help="height, rounded down to a multiple of 8 (default 1024)")
-    g.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    g.add_argument("--sampler", default=DEFAULT_SAMPLER, type=str.lower, choices=SAMPLER_NAMES,
-                   help=f"sampler (default {DEFAULT_SAMPLER})")
-    g.add_argument("--scale", type=float, default=7.0, help="CFG scale (default 7.0)")
+    g.add_argument("--W", type=int, default=None, help="width, rounded down to a multiple of 8 (default 1024; img2img "
+                   "without the highres fix: the init image's, see docs/generation.md)")
+    g.add_argument("--H", type=int, default=None, help="height, rounded down to a multiple of 8 (default 1024; img2img "
+                   "without the highres fix: the init image's, see docs/generation.md)")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    g.add_argument("--sampler", default=SAMPLER, type=str.lower, choices=SAMPLER_NAMES, help=f"sampler (default {SAMPLER})")
+    g.add_argument("--scale", type=float, default=7.5, help="CFG scale (default 7.5)")
     g.add_argument("--negative_scale", type=float, default=None, help="separate scale for the negative prompt")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; the next images count up from it")
     g.add_argument("--iter_same_seed", action="store_true", help="all images of one --n_iter iteration use one seed")
@@ -236,6 +242,8 @@ class InputOptions:
     guide_paths: tuple[str, ...] = ()
     image_path: str | None = None
     mask_path: str | None = None
+    # --W and --H, when both are given: img2img without the highres fix resizes its init image to this (sd-scripts)
+    init_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,12 +295,14 @@ def _shown(value: Any) -> str:
     return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else str(value)
 
 
-def _need(args: argparse.Namespace, names: tuple[str, ...], needed: str, why: str) -> None:
-    """Refuse each of ``names`` that is given without ``needed`` (it would do nothing)."""
+def _switch_off(values: dict[str, Any], names: tuple[str, ...], needed: str, why: str,
+                defaults: dict[str, Any]) -> None:
+    """Each of ``names`` given without ``needed`` does nothing in sd-scripts: one warning each, then its default."""
     for name in names:
-        if _given(args, name):
-            shown = _shown(getattr(args, name))
-            raise UserError(f"--{name}{' ' + shown if shown else ''} does nothing without {needed}: {why}")
+        if values[name] not in (None, False, [], ""):
+            shown = _shown(values[name])
+            switched_off(f"--{name}{' ' + shown if shown else ''}", needed, why)
+            values[name] = defaults[name]
 
 
 def _existing(label: str, path: str | None, folder_ok: bool = False) -> None:
@@ -351,23 +361,14 @@ def _model_options(args: argparse.Namespace) -> ModelOptions:
 
 def _lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
     files = list(args.network_weights)
-    modules = list(args.network_module) or [LORA_MODULES[0]]
-    if len(modules) not in (1, len(files)):
-        raise UserError(f"--network_module {' '.join(modules)}: {len(modules)} modules for {len(files)} "
-                        "--network_weights files; give one for all or one per file")
+    modules = list(args.network_module)  # one per file: _ignore_switched_off dropped the files without one
     for module in modules:
         if module == "networks.control_net_lllite":
             raise UserError("--network_module networks.control_net_lllite: give LLLite files with "
                             "--control_net_lllite_models, not --network_weights")
         if module not in LORA_MODULES:
             raise UserError(f"--network_module {module}: only networks.lora (kohya-format LoRA/LoCon) is supported here")
-    if len(args.network_mul) > len(files):
-        raise UserError(f"--network_mul {' '.join(f'{m:g}' for m in args.network_mul)}: {len(args.network_mul)} "
-                        f"multipliers for {len(files)} --network_weights file(s); give at most one per file")
     merged = _merged_count(args, len(files))
-    if args.network_pre_calc and merged == len(files):
-        raise UserError("--network_pre_calc does nothing when every LoRA is merged for good (--network_merge / "
-                        "--network_merge_n_models): drop one of them")
     muls = list(args.network_mul) + [1.0] * (len(files) - len(args.network_mul))
     modes = ["merged" if i < merged else "pre_calc" if args.network_pre_calc else "hooked" for i in range(len(files))]
     return tuple(LoraSpec(f, m, mode) for f, m, mode in zip(files, muls, modes))
@@ -402,14 +403,13 @@ def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLaten
             raise UserError(f"--gradual_latent_unsharp_params {args.gradual_latent_unsharp_params!r}: {e}") from None
     ds = DeepShrink(**{name: v for (prefix, name), v in values.items() if prefix == "ds"})
     gl = GradualLatent(unsharp=unsharp, **{name: v for (prefix, name), v in values.items() if prefix == "gl"})
-    if args.ds_depth_2 is not None and args.ds_depth_1 is None:
-        raise UserError(f"--ds_depth_2 {args.ds_depth_2} needs --ds_depth_1: Deep Shrink's second depth follows the first")
     return ds, gl
 
 
 def _default_request(args: argparse.Namespace, n_models: int) -> GenerationRequest:
     deep_shrink, gradual_latent = _shrink_settings(args)
-    width, height = checked_size("--W", args.W, n_models), checked_size("--H", args.H, n_models)
+    width, height = (SIZE if value is None else checked_size(label, value, n_models)
+                     for label, value in (("--W", args.W), ("--H", args.H)))
     upscaler, upscaler_args = _upscaler(args)
     return GenerationRequest(
         negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps, scale=args.scale,
@@ -419,7 +419,8 @@ def _default_request(args: argparse.Namespace, n_models: int) -> GenerationReque
         original_width=args.original_width, original_height=args.original_height,
         original_width_negative=args.original_width_negative, original_height_negative=args.original_height_negative,
         crop_top=args.crop_top or 0, crop_left=args.crop_left or 0, clip_skip=args.clip_skip,
-        max_embeddings_multiples=args.max_embeddings_multiples, highres_fix_scale=args.highres_fix_scale,
+        max_embeddings_multiples=args.max_embeddings_multiples or MAX_EMBEDDINGS_MULTIPLES,
+        highres_fix_scale=args.highres_fix_scale,
         highres_fix_steps=args.highres_fix_steps or DEFAULTS["highres_fix_steps"],
         highres_fix_strength=args.highres_fix_strength,
         highres_fix_disable_control_net=args.highres_fix_disable_control_net,
@@ -443,35 +444,74 @@ def _upscaler(args: argparse.Namespace) -> tuple[str | None, tuple[tuple[str, fl
     return name, parse_upscaler_args(effective, args.highres_fix_upscaler_args)
 
 
-def _check_combinations(args: argparse.Namespace) -> None:
-    """Options that would do nothing without another one are refused, naming the one they need."""
-    needs = [
-        (args.highres_fix_scale is None, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
-                                          "highres_fix_latents_upscaling", "highres_fix_upscaler",
-                                          "highres_fix_upscaler_args", "highres_fix_disable_control_net"),
+def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Options whose switch is off are ignored with one warning each, as sd-scripts ignores them (cli.switched_off).
+
+    Returns a copy of ``args`` with each of them back at its default, so that the run (and the PNG
+    metadata) is the one sd-scripts draws. The cases that stay errors say why where they are raised.
+    """
+    v = dict(vars(args))
+    defaults = {action.dest: action.default for action in parser._actions}
+    if v["highres_fix_scale"] is None and (v["highres_fix_upscaler"] or v["highres_fix_upscaler_args"]):
+        _upscaler(args)  # a bad name or argument stays an error (sd-scripts imports the module even then)
+    if v["mask_path"] is not None and v["image_path"] is None:
+        # Not ignored by sd-scripts: without LoRAs it fails on the mask (no init image to go with it), with
+        # LoRAs the mask becomes a regional-LoRA mask, which is not supported here.
+        raise UserError(f"--mask_path {v['mask_path']} needs --image_path: the mask says which part of the init image "
+                        "is drawn again")
+    modules, files = v["network_module"], v["network_weights"]
+    if len(modules) > len(files):
+        # sd-scripts stops here too ("No weight. Weight is required.").
+        raise UserError(f"--network_module {' '.join(modules)} needs --network_weights: {len(modules)} module(s) for "
+                        f"{len(files)} file(s); give one LoRA file per module")
+    if len(files) > len(modules):  # sd-scripts loads one file per module and ignores the rest
+        switched_off(f"--network_weights {' '.join(files[len(modules):])}", "a --network_module networks.lora for each "
+                     "file", "a file without a module is not loaded")
+        v["network_weights"] = files[:len(modules)]
+    image, hires, lora = v["image_path"] is not None, v["highres_fix_scale"] is not None, bool(v["network_weights"])
+    switches = [
+        (not hires, ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
+                     "highres_fix_upscaler", "highres_fix_upscaler_args", "highres_fix_disable_control_net"),
          "--highres_fix_scale", "it configures the highres fix"),
-        (args.image_path is None, ("mask_path", "highres_fix_strength"), "--image_path",
-         "the mask and the first highres pass's strength work on the init image (the second pass's is --strength)"),
-        (args.image_path is None and args.highres_fix_scale is None, ("strength",),
-         "--image_path or --highres_fix_scale", "it is the img2img strength"),
-        (not args.control_net_lllite_models, ("guide_image_path", "control_net_multipliers", "control_net_ratios",
+        (not image, ("highres_fix_strength",), "--image_path",
+         "it is the first highres pass's img2img strength; the second pass's is --strength"),
+        (not (image or hires), ("strength",), "--image_path or --highres_fix_scale", "it is the img2img strength"),
+        (not v["control_net_lllite_models"], ("guide_image_path", "control_net_multipliers", "control_net_ratios",
                                               "control_net_starts", "highres_fix_disable_control_net"),
          "--control_net_lllite_models", "it is for LLLite models"),
-        (not args.network_weights, ("network_module", "network_mul", "network_merge", "network_merge_n_models",
-                                    "network_pre_calc"), "--network_weights", "it sets how LoRA files are applied"),
-        (not args.interactive, ("no_preview",), "--interactive", "images are shown only in interactive mode"),
-        (not (args.network_weights or args.control_net_lllite_models), ("network_show_meta",),
+        (not lora, ("network_mul", "network_merge", "network_merge_n_models", "network_pre_calc"),
+         "--network_weights", "it sets how LoRA files are applied"),
+        (not v["interactive"], ("no_preview",), "--interactive", "images are shown only in interactive mode"),
+        (not (lora or v["control_net_lllite_models"]), ("network_show_meta",),
          "--network_weights or --control_net_lllite_models", "there is no file to show"),
     ]
-    for missing, names, needed, why in needs:
-        if missing:
-            _need(args, names, needed, why)
-    if not (args.prompt or args.from_file or args.interactive):
+    for off, names, needed, why in switches:
+        if off:
+            _switch_off(v, names, needed, why, defaults)
+    if image and not hires and (v["W"] is None) != (v["H"] is None):
+        given, other = ("W", "H") if v["W"] is not None else ("H", "W")
+        _switch_off(v, (given,), f"--{other}", "img2img draws at the init image's size, resized to --W x --H only "
+                    "when both are given", defaults)
+    for name, files in (("network_mul", "network_weights"), ("control_net_multipliers", "control_net_lllite_models"),
+                        ("control_net_ratios", "control_net_lllite_models"),
+                        ("control_net_starts", "control_net_lllite_models")):
+        n, given = len(v[files]), v[name] or []
+        if n and len(given) > n:  # sd-scripts reads one value per file and never looks at the rest
+            switched_off(f"--{name} {_shown(given[n:])}", f"a --{files} file for each value",
+                         f"{n} file{'s' if n > 1 else ''} given")
+            v[name] = given[:n]
+    n_files = len(v["network_weights"])
+    if v["network_pre_calc"] and _merged_count(argparse.Namespace(**v), n_files) == n_files:
+        switched_off("--network_pre_calc", "a LoRA that is not merged for good",
+                     "--network_merge / --network_merge_n_models merge every file")
+        v["network_pre_calc"] = False
+    if not (v["prompt"] or v["from_file"] or v["interactive"]):
         raise UserError("nothing to draw: give --prompt, --from_file or --interactive")
+    return argparse.Namespace(**v)
 
 
 _SWITCHED = (
-    ("deep_shrink", "ds_depth_1", "--dsd1", ("ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio")),
+    ("deep_shrink", "ds_depth_1", "--dsd1", ("ds_depth_2", "ds_timesteps_1", "ds_timesteps_2", "ds_ratio")),
     ("gradual_latent", "gradual_latent_timesteps", "--glt",
      ("gradual_latent_ratio", "gradual_latent_ratio_step", "gradual_latent_every_n_steps", "gradual_latent_s_noise",
       "gradual_latent_unsharp_params")),
@@ -497,11 +537,12 @@ def _waiting_for_lines(args: argparse.Namespace) -> tuple[tuple[str, str, str], 
 
 def resolve(args: argparse.Namespace) -> GenOptions:
     """Every option checked and turned into typed objects; a UserError naming the first bad one."""
-    check_refused(build_parser(), args)  # cli's rule, shared with the trainer (the parser costs milliseconds)
+    parser = build_parser()  # the parser costs milliseconds
+    check_refused(parser, args)  # cli's rule, shared with the trainer
     _check_counts(args)
-    _check_combinations(args)
-    _check_files(args)
-    n_models = len(args.control_net_lllite_models)
+    _check_files(args)  # before ignoring: a missing file stays an error (sd-scripts opens the images it is given)
+    args = _ignore_switched_off(args, parser)
+    defaults = _default_request(args, len(args.control_net_lllite_models))
     return GenOptions(
         model=_model_options(args), loras=_lora_specs(args), show_meta=args.network_show_meta,
         inputs=InputOptions(
@@ -509,6 +550,7 @@ def resolve(args: argparse.Namespace) -> GenOptions:
             images_per_prompt=args.images_per_prompt, n_iter=args.n_iter, seed=args.seed,
             iter_same_seed=args.iter_same_seed, lllite_models=tuple(args.control_net_lllite_models),
             guide_paths=tuple(args.guide_image_path), image_path=args.image_path, mask_path=args.mask_path,
+            init_size=None if args.W is None or args.H is None else (defaults.width, defaults.height),
         ),
         draw=DrawOptions(args.batch_size, args.vae_batch_size, args.vae_slices, not args.no_progress),
         output=OutputOptions(
@@ -516,7 +558,7 @@ def resolve(args: argparse.Namespace) -> GenOptions:
             save_first_pass=args.highres_fix_save_1st, preview=args.interactive and not args.no_preview,
             log=ConsoleLogOptions.from_args(args),
         ),
-        defaults=_default_request(args, n_models), waiting_for_lines=_waiting_for_lines(args),
+        defaults=defaults, waiting_for_lines=_waiting_for_lines(args),
     )
 
 

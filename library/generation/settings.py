@@ -321,6 +321,9 @@ def _check_fields(r: GenerationRequest, where: str) -> None:
 
 
 def _check_combinations(r: GenerationRequest, where: str) -> None:
+    # For callers of generate(): sdxl_gen_img.py has already ignored, with a warning, what sd-scripts ignores
+    # (highres_fix_strength without its switches, Gradual Latent with another sampler; jobs.Planner, options.py).
+    # The mask rules stay errors there too: sd-scripts fails on them.
     if r.mask is not None and r.init_image is None:
         raise UserError(f"{where}a mask (--mask_path) needs the image to inpaint (--image_path)")
     if r.highres_fix_strength is not None and (r.init_image is None or not r.highres_fix_scale):
@@ -356,10 +359,15 @@ def validate_request(r: GenerationRequest, n_models: int, where: str = "") -> No
     control_settings(r, n_models)
 
 
+FIRST_PASS_MULTIPLE = 32  # sd-scripts rounds the highres fix's first pass down to a multiple of 32
+
+
 def first_pass_size(r: GenerationRequest) -> tuple[int, int]:
-    """The highres fix's first-pass size: the final size times the scale, rounded down to a multiple of 8."""
+    """The highres fix's first-pass size, as sd-scripts: the final size times the scale, rounded to the nearest
+    pixel, then down to a multiple of 32."""
     scale = r.highres_fix_scale or 1.0
-    return (int(r.width * scale) // LATENT_FACTOR * LATENT_FACTOR, int(r.height * scale) // LATENT_FACTOR * LATENT_FACTOR)
+    w, h = int(r.width * scale + 0.5), int(r.height * scale + 0.5)
+    return w - w % FIRST_PASS_MULTIPLE, h - h % FIRST_PASS_MULTIPLE
 
 
 # ----------------------------------------------------------------------------------------------

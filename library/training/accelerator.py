@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from library.cli import check_range
+from library.cli import check_range, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class DistributedOptions:
         ds_defaults = DeepSpeedOptions()
         set_without = [n for n in ds_names if getattr(args, n) not in (getattr(ds_defaults, n), None)]
         if not args.deepspeed:
-            if set_without:
-                raise UserError(f"--{set_without[0]} is a DeepSpeed option: add --deepspeed, or drop it")
+            for name in set_without:
+                switched_off(f"--{name}", "--deepspeed", "it is a DeepSpeed option")
             ds = None
         else:
             ds = DeepSpeedOptions(**{n: getattr(args, n) for n in ds_names})
@@ -118,14 +118,14 @@ def _check_deepspeed(ds: DeepSpeedOptions) -> None:
         if device == "nvme" and not path:
             raise UserError(f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path (a folder on the NVMe drive)")
         if path and device != "nvme":
-            raise UserError(f"--offload_{kind}_nvme_path {path} only applies with --offload_{kind}_device nvme")
+            switched_off(f"--offload_{kind}_nvme_path {path}", f"--offload_{kind}_device nvme")
     if ds.offload_param_device not in (None, "none") and ds.zero_stage != 3:
         raise UserError(f"--offload_param_device {ds.offload_param_device} needs --zero_stage 3, got {ds.zero_stage}")
     if ds.offload_optimizer_device not in (None, "none") and ds.zero_stage < 2:
         raise UserError(f"--offload_optimizer_device {ds.offload_optimizer_device} needs --zero_stage 2 or 3, got {ds.zero_stage}")
     for flag in ("zero3_init_flag", "zero3_save_16bit_model"):
         if getattr(ds, flag) and ds.zero_stage != 3:
-            raise UserError(f"--{flag} applies to ZeRO stage 3 only; got --zero_stage {ds.zero_stage}")
+            switched_off(f"--{flag}", "--zero_stage 3", f"this run has --zero_stage {ds.zero_stage}")
 
 
 def check_deepspeed_installed(distributed: DistributedOptions) -> None:

@@ -110,7 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPars
     argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args(argv)
     if first.config_file and not first.output_config:
-        parser.set_defaults(**load_config_file(first.config_file, parser, skip=("config_file", "output_config")))
+        parser.set_defaults(**load_config_file(first.config_file, parser, skip=("config_file", "output_config"),
+                                               foreign=foreign_config_keys()))
     args = parser.parse_args(argv)
     if args.output_config:
         write_config(args)
@@ -123,6 +124,12 @@ def parse_training_options(argv: Sequence[str] | None = None) -> TrainingOptions
     parser, args = parse_args(argv)
     check_refused(parser, args)
     return resolve(args)
+
+
+def foreign_config_keys() -> frozenset[str]:
+    """Keys sd-scripts' LLLite trainer ignores in a config file (see the list's header)."""
+    text = (Path(__file__).parent / "foreign_config_keys.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 def output_folders(options: TrainingOptions) -> list[tuple[str, Path]]:

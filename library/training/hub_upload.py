@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from library.cli import switched_off
 from library.errors import UserError
 from library.training.states import STATE_FILE, state_problem
 
@@ -108,14 +109,13 @@ class HubOptions:
                            "async_upload": args.async_upload}
             for name, value in upload_only.items():
                 if value not in (None, False):
-                    raise UserError(f"--{name}{'' if value is True else ' ' + str(value)} applies to uploads: add "
-                                    "--huggingface_repo_id owner/name, or drop it")
+                    switched_off(f"--{name}{'' if value is True else ' ' + str(value)}", "--huggingface_repo_id",
+                                 "it applies to uploads")
             if args.huggingface_token is not None and not args.resume_from_huggingface:
-                raise UserError("--huggingface_token is used for uploads and --resume_from_huggingface: add "
-                                "--huggingface_repo_id owner/name, or drop it")
-        if args.save_state_to_huggingface and not (args.save_state or args.save_state_on_train_end):
-            raise UserError("--save_state_to_huggingface uploads the state folders that --save_state or "
-                            "--save_state_on_train_end write: add one of them")
+                switched_off("--huggingface_token", "--huggingface_repo_id or --resume_from_huggingface")
+        elif args.save_state_to_huggingface and not (args.save_state or args.save_state_on_train_end):
+            switched_off("--save_state_to_huggingface", "--save_state or --save_state_on_train_end",
+                         "it uploads the state folders they write")
         resume = None
         if args.resume_from_huggingface:
             if not args.resume:

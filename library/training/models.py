@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from library.cli import add_refused, check_choice, check_range
+from library.cli import add_refused, check_choice, check_range, switched_off
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels, check_model_source, load_sdxl
 from library.sdxl.text_encoding import tokenizers_via_cache_dir
@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0 <= p < 1")
     g.add_argument("--include_output_blocks", action="store_true",
                    help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
-                        "kohya's ComfyUI node and sd-webui-controlnet load them. About twice the modules")
+                        "kohya's ComfyUI node, sd-webui-controlnet and Forge load them, sd-scripts' sdxl_gen_img.py "
+                        "refuses them (docs/training.md). About twice the modules")
     g.add_argument("--network_weights", help="initial LLLite weights, to continue training a file")
     g.add_argument("--network_module", default=NETWORK_MODULE,
                    help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")
@@ -90,13 +91,13 @@ class ModelOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
-        if not args.pretrained_model_name_or_path:
+        if not args.pretrained_model_name_or_path and not args.debug_dataset:  # as sd-scripts: it needs tokenizers only
             raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
         if not args.debug_dataset:  # checking the dataset needs no model, so it may not be there yet
             check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
         if args.vae and not args.debug_dataset and not Path(args.vae).expanduser().exists():
             raise UserError(f"--vae {args.vae}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
-        return cls(path=args.pretrained_model_name_or_path, vae=args.vae, no_half_vae=args.no_half_vae,
+        return cls(path=args.pretrained_model_name_or_path or "", vae=args.vae, no_half_vae=args.no_half_vae,
                    v_parameterization=args.v_parameterization, tokenizer_cache_dir=args.tokenizer_cache_dir,
                    lowram=args.lowram, highvram=args.highvram, disable_mmap=args.disable_mmap_load_safetensors,
                    fp8_base=args.fp8_base)
@@ -112,12 +113,17 @@ class AttentionOptions:
     def from_args(cls, args: argparse.Namespace) -> "AttentionOptions":
         # The reference's precedence: memory-efficient attention, then xformers, then SDPA.
         attention = "mem_eff" if args.mem_eff_attn else "xformers" if args.xformers else "sdpa" if args.sdpa else "auto"
-        backend = check_choice("dynamo_backend", args.dynamo_backend, DYNAMO_BACKENDS, case_sensitive=False)
-        if not args.torch_compile and backend != "inductor":
-            raise UserError(f"--dynamo_backend {args.dynamo_backend} only applies with --torch_compile: "
-                            "add --torch_compile, or drop --dynamo_backend")
+        # "no" is accelerate's "no compilation"; the kohya_ss GUI writes it into its configs.
+        backend = args.dynamo_backend
+        if str(backend).lower() != "no":
+            backend = check_choice("dynamo_backend", backend, DYNAMO_BACKENDS, case_sensitive=False)
+        elif args.torch_compile:
+            switched_off("--torch_compile", "a --dynamo_backend other than no", "accelerate compiles nothing with no")
+        if not args.torch_compile and backend != "inductor" and str(backend).lower() != "no":
+            switched_off(f"--dynamo_backend {args.dynamo_backend}", "--torch_compile")
+        compile_backend = backend.lower() if args.torch_compile and str(backend).lower() != "no" else None
         return cls(attention=attention, gradient_checkpointing=args.gradient_checkpointing,
-                   compile_backend=backend.lower() if args.torch_compile else None)
+                   compile_backend=compile_backend)
 
 
 @dataclass(frozen=True)

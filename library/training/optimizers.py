@@ -104,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_lion_optimizer", action="store_true",
                    help="old spelling of --optimizer_type Lion (needs lion-pytorch); cannot be combined with another "
                         "--optimizer_type")
-    g.add_argument("--learning_rate", type=float, default=2e-4, help="learning rate (> 0)")
+    g.add_argument("--learning_rate", type=float, default=2e-6,
+                   help="learning rate (> 0); sd-scripts' default, tuned for full fine-tuning: its LLLite README "
+                        "trains with 2e-4")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping to this norm, >= 0; 0 turns it off")
     add_refused(g, "fused_backward_pass", _FUSED_BACKWARD_REASON, flag=True)
     g.add_argument("--lr_scheduler", default="constant",
@@ -147,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class OptimizerOptions:
     name: str = "AdamW"  # one of OPTIMIZERS, or a class path such as torch.optim.RAdam
     args: dict[str, Any] = field(default_factory=dict)
-    learning_rate: float = 2e-4
+    learning_rate: float = 2e-6
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant"
     lr_scheduler_type: str | None = None  # a scheduler class path; replaces lr_scheduler

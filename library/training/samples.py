@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from library.cli import check_range
+from library.cli import check_range, switched_off
 from library.errors import UserError
 from library.generation.pipeline import (
     GenerationRequest,
@@ -27,14 +28,12 @@ from library.generation.pipeline import (
     open_image,
     request_from_prompt_spec,
     request_metadata,
+    validate_request,
 )
 from library.generation.png_metadata import save_png
 from library.generation.prompt_lines import PromptSpec, load_prompt_file
-from library.generation.samplers import (
-    DEFAULT_SAMPLER,
-    SAMPLER_NAMES,
-    normalize_sampler_name,
-)
+from library.generation.samplers import ANCESTRAL_EULER, SAMPLER_NAMES, normalize_sampler_name
+from library.generation.settings import GradualLatent
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.together import together
@@ -42,6 +41,12 @@ from library.training.tracking import log_images
 from networks.control_net_lllite import ControlNetLLLite
 
 logger = logging.getLogger(__name__)
+
+# sd-scripts' defaults for samples during training: --sample_sampler, and a prompt line's steps and scale
+# (train_util.sample_image_inference), so a prompt file draws here as it would there.
+SAMPLE_SAMPLER = "ddim"
+SAMPLE_STEPS = 30
+SAMPLE_SCALE = 7.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
     g.add_argument("--sample_at_first", action="store_true",
                    help="draw the sample prompts (and measure --fidelity_guides) before the first step")
-    g.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help="sampler for samples (names as in sdxl_gen_img.py)")
+    g.add_argument("--sample_sampler", default=SAMPLE_SAMPLER,
+                   help=f"sampler for samples (names as in sdxl_gen_img.py); a prompt line without --s/--l draws "
+                        f"{SAMPLE_STEPS} steps at scale {SAMPLE_SCALE:g}, as in sd-scripts")
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class SampleOptions:
     every_n_steps: int | None = None
     every_n_epochs: int | None = None
     at_first: bool = False
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str = SAMPLE_SAMPLER
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SampleOptions":
@@ -77,9 +84,13 @@ class SampleOptions:
         cadence = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
         if not args.sample_prompts and not args.fidelity_guides:
             if cadence:
-                raise UserError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts "
-                                "(a prompt file whose lines name their guide with --cn) or --fidelity_guides")
+                switched_off("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first",
+                             "--sample_prompts or --fidelity_guides", "there is nothing to draw or measure")
             return cls(sampler=sampler)
+        if not cadence:
+            given = " and ".join(o for o in ("--sample_prompts", "--fidelity_guides") if getattr(args, o[2:]))
+            switched_off(given, "--sample_every_n_steps, --sample_every_n_epochs or --sample_at_first",
+                         "they say when to draw")
         prompts = tuple(_read_prompts(args.sample_prompts)) if args.sample_prompts else ()
         return cls(prompts=prompts, prompt_file=args.sample_prompts,
                    every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
@@ -101,15 +112,18 @@ class SampleOptions:
 def _read_prompts(path: str) -> list[PromptSpec]:
     """Prompts and guide images are checked now, so a typo fails before training, not hours later."""
     specs = load_prompt_file(path)
+    kept = []
     for i, spec in enumerate(specs):
         if not spec.guide_images:
-            raise UserError(
-                f"{path}: prompt {i + 1} ({spec.prompt[:40]!r}) has no --cn guide image; "
-                "an LLLite sample needs one, e.g. `a cat --cn guides/cat_canny.png`"
-            )
+            # sd-scripts' LLLite trainer draws no samples at all, so its users' prompt files have no guides:
+            # the run goes on, as there, without this sample.
+            logger.warning("%s: prompt %d (%r) has no --cn guide image: it is skipped (an LLLite sample needs one, "
+                           "e.g. `a cat --cn guides/cat_canny.png`)", path, i + 1, spec.prompt[:40])
+            continue
         for g in spec.guide_images:
             check_image_readable(g, f"guide image of sample prompt {i + 1}")
-    return specs
+        kept.append(spec)
+    return kept
 
 
 SampleFn = Callable[[ControlNetLLLite, int, int], None]
@@ -161,7 +175,7 @@ def beside_guide(image: Image.Image, guide: str | Path) -> Image.Image:
 class SampleDrawer:
     """Draws the sample prompts with the network as it is now (main process; the others wait)."""
 
-    def __init__(self, opts: SampleOptions, models: SDXLModels, accelerator, out_dir: Path, name: str,
+    def __init__(self, opts: SampleOptions, models: SDXLModels, accelerator, out_dir: Path, name: str | None,
                  size: tuple[int, int], seed: int | None, text: TextEncodingOptions = TextEncodingOptions()):
         self.opts = opts
         self.models = models
@@ -169,9 +183,22 @@ class SampleDrawer:
         self.out_dir = out_dir
         self.name = name
         # Prompts are encoded as the training captions are (clip_skip, length); lines may still say otherwise.
-        self.defaults = GenerationRequest(width=size[0], height=size[1], steps=20, scale=7.0, sampler=opts.sampler,
+        self.defaults = GenerationRequest(width=size[0], height=size[1], steps=SAMPLE_STEPS, scale=SAMPLE_SCALE,
+                                          sampler=opts.sampler,
                                           seed=seed, clip_skip=text.clip_skip,
                                           max_embeddings_multiples=text.max_embeddings_multiples)
+        # Checked now, before training: a line's mistake must not stop the run at its first sample.
+        self.requests = [self._request(spec, i) for i, spec in enumerate(opts.prompts)]
+
+    def _request(self, spec: PromptSpec, index: int) -> GenerationRequest:
+        request = request_from_prompt_spec(spec, self.defaults)
+        if request.gradual_latent.enabled and normalize_sampler_name(request.sampler) not in ANCESTRAL_EULER:
+            # as sdxl_gen_img.py (and sd-scripts): drawn without it
+            switched_off(f"sample prompt {index + 1}: Gradual Latent (--glt)", "--sampler euler_a",
+                         f"--sampler {request.sampler} has no ancestral step to grow the latents in")
+            request = dataclasses.replace(request, gradual_latent=GradualLatent())
+        validate_request(request, 1, f"{self.opts.prompt_file}: sample prompt {index + 1}: ")
+        return request
 
     def __call__(self, network: ControlNetLLLite, step: int, epoch: int) -> None:
         together(self.accelerator, lambda: self._draw(network, step, epoch), f"drawing the samples of step {step}",
@@ -181,13 +208,13 @@ class SampleDrawer:
         models, device = self.models, self.accelerator.device
         for_trackers: dict[str, tuple[Image.Image, str]] = {}
         with drawing_with(models, network, self.accelerator):
-            for i, spec in enumerate(self.opts.prompts):
-                request = request_from_prompt_spec(spec, self.defaults)
+            for i, (spec, request) in enumerate(zip(self.opts.prompts, self.requests)):
                 image = generate(models, [network], request, device=device, progress=False)[0]
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
-                                        base_model=models.name, lllite=self.name)
-                save_png(image, self.out_dir / f"{self.name}_{step:06d}_{i:02d}_{seed}.png", meta, "the sample image")
+                                        base_model=models.name, **({"lllite": self.name} if self.name else {}))
+                prefix = f"{self.name}_" if self.name else ""  # as sd-scripts names samples without --output_name
+                save_png(image, self.out_dir / f"{prefix}{step:06d}_{i:02d}_{seed}.png", meta, "the sample image")
                 if self.accelerator.trackers:
                     for_trackers[f"samples/{i:02d}"] = (beside_guide(image, spec.guide_images[0]),
                                                         f"{spec.prompt} (guide | sample, seed {seed}, step {step})")

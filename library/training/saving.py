@@ -21,7 +21,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from library.atomic_io import WriteError, as_write_error, publish_folder, remove_tree
-from library.cli import check_range
+from library.cli import check_range, switched_off
 from library.errors import UserError
 from library.training.states import check_state_folder, load_position, write_state_record
 from library.training.together import together
@@ -37,14 +37,16 @@ METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_h
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("saving")
     g.add_argument("--output_dir", default="output", help="where LLLite files, states and samples go")
-    g.add_argument("--output_name", default="lllite", help="file name stem of the saved LLLite files")
+    g.add_argument("--output_name", default=None,
+                   help="file name stem of the saved LLLite files (default as in sd-scripts: last.safetensors, "
+                        "epoch-000001.safetensors, at-step00000100.safetensors)")
     g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format of saved LLLite files")
     g.add_argument("--save_precision", default=None, choices=list(SAVE_PRECISIONS),
                    help="dtype of saved files (default: as trained, fp32)")
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save an LLLite file every N epochs, >= 1")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save an LLLite file every N steps, >= 1")
     g.add_argument("--save_n_epoch_ratio", type=int, default=None,
-                   help="save at least N files over the run, evenly spaced by epochs, >= 1 (instead of --save_every_n_epochs)")
+                   help="save at least N files over the run, evenly spaced by epochs, >= 0 (0: off; instead of --save_every_n_epochs)")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N files saved by epoch, >= 1 (needs --save_every_n_epochs or --save_n_epoch_ratio)")
     g.add_argument("--save_last_n_epochs_state", type=int, default=None,
                    help="keep only the last N states saved by epoch, >= 1 (default: --save_last_n_epochs; needs --save_state)")
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class SavingOptions:
     output_dir: Path = Path("output")
-    output_name: str = "lllite"
+    output_name: str | None = None  # None: sd-scripts' stems, see Saver.stem
     extension: str = "safetensors"
     dtype: torch.dtype | None = None
     every_n_epochs: int | None = None
@@ -84,11 +86,12 @@ class SavingOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SavingOptions":
         name = args.output_name
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
             raise UserError(f"--output_name {name!r} must be a plain file name stem without folders (folders go in --output_dir)")
-        for opt in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+        for opt in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
                     "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state"):
             check_range(opt, getattr(args, opt), low=1)
+        check_range("save_n_epoch_ratio", args.save_n_epoch_ratio, low=0, what="0 is off, as in sd-scripts")
         _check_combinations(args)
         # With --resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
         resume = Path(args.resume) if args.resume and not args.resume_from_huggingface else None
@@ -115,16 +118,17 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.save_n_epoch_ratio and args.save_every_n_epochs:
         raise UserError(f"--save_n_epoch_ratio {args.save_n_epoch_ratio} and --save_every_n_epochs "
                         f"{args.save_every_n_epochs} both set the epoch interval: keep one")
+    # Pruning with nothing to prune: sd-scripts runs and the option does nothing, so here too (one warning).
     needs = {"save_last_n_epochs": ("save_every_n_epochs", "save_n_epoch_ratio"),
              "save_last_n_epochs_state": ("save_every_n_epochs", "save_n_epoch_ratio"),
              "save_last_n_steps": ("save_every_n_steps",), "save_last_n_steps_state": ("save_every_n_steps",)}
     for opt, required in needs.items():
         if getattr(args, opt) and not any(getattr(args, r) for r in required):
-            raise UserError(f"--{opt} {getattr(args, opt)} prunes files saved by "
-                            f"{' or '.join('--' + r for r in required)}: add one of them, or drop --{opt}")
+            switched_off(f"--{opt} {getattr(args, opt)}", " or ".join("--" + r for r in required),
+                         "it prunes the files they save")
     for opt in ("save_last_n_epochs_state", "save_last_n_steps_state"):
         if getattr(args, opt) and not args.save_state:
-            raise UserError(f"--{opt} {getattr(args, opt)} prunes states, which only --save_state writes: add --save_state")
+            switched_off(f"--{opt} {getattr(args, opt)}", "--save_state", "it prunes the states --save_state writes")
 
 
 def _user_metadata(args: argparse.Namespace) -> dict[str, str]:
@@ -211,12 +215,18 @@ class Saver:
 
     # -- names -----------------------------------------------------------------------------------
 
+    def stem(self, tag: str | None) -> str:
+        """``<name>-<tag>`` or ``<name>``; without --output_name, sd-scripts' names: epoch-, at-, last."""
+        name = self.opts.output_name
+        if name is None:
+            name = "last" if tag is None else "at" if tag.startswith("step") else "epoch"
+        return f"{name}-{tag}" if tag else name
+
     def model_path(self, tag: str | None) -> Path:
-        stem = f"{self.opts.output_name}-{tag}" if tag else self.opts.output_name
-        return self.opts.output_dir / f"{stem}.{self.opts.extension}"
+        return self.opts.output_dir / f"{self.stem(tag)}.{self.opts.extension}"
 
     def state_path(self, tag: str | None) -> Path:
-        return self.opts.output_dir / (f"{self.opts.output_name}-{tag}-state" if tag else f"{self.opts.output_name}-state")
+        return self.opts.output_dir / f"{self.stem(tag)}-state"
 
     # -- events from the loop ----------------------------------------------------------------------
 
@@ -251,7 +261,8 @@ class Saver:
     def metadata(self, progress: Progress) -> dict[str, str]:
         meta = {**self.run_metadata, "ss_steps": str(progress.global_step), "ss_epoch": str(progress.epoch),
                 "ss_training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        meta.setdefault("modelspec.title", self.opts.output_name)
+        # sd-scripts' title: --metadata_title, else --output_name, else "LoRA@<time>" (its LLLite files say LoRA)
+        meta.setdefault("modelspec.title", self.opts.output_name or f"LoRA@{time.strftime('%Y-%m-%dT%H:%M:%S')}")
         meta.update(self.opts.metadata)
         return meta
 

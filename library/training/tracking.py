@@ -20,6 +20,7 @@ from typing import Any
 
 import tomllib
 
+from library.cli import switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -83,20 +84,19 @@ class TrackingOptions:
         for name in ("wandb_run_name", "wandb_api_key"):
             if getattr(args, name) and "wandb" not in trackers:
                 shown = "***" if name == "wandb_api_key" else getattr(args, name)
-                raise UserError(f"--{name} {shown} applies to Weights & Biases: add --log_with wandb (or all), or drop it")
+                switched_off(f"--{name} {shown}", "--log_with wandb (or all)", "it applies to Weights & Biases")
         if args.log_prefix is not None and not args.logging_dir:
-            raise UserError(f"--log_prefix {args.log_prefix} names the run's folder in --logging_dir: add --logging_dir, "
-                            "or drop it")
+            switched_off(f"--log_prefix {args.log_prefix}", "--logging_dir", "it names the run's folder there")
+        no_tracker = "--logging_dir (TensorBoard) or --log_with wandb"
         for name in ("log_tracker_name", "log_tracker_config"):
             if getattr(args, name) is not None and not trackers:
-                raise UserError(f"--{name} {getattr(args, name)} needs a tracker: add --logging_dir (TensorBoard) "
-                                "or --log_with wandb")
+                switched_off(f"--{name} {getattr(args, name)}", no_tracker)
         if args.log_config and not trackers:
-            raise UserError("--log_config needs a tracker: add --logging_dir (TensorBoard) or --log_with wandb")
+            switched_off("--log_config", no_tracker)
         if args.log_tracker_name is not None and not args.log_tracker_name.strip():
             raise UserError("--log_tracker_name is empty: give a project name, or drop it for the default "
                             f"{DEFAULT_PROJECT}")
-        init_kwargs = _read_tracker_config(args.log_tracker_config, trackers) if args.log_tracker_config else {}
+        init_kwargs = _read_tracker_config(args.log_tracker_config, trackers) if args.log_tracker_config and trackers else {}
         if args.wandb_run_name:
             wandb_kwargs = init_kwargs.setdefault("wandb", {})
             if "name" in wandb_kwargs and wandb_kwargs["name"] != args.wandb_run_name:
