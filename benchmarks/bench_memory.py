@@ -421,7 +421,8 @@ def report(train_rows: list, infer_rows: list) -> None:
         print_inference(infer_rows)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=CONFIGS, default="sdxl", help="sdxl (full size, the default) or tiny (smoke test)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 1024; 64 for tiny)")
@@ -446,7 +447,11 @@ def main(argv=None) -> dict:
     p.add_argument("--report", nargs="+", metavar="JSON", default=None,
                    help="print the tables of earlier runs' --json files (together) instead of counting")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
 
     if args._case:
         print("RESULT " + json.dumps(run_case(json.loads(args._case))), flush=True)
