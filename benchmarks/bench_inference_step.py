@@ -48,12 +48,17 @@ def make_network(unet, args, seed: int) -> ControlNetLLLite:
     return net.to(args.torch_device, args.torch_dtype).eval()
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_repeats=9)
     p.add_argument("--channels_last", action="store_true", help="U-Net in channels-last memory format")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the U-Net (hooks included)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     resolve_common(args)
     device, dtype = args.torch_device, args.torch_dtype
 

@@ -166,7 +166,8 @@ def measure_load(path: Path, dtype: str, disable_mmap: bool, threads: int, inter
     return result
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="/tmp", help="where the checkpoint is written (and deleted afterwards)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"], help="load dtypes")
@@ -183,7 +184,11 @@ def main(argv=None) -> dict:
     p.add_argument("--_disable_mmap", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child_write", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_layout", default="text_model", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     config = "tiny" if args.tiny else "sdxl"
 
     torch.set_num_threads(args.threads)

@@ -70,14 +70,19 @@ def write_random_checkpoint(path: Path, config: str, save_dtype: torch.dtype) ->
     save_sdxl_single_file(path, *models)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_repeats=3)
     p.add_argument("--checkpoint", default=None, help="an SDXL single file / diffusers folder to load (default: write a random one)")
     p.add_argument("--lllite", default=None, help="an LLLite file to load (default: write a random one for the U-Net)")
     p.add_argument("--save_dtype", choices=("fp32", "bf16", "fp16"), default="fp16",
                    help="dtype of the random checkpoint written when no --checkpoint is given")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     resolve_common(args)
     device, dtype = args.torch_device, args.torch_dtype
 

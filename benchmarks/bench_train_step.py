@@ -164,7 +164,8 @@ def case_list(args: argparse.Namespace) -> list[dict]:
             for d in dtypes for gc in gcs for m in args.models for c in compiles]
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_repeats=5)
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -187,7 +188,11 @@ def main(argv=None) -> dict:
     p.add_argument("--_compile", type=int, help=argparse.SUPPRESS)
     p.add_argument("--in_process", action="store_true",
                    help="run every case in this process (fast start; peak memory is then not per case)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     resolve_common(args)
     if args.tiny:
         args.in_process = True

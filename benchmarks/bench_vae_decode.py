@@ -111,7 +111,8 @@ def differences(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=("sdxl", "tiny"), default="sdxl", help="the VAE measured for memory and time")
     p.add_argument("--device", default="cpu")
@@ -122,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny VAE, 128 px, slices 2 4, one process")
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)  # child: slices (0 = whole)
     p.add_argument("--_out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.tiny:
         args.config, args.resolution, args.slices, args.threads = "tiny", 128, [2, 4], args.threads or 1
     if args.threads:

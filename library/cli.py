@@ -208,8 +208,17 @@ class Option:
                 self.limit.check(self.label, value, self.what)
         return value
 
+    @property
+    def meaning(self) -> str:
+        """The help text (a refused option's: its reason, and the reference's default that is accepted)."""
+        if self.refused is None:
+            return self.help
+        if self.reference_default is None or self.flag:
+            return self.refused
+        return f"{self.refused}. sd-scripts' default {self.reference_default} is accepted; any other value stops the run"
+
     def add_to(self, group: Any) -> None:
-        help_text = f"refused: {self.refused}" if self.refused is not None else self.help
+        help_text = f"refused: {self.meaning}" if self.refused is not None else self.help
         if self.flag:
             group.add_argument(self.label, action="store_true", default=self.default, help=help_text)
             return

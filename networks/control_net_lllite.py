@@ -1,7 +1,7 @@
 """ControlNet-LLLite for a diffusers SDXL U-Net, in the published file layout.
 
 A module sits on each of ``attn1.to_q/to_k/to_v`` and ``attn2.to_q`` of the transformer blocks in
-the input and middle blocks. It embeds the conditioning image once (``conditioning1``), mixes the
+the input and middle blocks. It embeds the conditioning image (``conditioning1``), mixes the
 embedding with a low-rank projection of the linear's input (``down``, ``mid``) and adds
 ``multiplier * up(...)`` to that input:
 
@@ -13,6 +13,13 @@ that adds every network's residual computed from the same original input, so the
 networks were attached does not matter. A pre-hook on each attention block (Transformer2DModel)
 records its input's height and width, so the guide embedding is resized to the exact token grid
 of every call, whatever shrinks the latents on the way (odd sizes, Deep Shrink, Gradual Latent).
+
+When the embedding is computed: without autograd (generation) once per image, in
+``set_cond_image``, and reused by every step. Under autograd (training) inside each module's hook,
+that is inside the U-Net block that uses it: under gradient checkpointing the block, embedding
+included, is recomputed in backward, so the 136 embeddings' activations of the full-size guide are
+not held through the step (about 1 GiB per 1024x1024 image, measured with
+benchmarks/bench_memory.py). Each linear runs once per U-Net call, so the forward work is the same.
 """
 
 from __future__ import annotations
@@ -97,13 +104,15 @@ def find_targets(unet: nn.Module, include_output_blocks: bool = False) -> list[T
 
 def _conditioning_stack(cond_emb_dim: int, depth: int) -> nn.Sequential:
     half = cond_emb_dim // 2
-    layers: list[nn.Module] = [nn.Conv2d(3, half, 4, 4), nn.ReLU()]
+    # In-place ReLUs: a convolution's backward needs its input, not its output, so the ReLU may overwrite
+    # the output and the graph keeps one tensor per layer instead of two.
+    layers: list[nn.Module] = [nn.Conv2d(3, half, 4, 4), nn.ReLU(inplace=True)]
     if depth == 1:
         layers += [nn.Conv2d(half, cond_emb_dim, 2, 2)]
     elif depth == 2:
         layers += [nn.Conv2d(half, cond_emb_dim, 4, 4)]
     else:
-        layers += [nn.Conv2d(half, half, 4, 4), nn.ReLU(), nn.Conv2d(half, cond_emb_dim, 2, 2)]
+        layers += [nn.Conv2d(half, half, 4, 4), nn.ReLU(inplace=True), nn.Conv2d(half, cond_emb_dim, 2, 2)]
     return nn.Sequential(*layers)
 
 
@@ -135,32 +144,56 @@ class LLLiteModule(nn.Module):
         # A fresh module must not change the U-Net's output, so the whole last layer starts at zero.
         nn.init.zeros_(self.up[0].weight)
         nn.init.zeros_(self.up[0].bias)
-        self.cond_emb: torch.Tensor | None = None  # (b, C, h, w), set once per image
+        self.cond_emb: torch.Tensor | None = None  # (b, C, h, w), set once per image (generation)
+        self.cond_image: torch.Tensor | None = None  # (b, 3, H, W), embedded at each use (training)
         self._emb_tokens: dict[int, torch.Tensor] = {}
 
     def set_cond_emb(self, emb: torch.Tensor | None) -> None:
+        """An embedding computed once and reused by every call (generation)."""
         self.cond_emb = emb
+        self.cond_image = None
         self._emb_tokens = {}
 
-    def _grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    def set_cond_source(self, image: torch.Tensor | None) -> None:
+        """A guide image embedded at each use, inside the caller's block (training; nothing is cached)."""
+        self.cond_emb = None
+        self.cond_image = image
+        self._emb_tokens = {}
+
+    @property
+    def has_cond(self) -> bool:
+        return self.cond_emb is not None or self.cond_image is not None
+
+    def _embedding(self) -> torch.Tensor:
+        return self.cond_emb if self.cond_emb is not None else self.conditioning1(self.cond_image)
+
+    def _grid(self, n: int, grid: tuple[int, int] | None, emb: torch.Tensor | None = None) -> tuple[int, int]:
         """The (h, w) of ``n`` tokens: the block's recorded grid, else the embedding's, else a guess."""
         if grid is not None and grid[0] * grid[1] == n:
             return tuple(grid)
-        h, w = self.cond_emb.shape[-2:]
+        h, w = (self.cond_emb if emb is None else emb).shape[-2:]
         return (h, w) if h * w == n else _grid_for(n, h / w)
 
     def tokens_for(self, n: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """The embedding as (b, n, C) tokens, resized when the block's (h, w) grid differs from it."""
-        grid = self._grid(n, grid)
-        cached = self._emb_tokens.get(grid)
-        if cached is not None:
-            return cached
-        emb = self.cond_emb
+        """The embedding as (b, n, C) tokens, resized when the block's (h, w) grid differs from it.
+
+        Cached per grid when the embedding is stored (generation); computed afresh from the guide
+        when it is not (training), so nothing outlives the block that uses it.
+        """
+        cache = self.cond_emb is not None
+        if cache:
+            grid = self._grid(n, grid)
+            cached = self._emb_tokens.get(grid)
+            if cached is not None:
+                return cached
+        emb = self._embedding()
+        grid = self._grid(n, grid, emb)
         if tuple(emb.shape[-2:]) != grid:
             # odd latent sides round differently per level; Deep Shrink and Gradual Latent shrink the grid
             emb = F.interpolate(emb, size=grid, mode="bilinear", align_corners=False)
         tokens = emb.flatten(2).transpose(1, 2)
-        self._emb_tokens[grid] = tokens
+        if cache:
+            self._emb_tokens[grid] = tokens
         return tokens
 
     def _cond_part(self, n: int, dtype: torch.dtype | None, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -174,7 +207,7 @@ class LLLiteModule(nn.Module):
         lin = self.mid[0]
         c = lin.in_features - self.down[0].out_features
         key = None
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and self.cond_emb is not None:
             # a changed weight (in-place load or update) or dtype never reuses a stale entry
             key = ("cond_part", self._grid(n, grid), dtype, lin.weight.data_ptr(), lin.weight._version,
                    lin.bias._version)
@@ -193,11 +226,14 @@ class LLLiteModule(nn.Module):
     def residual(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``up(mid(concat(e, down(x))))`` for input ``x`` of shape (batch, tokens, D) on an (h, w) ``grid``."""
         n = x.shape[1]
-        down = self.down[0]
-        # Under autocast (mixed-precision training) the linears cast for themselves: converting a
-        # bf16 ``x`` to the fp32 weights first would only be cast back to bf16.
-        dtype = None if torch.is_autocast_enabled(x.device.type) else down.weight.dtype
-        h = F.relu(down(x if dtype is None else x.to(dtype)))
+        down, up = self.down[0], self.up[0]
+        # Under autocast (mixed-precision training) compute in its dtype, with explicit casts: autocast's
+        # own casts of leaf weights are cached until the forward pass ends, so every module's bf16
+        # copy of ``down`` and ``up`` would be held at once (45 MiB for SDXL at the end of the forward).
+        # These casts belong to the graph, and under gradient checkpointing are recomputed in backward.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else down.weight.dtype
+        h = F.relu(F.linear(x.to(dtype), down.weight.to(dtype), down.bias.to(dtype)))
         part = self._cond_part(n, dtype, grid)
         bx, be = x.shape[0], part.shape[0]
         if bx != be and bx % be:
@@ -213,7 +249,7 @@ class LLLiteModule(nn.Module):
         h = F.relu(h)
         if self.dropout and self.training:
             h = F.dropout(h, p=self.dropout)
-        return self.up(h).to(x.dtype)
+        return F.linear(h, up.weight.to(h.dtype), up.bias.to(h.dtype)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +285,7 @@ class _Slot:
         for network, module in self.entries:
             # While training a 0 multiplier still joins the graph, so a batch of a network_multiplier = 0
             # dataset backpropagates (zero gradients) like any other; DDP needs every gradient too.
-            if network.active and (network.multiplier != 0.0 or network.training) and module.cond_emb is not None:
+            if network.active and (network.multiplier != 0.0 or network.training) and module.has_cond:
                 out = torch.add(out, module.residual(x, grid), alpha=network.multiplier)  # one pass, no temporary
         if out is x:
             return None
@@ -365,19 +401,32 @@ class ControlNetLLLite(nn.Module):
     # -- conditioning --------------------------------------------------------------------------
 
     def set_cond_image(self, cond_image: torch.Tensor | None) -> None:
-        """Embed the conditioning image (b, 3, H, W) in [-1, 1] once; every U-Net call reuses it.
+        """Set the conditioning image (b, 3, H, W) in [-1, 1] for the following U-Net calls.
 
-        Under autograd (training) the embedding keeps its graph, so ``conditioning1`` trains too.
+        Without autograd (generation) each module embeds it here, once per image, and every call
+        (every denoising step) reuses the embedding. Under autograd (training) each module embeds it
+        in its hook, inside the U-Net block that uses it, so ``conditioning1`` trains and, under
+        gradient checkpointing, the embedding is recomputed in backward instead of being held.
         """
         if cond_image is None:
             for _, m in self.lllite_modules():
                 m.set_cond_emb(None)
             return
-        # Modules of the same depth have different weights, so each embeds the image itself;
-        # the work is small next to one U-Net step and happens once per image, not per step.
+        w = next(m for _, m in self.lllite_modules()).conditioning1[0].weight
+        image = cond_image.to(device=w.device, dtype=w.dtype)
+        if not torch.is_grad_enabled():
+            # Modules of the same depth have different weights, so each embeds the image itself;
+            # the work is small next to one U-Net step and happens once per image, not per step.
+            for _, m in self.lllite_modules():
+                m.set_cond_emb(m.conditioning1(image))
+            return
+        device_type = image.device.type
+        if torch.is_autocast_enabled(device_type) and image.is_floating_point():
+            # Autocast would cast the image for each module's first convolution, and without
+            # checkpointing every module's graph would keep its own copy: one shared cast instead.
+            image = image.to(torch.get_autocast_dtype(device_type))
         for _, m in self.lllite_modules():
-            w = m.conditioning1[0].weight
-            m.set_cond_emb(m.conditioning1(cond_image.to(device=w.device, dtype=w.dtype)))
+            m.set_cond_source(image)
 
     def forward(self, cond_image: torch.Tensor, unet: nn.Module, *unet_args, **unet_kwargs):
         """Training step: embed ``cond_image``, then run ``unet`` (attached, not owned by this module).

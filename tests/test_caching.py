@@ -41,7 +41,7 @@ def make_data(root: Path, n: int = 3, caption: str | None = None) -> None:
     for i in range(n):
         draw(root / "img" / f"{i}.png", (96, 64), 5 + 10 * i, 40)
         draw(root / "cond" / f"{i}.png", (96, 64), 5 + 10 * i, 0)
-        (root / "img" / f"{i}.txt").write_text(caption or f"caption {i}", encoding="utf-8")
+        (root / "img" / f"{i}.caption").write_text(caption or f"caption {i}", encoding="utf-8")
 
 
 def dataset(root: Path, seed: int = 0, resolution: tuple[int, int] = (64, 64), **subset_kw) -> LLLiteDataset:
@@ -261,7 +261,7 @@ def test_text_cache_reuse_and_invalidation(tmp_path):
     cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, processes=QUIET)
     assert te.captions == []
 
-    (tmp_path / "img" / "2.txt").write_text("a new caption", encoding="utf-8")
+    (tmp_path / "img" / "2.caption").write_text("a new caption", encoding="utf-8")
     te = FakeTE()
     cache_text_encoder_outputs(dataset(tmp_path, caption_prefix="sks"), te, "te-1", to_disk=True, processes=QUIET)
     assert te.captions == ["sks, a new caption"]

@@ -47,7 +47,7 @@ def make_pair(
     crect = (round(rect[0] * sx), round(rect[1] * sy), round(rect[2] * sx), round(rect[3] * sy))
     draw((cw, ch), crect, 0).save(cond_dir / f"{name}{cond_ext}")
     if caption is not None:
-        (img_dir / f"{name}.txt").write_text(caption, encoding="utf-8")
+        (img_dir / f"{name}.caption").write_text(caption, encoding="utf-8")
 
 
 def subset(root: Path, **kw) -> SubsetConfig:
@@ -113,6 +113,17 @@ def test_missing_captions_give_one_warning_with_count(tmp_path, caplog):
     warnings = [r for r in caplog.records if "no caption" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].getMessage().startswith("2 image(s)")
     assert sorted(i.caption for i in ds.items) == ["", "", "with caption"]
+
+
+def test_captions_with_the_other_extension_are_named_in_the_warning(tmp_path, caplog):
+    """The default is sd-scripts' .caption; a dataset captioned in .txt is told which key to set."""
+    make_pair(tmp_path, "a", caption=None)
+    (tmp_path / "img" / "a.txt").write_text("a red box", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset"):
+        LLLiteDataset([config(tmp_path)])
+    assert [r.getMessage() for r in caplog.records] == [
+        '1 image(s) have no caption and train with an empty caption: a.png (a.txt is there: set caption_extension = '
+        '".txt"; the default is ".caption", as in sd-scripts)']
 
 
 def test_cache_info_file_is_written_and_reused(tmp_path):

@@ -75,7 +75,7 @@ def test_precedence_subset_beats_dataset_beats_general(tmp_path, dirs):
 def test_defaults(tmp_path, dirs):
     (ds,) = load_dataset_config(write_toml(tmp_path, two_subsets(dirs)))
     assert ds.resolution == (1024, 1024) and ds.batch_size == 1 and not ds.enable_bucket
-    assert (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) == (256, 2048, 64)
+    assert (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) == (256, 1024, 64)
     sub = ds.subsets[0]
     assert sub.caption_extension == ".caption" and sub.caption_separator == "," and sub.num_repeats == 1
 

@@ -154,14 +154,14 @@ def test_face_crop_keeps_the_face_and_the_guide_aligned(tmp_path):
     rect = (138, 28, 162, 52)
     for root in (tmp_path,):
         make_pair(root, "p_150_40_24_24", size=(200, 160), rect=rect, caption=None)
-    (tmp_path / "img" / "p.txt").write_text("a face", encoding="utf-8")
+    (tmp_path / "img" / "p.caption").write_text("a face", encoding="utf-8")
     sub = SubsetConfig(image_dir=tmp_path / "img", conditioning_data_dir=tmp_path / "cond",
                        face_crop_aug_range=(2.0, 3.0), flip_aug=True, num_repeats=8)
     ds = LLLiteDataset([DatasetConfig(subsets=(sub,), resolution=(64, 64), batch_size=8)], seed=1)
     crops = set()
     for epoch in (1, 2):
         batch = ds.get_batch(0, epoch=epoch)
-        assert batch["captions"] == ["a face"] * 8  # name.txt serves name_cx_cy_w_h.png
+        assert batch["captions"] == ["a face"] * 8  # name.caption serves name_cx_cy_w_h.png
         img_m = (batch["images"].mean(1) > 0).numpy()
         cond_m = (batch["conditioning_images"].mean(1) > 0).numpy()
         for s in range(8):

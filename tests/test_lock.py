@@ -50,6 +50,6 @@ def test_differences_name_each_package_and_what_differs():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    command = re.search(r"The tests \(.*?\n\n```bash\n(.+?)\n```", readme, re.S)[1]
+    command = re.search(r"The tests \(.*?\n\n(?:<!-- doc-test:.*?-->\n)?```bash\n(.+?)\n```", readme, re.S)[1]
     assert "-c requirements.lock" in command and "tools/lock.py check" in command
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()

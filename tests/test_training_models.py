@@ -111,7 +111,6 @@ def test_highvram_keeps_modules_on_the_device():
     (["--network_module", "networks.lora"], "trains ControlNet-LLLite only"),
     (["--cond_emb_dim", "7"], "--cond_emb_dim 7"),
     (["--network_dropout", "1.5"], "--network_dropout 1.5"),
-    (["--dynamo_backend", "eager"], "only applies with --torch_compile"),
     (["--v2"], "SDXL has no v2"),
 ])
 def test_model_and_network_option_errors(argv, message, tmp_path):

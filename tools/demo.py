@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -299,6 +300,12 @@ def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
     return out
 
 
+def peak_memory_gb() -> float:
+    """The larger peak resident memory of this process and of the training script it ran (Linux reports KiB)."""
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return peak * 1024 / 1e9
+
+
 def run_demo(args) -> dict:
     import torch
 
@@ -371,6 +378,9 @@ def run_demo(args) -> dict:
     results["fidelity_curve"] = read_fidelity_curve(work / "logs")
     reference = results["reference"]["f1"] if results.get("reference") else None
     plot_fidelity_curve(results["fidelity_curve"], work / "fidelity_curve.png", reference)
+    # What README.md quotes about the run itself, measured by the run (tests/test_docs.py checks the README against it).
+    results["run"] = {"train_images": args.train_images, "train_steps": args.train_steps, "seconds": round(time.time() - t0),
+                      "peak_memory_gb": round(peak_memory_gb(), 2)}
     write_json(results, work / "fidelity.json")
     print("\nControl fidelity on held-out canny guides (edge F1 against Canny of the output):")
     print(format_table(results))
@@ -384,7 +394,7 @@ def run_demo(args) -> dict:
     for mult, f in results["prompt_fidelity"].items():
         print(f"| {mult} | {f['colour']:.0%} | {f['shape']:.0%} | {f['both']:.0%} |")
     print(f"\ngrid: {grid}\ncurve: {work / 'fidelity_curve.png'}\nLLLite: {lllite_path}\nfigures: {work / 'fidelity.json'}\n"
-          f"total time: {time.time() - t0:.0f} s")
+          f"total time: {results['run']['seconds']} s, peak memory {results['run']['peak_memory_gb']:.1f} GB")
     return results
 
 

@@ -107,13 +107,18 @@ def refresh(keep: Path | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, for main and for tests that parse a documented command without running it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="compare this environment with requirements.lock (exit 1 on any difference)")
     r = sub.add_parser("refresh", help="newest allowed releases in a fresh venv; lock them if the suite passes")
     r.add_argument("--venv", type=Path, default=None, help="build the venv here (default: a new temporary folder)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return check() if args.command == "check" else refresh(args.venv)
 
 

@@ -31,7 +31,7 @@ def option_tables(parser: OptionParser) -> str:
     out = [HEADING, "",
            "Generated from the parser by `python tools/write_option_docs.py`; the same text is in `--help`.",
            "Options marked *refused* exist in sd-scripts but cannot apply to SDXL LLLite training: giving one",
-           "stops the run with the reason.", ""]
+           "stops the run with the reason (sd-scripts' default value, where the row names one, is accepted).", ""]
     groups: dict[str, list[Option]] = {}
     for opt in parser.options.values():
         groups.setdefault(opt.group or "", []).append(opt)
@@ -42,7 +42,7 @@ def option_tables(parser: OptionParser) -> str:
             if opt.choices:
                 name += f" ({', '.join(str(c) for c in opt.choices)})"
             default = "" if opt.default in (None, False, []) else f"`{opt.default}`"
-            text = (opt.refused if opt.refused is not None else opt.help).replace("|", "\\|").replace("\n", " ")
+            text = opt.meaning.replace("|", "\\|").replace("\n", " ")
             if opt.refused is not None:
                 text = "*refused*: " + text
             out.append(f"| {name} | {default} | {text} |")
