@@ -109,7 +109,7 @@ class SubsetConfig:
     image_dir is required; conditioning_data_dir is required unless conditioning_preprocessor is set.
     """
 
-    image_dir: Path = key("path", option="train_data_dir",
+    image_dir: Path = key(kind="path", option="train_data_dir",
         help="training images (when no --dataset_config)")
     conditioning_data_dir: Path | None = key(None, "path",
         help="conditioning images, paired with the training images by basename (when no --dataset_config). "
