@@ -32,7 +32,7 @@ from library.training.config import (  # noqa: E402
 from library.training.fidelity import FidelityMeter  # noqa: E402
 from library.training.hub_upload import download_state, make_uploader  # noqa: E402
 from library.training.loop import Trainer  # noqa: E402
-from library.training.loss import with_checkpoint_schedule  # noqa: E402
+from library.training.loss import checkpoint_schedule  # noqa: E402
 from library.training.models import create_network, load_base_model, prepare_unet  # noqa: E402
 from library.training.samples import SampleDrawer, combine_hooks  # noqa: E402
 from library.training.tracking import start_trackers  # noqa: E402
@@ -65,9 +65,9 @@ def train(opts: TrainingOptions, accelerator) -> None:
     """The recipe, once the options are checked and the folders exist."""
     if opts.run.seed is not None:
         set_seed(opts.run.seed)
-    if opts.hub.resume is not None:  # --resume_from_huggingface: the state comes down before anything loads
-        folder = download_state(opts.hub.resume, opts.hub.token, accelerator)
-        opts = dataclasses.replace(opts, saving=dataclasses.replace(opts.saving, resume=folder))
+    resume_from = opts.saving.resume
+    if opts.hub.resume is not None:  # a state on the hub comes down before anything loads
+        resume_from = download_state(opts.hub.resume, opts.hub.token, accelerator)
 
     # 2. The dataset: every pairing and image problem is reported before any model loads.
     dataset = LLLiteDataset(opts.data.datasets, seed=opts.run.seed or 0, text_encoding=opts.data.text_encoding)
@@ -80,7 +80,10 @@ def train(opts: TrainingOptions, accelerator) -> None:
     # 3. The frozen base model; a v-prediction (or zero-terminal-SNR) checkpoint trains as one.
     wdtype = opts.precision.weight_dtype
     models = load_base_model(opts.model, wdtype, accelerator.device)
-    opts = dataclasses.replace(opts, loss=with_checkpoint_schedule(opts.loss, models))
+    schedule = checkpoint_schedule(opts.loss, models)  # the checkpoint's markers, beside the options
+    loss = schedule.loss_options(opts.loss)  # checked now, before the caches are filled
+    # Samples and fidelity images are drawn with the schedule the run trains with (a copy: the loaded one stays).
+    models = dataclasses.replace(models, scheduler_config=schedule.scheduler_config(models.scheduler_config))
 
     # 4. Caches: each image and caption is encoded once (and reused across runs with *_to_disk).
     fill_caches(opts.caching, models, dataset, accelerator, wdtype, keep_on_device=opts.model.highvram)
@@ -108,7 +111,7 @@ def train(opts: TrainingOptions, accelerator) -> None:
     uploader = make_uploader(opts.hub, opts.saving.output_dir, accelerator)
     try:
         final = Trainer(opts, accelerator, models, unet, network, dataloader, resolution,
-                        combine_hooks(drawer, meter), uploader=uploader).run()
+                        combine_hooks(drawer, meter), uploader=uploader, loss=loss, resume_from=resume_from).run()
     except BaseException:
         if uploader is not None:
             uploader.close(report=False)  # what was saved before the failure still goes up; the failure is the news

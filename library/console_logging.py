@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from library.cli import OptionParser, Options, flag, option
 from library.errors import UserError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -179,28 +180,32 @@ def tool_console() -> None:
     _show(logging.INFO, logging.Formatter(_SIMPLE))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("console log")
-    g.add_argument("--console_log_level", default=None, choices=LEVELS,
-                   help="least severe messages shown (default INFO); third-party libraries show warnings and errors, "
-                        "and their notices that need no action only at DEBUG")
-    g.add_argument("--console_log_file", default=None,
-                   help="write the log to this file (overwritten); the console keeps warnings and errors")
-    g.add_argument("--console_log_simple", action="store_true", help="level and message only, without time and source")
-
-
 @dataclass(frozen=True)
-class ConsoleLogOptions:
-    level: str = "INFO"
-    file: Path | None = None
-    simple: bool = False
+class ConsoleLogOptions(Options):
+    group = "console log"
+
+    level: str = option(
+        name="console_log_level", choices=LEVELS, held="INFO",
+        help="least severe messages shown (default INFO); third-party libraries show warnings and errors, "
+             "and their notices that need no action only at DEBUG")
+    file: Path | None = option(
+        name="console_log_file", convert=Path,
+        help="write the log to this file (overwritten); the console keeps warnings and errors")
+    simple: bool = flag(name="console_log_simple", help="level and message only, without time and source")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ConsoleLogOptions":
-        file = Path(args.console_log_file) if args.console_log_file else None
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        file = Path(v["file"]) if v["file"] else None
         if file is not None and file.is_dir():
             raise UserError(f"--console_log_file {file} is a folder; give a file path")
-        return cls(level=args.console_log_level or "INFO", file=file, simple=args.console_log_simple)
+        return {**v, "level": v["level"] or "INFO", "file": file}
+
+
+OPTIONS = (ConsoleLogOptions,)
+
+
+def add_arguments(parser: OptionParser) -> None:
+    parser.add_options(*OPTIONS)
 
 
 @contextlib.contextmanager

@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
+from dataclasses import dataclass
+
 from library.cli import (
-    add_refused,
+    Limit,
+    Needs,
+    OptionParser,
+    Options,
     check_choice,
     check_range,
     check_refused,
+    flag,
     load_config_file,
+    option,
+    option_label,
     parse_key_values,
+    refused,
 )
 from library.errors import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--network_dim", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--optimizer_args", nargs="*", default=[])
-    p.add_argument("--cache_latents", action="store_true")
-    add_refused(p, "prior_loss_weight", "regularization images do not apply", type=float, reference_default=1.0)
-    add_refused(p, "v2", "SDXL has no v2", flag=True)
+@dataclass(frozen=True)
+class _Example(Options):
+    group = "example"
+
+    network_dim: int = option(64, type=int, limit=Limit(1), help="rank")
+    learning_rate: float = option(1e-4, type=float, help="step size")
+    args: dict = option([], name="optimizer_args", nargs="*", held={}, help="name=value items")
+    cache_latents: bool = flag(help="cache")
+    offset: float | None = option(type=float, help="offset")
+    random_offset: bool = flag(needs=Needs("offset"), help="random strength; needs --offset")
+    scale: float | None = option(type=float, needs=Needs("offset", "adds to the offset: it needs --offset", error=True),
+                                 help="scale")
+    prior_loss_weight: None = refused("regularization images do not apply", type=float, reference_default=1.0)
+    v2: None = refused("SDXL has no v2", flag=True)
+
+
+def _parser() -> OptionParser:
+    p = OptionParser()
+    p.add_options(_Example)
     return p
 
 
@@ -86,3 +104,23 @@ def test_seeds_counted_up_past_the_top_wrap_to_zero():
 
     assert _count_up(2**64 - 1, 1) == 0
     assert _count_up(5, 2) == 7
+
+
+def test_the_options_object_comes_from_the_declarations(caplog):
+    p = _parser()
+    got = _Example.from_args(p.parse_args(["--network_dim", "8", "--optimizer_args", "a=1", "--cache_latents"]))
+    assert (got.network_dim, got.args, got.cache_latents) == (8, ["a=1"], True)
+    assert _Example() == _Example(network_dim=64, learning_rate=1e-4, args={}, cache_latents=False)
+    assert option_label(_Example, "args") == "--optimizer_args"
+    with pytest.raises(UserError, match="--network_dim 0 is out of range: it must be at least 1"):
+        _Example.from_args(p.parse_args(["--network_dim", "0"]))
+
+
+def test_a_switch_that_is_off_warns_or_stops_as_declared(caplog):
+    p = _parser()
+    with caplog.at_level("WARNING"):
+        _Example.from_args(p.parse_args(["--random_offset"]))
+    assert "--random_offset does nothing without --offset: ignored, as sd-scripts does" in caplog.text
+    with pytest.raises(UserError, match="--scale 0.5 adds to the offset: it needs --offset"):
+        _Example.from_args(p.parse_args(["--scale", "0.5"]))
+    _Example.from_args(p.parse_args(["--scale", "0.5", "--offset", "0.1", "--random_offset"]))

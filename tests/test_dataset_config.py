@@ -118,8 +118,9 @@ def test_dataset_key_in_subset_is_explained(tmp_path, dirs):
         ('num_repeats = "3"', 'num_repeats must be an integer, got the string "3"'),
         ('flip_aug = "yes"', "flip_aug must be true or false"),
         ("caption_extension = 5", "caption_extension must be a string"),
-        ("caption_dropout_rate = 1.5", "caption_dropout_rate must be between 0 and 1"),
-        ("num_repeats = 0", "num_repeats must be at least 1"),
+        # ranges in cli.Limit's one wording, as for options
+        ("caption_dropout_rate = 1.5", "caption_dropout_rate 1.5 is out of range: it must be at least 0 and at most 1"),
+        ("num_repeats = 0", "num_repeats 0 is out of range: it must be at least 1"),
     ],
 )
 def test_wrong_types_and_ranges(tmp_path, dirs, line, expected):

@@ -56,7 +56,7 @@ def test_command_line_options_reach_the_subset(tmp_path):
     (["--face_crop_aug_range", "4,2"], "face_crop_aug_range must be [low, high] with 0 < low <= high"),
     (["--face_crop_aug_range", "2"], "face_crop_aug_range must be a list of two numbers"),
     (["--face_crop_aug_range", "2,4", "--enable_bucket"], "face_crop_aug_range applies without bucketing only"),
-    (["--token_warmup_step", "-1"], "token_warmup_step must be 0 or more, got -1.0"),
+    (["--token_warmup_step", "-1"], "token_warmup_step -1 is out of range: it must be at least 0"),
     (["--conditioning_preprocessor", "cany"], 'conditioning_preprocessor = "cany" is not one of canny, blur, lineart, gray; did you mean "canny"'),
     (["--conditioning_preprocessor", "canny", "--conditioning_preprocessor_args", "sigma=2"], "'canny' does not take sigma"),
     (["--conditioning_preprocessor", "canny", "--conditioning_preprocessor_args", "low=300", "high=100"], "swap them"),

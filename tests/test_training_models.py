@@ -129,15 +129,20 @@ def test_model_and_network_option_errors(argv, message, tmp_path):
 def test_checkpoint_markers_switch_the_loss_and_the_sampling_schedule_on():
     from types import SimpleNamespace
 
-    from library.training.loss import LossOptions, with_checkpoint_schedule
+    from library.training.loss import LossOptions, checkpoint_schedule
 
-    models = SimpleNamespace(name="vpred", v_prediction=True, zero_terminal_snr=True,
-                             scheduler_config={"num_train_timesteps": 1000, "prediction_type": "epsilon"})
-    opts = with_checkpoint_schedule(LossOptions(), models)
+    config = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    models = SimpleNamespace(name="vpred", v_prediction=True, zero_terminal_snr=True, scheduler_config=config)
+    given = LossOptions()
+    schedule = checkpoint_schedule(given, models)
+    opts = schedule.loss_options(given)
     assert opts.v_parameterization and opts.zero_terminal_snr
-    assert models.scheduler_config["prediction_type"] == "v_prediction"
-    assert models.scheduler_config["rescale_betas_zero_snr"] is True
+    assert schedule.scheduler_config(models.scheduler_config) == {
+        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    # a value beside the options: neither the options nor the loaded models change
+    assert given == LossOptions() and models.scheduler_config == {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
     # --v_parameterization on a checkpoint without the marker: samples are drawn with v-prediction too
     plain = SimpleNamespace(name="plain", v_prediction=False, zero_terminal_snr=False, scheduler_config={})
-    assert with_checkpoint_schedule(LossOptions(v_parameterization=True), plain).v_parameterization
-    assert plain.scheduler_config == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": False}
+    schedule = checkpoint_schedule(LossOptions(v_parameterization=True), plain)
+    assert schedule.loss_options(LossOptions(v_parameterization=True)).v_parameterization
+    assert schedule.scheduler_config({}) == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": False}

@@ -3,7 +3,7 @@
 
 The model has SDXL's component types and single-file key layout (two CLIP text encoders of different
 widths, a four-level AutoencoderKL, a ``text_time`` UNet2DConditionModel) and is loaded by
-``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`library.evaluation.shapes_domain`: one
+``load_sdxl`` like any SDXL checkpoint. It is trained on :mod:`shapes_domain` (tools/shapes_domain.py): one
 flat-coloured shape on a plain background at 64x64, captioned "a red circle on a white background".
 
 Stages (one run, reproducible with ``--seed`` and the same ``--threads``; GroupNorm reference channels
@@ -19,7 +19,7 @@ keep colour through SDXL's 32 groups in both the VAE and the U-Net, see ``GroupN
    things are drawn) and an EMA of the weights;
 4. save a single-file fp16 checkpoint with ``save_sdxl_single_file``, reload it with ``load_sdxl``
    and evaluate the reloaded model: images for held-out and seen captions are scored by the
-   procedural check of :func:`library.evaluation.shapes_domain.score_images`, and a sample grid is written.
+   procedural check of :func:`shapes_domain.score_images`, and a sample grid is written.
 
 ``--eval`` only runs the evaluation of an existing checkpoint.
 """
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from library.atomic_io import atomic_path, atomic_write_text
 from library.errors import UserError, run_cli
-from library.evaluation import shapes_domain
+import shapes_domain
 from library.sdxl.keys import SDXL_VAE_SCALING_FACTOR
 
 logger = logging.getLogger("tools.build_tiny_sdxl")

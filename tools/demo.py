@@ -290,7 +290,7 @@ def prompt_fidelity(items, image_dir: Path, multipliers) -> dict:
     import numpy as np
     from PIL import Image
 
-    from library.evaluation.shapes_domain import score_images
+    from shapes_domain import score_images
 
     out = {}
     for mult in multipliers:
@@ -310,7 +310,7 @@ def run_demo(args) -> dict:
     import torch
 
     from library.data.conditioning_preprocessors import convert_folder
-    from library.evaluation import shapes_domain
+    import shapes_domain
     from library.evaluation.control_eval import (
         EvalItem,
         EvalSettings,

@@ -20,28 +20,31 @@ from library.console_logging import take_over_console  # noqa: E402
 
 take_over_console()  # before any third-party import: some libraries log while being imported
 
+from library.cli import Option, OptionParser  # noqa: E402
+
 DOC = ROOT / "docs" / "training.md"
 HEADING = "## All options"
 
 
-def option_tables(parser: argparse.ArgumentParser) -> str:
+def option_tables(parser: OptionParser) -> str:
+    """The tables, one per --help group, from the options' declarations (``parser.options``)."""
     out = [HEADING, "",
            "Generated from the parser by `python tools/write_option_docs.py`; the same text is in `--help`.",
            "Options marked *refused* exist in sd-scripts but cannot apply to SDXL LLLite training: giving one",
            "stops the run with the reason (sd-scripts' default value, where the row names one, is accepted).", ""]
-    for group in parser._action_groups:
-        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
-        if not actions:
-            continue
-        out += [f"### {group.title[0].upper()}{group.title[1:]}", "", "| option | default | meaning |", "|---|---|---|"]
-        for a in actions:
-            name = f"`{a.option_strings[0]}`"
-            if a.choices:
-                name += f" ({', '.join(str(c) for c in a.choices)})"
-            default = "" if a.default in (None, False, [], argparse.SUPPRESS) else f"`{a.default}`"
-            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
-            if getattr(a, "refusal", None):
-                text = "*refused*: " + text.removeprefix("refused: ")
+    groups: dict[str, list[Option]] = {}
+    for opt in parser.options.values():
+        groups.setdefault(opt.group or "", []).append(opt)
+    for title, options in groups.items():
+        out += [f"### {title[0].upper()}{title[1:]}", "", "| option | default | meaning |", "|---|---|---|"]
+        for opt in options:
+            name = f"`{opt.label}`"
+            if opt.choices:
+                name += f" ({', '.join(str(c) for c in opt.choices)})"
+            default = "" if opt.default in (None, False, []) else f"`{opt.default}`"
+            text = opt.meaning.replace("|", "\\|").replace("\n", " ")
+            if opt.refused is not None:
+                text = "*refused*: " + text
             out.append(f"| {name} | {default} | {text} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -49,7 +49,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from library.atomic_io import atomic_path
-from library.cli import check_range
+from library.cli import Limit, Options, flag, option
 from library.data.captions import dynamic_caption_options
 from library.data.config import DatasetConfig
 from library.data.dataset import (
@@ -75,6 +75,8 @@ from library.data.dataset import (
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")  # one cache file to fill: a latent target, or (path, caption)
 
 LATENT_FORMAT = "lllite-latents-2"
 TEXT_FORMAT = "lllite-text-encoder-1"
@@ -105,38 +107,32 @@ SINGLE_PROCESS = Processes()
 # ----------------------------------------------------------------------------- options
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("caching")
-    g.add_argument("--cache_latents", action="store_true", help="encode every image with the VAE once, before training")
-    g.add_argument("--cache_latents_to_disk", action="store_true",
-                   help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
-    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call while caching, >= 1")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, before training")
-    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
-    g.add_argument("--skip_cache_check", action="store_true",
-                   help="trust existing latent cache files without hashing the images they were made from: a file "
-                        "whose recorded settings (bucket, crop, resize filter, VAE, dtype, flips, mask, preprocessor) "
-                        "match is used even if an image changed since (a faster start on large datasets). Missing or "
-                        "mismatched files are still made. sd-scripts skips its own content checks likewise")
-
-
 @dataclass(frozen=True)
-class CachingOptions:
-    latents: bool = False
-    latents_to_disk: bool = False
-    vae_batch_size: int = 1
-    text: bool = False
-    text_to_disk: bool = False
-    skip_check: bool = False
+class CachingOptions(Options):
+    group = "caching"
+
+    latents: bool = flag(name="cache_latents", help="encode every image with the VAE once, before training")
+    latents_to_disk: bool = flag(
+        name="cache_latents_to_disk",
+        help="keep the latent cache on disk beside the images (reused across runs; implies --cache_latents)")
+    vae_batch_size: int = option(1, type=int, limit=Limit(1), help="images per VAE call while caching, >= 1")
+    text: bool = flag(name="cache_text_encoder_outputs", help="encode every caption once, before training")
+    text_to_disk: bool = flag(
+        name="cache_text_encoder_outputs_to_disk",
+        help="keep the text-encoder cache on disk (reused across runs; implies --cache_text_encoder_outputs)")
+    skip_check: bool = flag(
+        name="skip_cache_check",
+        help="trust existing latent cache files without hashing the images they were made from: a file "
+             "whose recorded settings (bucket, crop, resize filter, VAE, dtype, flips, mask, preprocessor) "
+             "match is used even if an image changed since (a faster start on large datasets). Missing or "
+             "mismatched files are still made. sd-scripts skips its own content checks likewise")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "CachingOptions":
-        check_range("vae_batch_size", args.vae_batch_size, low=1)
-        return cls(latents=args.cache_latents or args.cache_latents_to_disk, latents_to_disk=args.cache_latents_to_disk,
-                   vae_batch_size=args.vae_batch_size,
-                   text=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
-                   text_to_disk=args.cache_text_encoder_outputs_to_disk, skip_check=args.skip_cache_check)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        return {**v, "latents": v["latents"] or v["latents_to_disk"], "text": v["text"] or v["text_to_disk"]}
+
+
+OPTIONS = (CachingOptions,)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -384,6 +380,32 @@ def _check_latent_shape(latents: torch.Tensor, images: torch.Tensor) -> None:
         raise ValueError(f"the latent encode_fn returned {got} for images of shape {tuple(images.shape)}; expected ({b}, C, {h // 8}, {w // 8})")
 
 
+def _fill_disk_cache(what: str, targets: list[T], state: Callable[[T], str], encode: Callable[[list[T]], None],
+                     processes: Processes, *, path_of: Callable[[T], Path],
+                     redo: tuple[Callable[[list[T]], None], str] | None = None) -> None:
+    """The skeleton both disk caches share: each process checks and fills its share of the files (``state``: ok,
+    stale, or extras, whose tensors are kept and the rest ``redo``ne), all wait, then every file is checked again,
+    so that another process's failure is reported here too."""
+    mine = [t for k, t in enumerate(targets) if k % processes.count == processes.index]
+    states = [state(t) for t in mine]
+    todo = [t for t, s in zip(mine, states) if s == "stale"]
+    again = [t for t, s in zip(mine, states) if s == "extras"]
+    up_to_date = len(mine) - len(todo) - len(again)
+    if redo is None:
+        logger.info("%s: %d of %d files up to date, %d to encode", what, up_to_date, len(mine), len(todo))
+    else:
+        logger.info("%s: %d of %d files up to date, %d to encode, %d %s", what, up_to_date, len(mine), len(todo),
+                    len(again), redo[1])
+    encode(todo)
+    if redo is not None:
+        redo[0](again)
+    processes.wait_for_everyone()
+    bad = [str(path_of(t)) for t in targets if state(t) != "ok"]
+    if bad:
+        raise UserError(f"{len(bad)} {what} file(s) are missing or out of date after caching (did another process "
+                        "fail?): " + ", ".join(bad[:10]))
+
+
 def cache_latents(
     dataset: LLLiteDataset,
     encode_fn: LatentEncodeFn,
@@ -439,29 +461,21 @@ def cache_latents(
         expected = {k: v for k, v in target.metadata("", "", vae_id, dtype).items() if k not in _HASH_KEYS}
         return _latent_file_state(target, expected)
 
-    mine = [t for k, t in enumerate(targets) if k % processes.count == processes.index]
-    states = {t.path: state(t) for t in mine}
-    todo = [t for t in mine if states[t.path] == "stale"]
-    refresh = [t for t in mine if states[t.path] == "extras"]
-    logger.info("latent cache: %d of %d files up to date, %d to encode, %d with a mask or guide to redo",
-                len(mine) - len(todo) - len(refresh), len(mine), len(todo), len(refresh))
-
     def write(target: _LatentTarget, tensors: dict[bool, torch.Tensor]) -> None:
         _write(target.path, {**{_latent_key(f): t for f, t in tensors.items()}, **target.extras()}, full_metadata(target))
 
-    _encode_latents([(t, f) for t in todo for f in sorted(t.flips)], encode_fn, batch_size, dtype, write, processes.show_progress)
-    for target in refresh:
-        with safe_open(str(target.path), framework="pt") as f:
-            stored = {f_: f.get_tensor(_latent_key(f_)) for f_ in target.flips}
-        write(target, stored)
-    processes.wait_for_everyone()
+    def encode(todo: list[_LatentTarget]) -> None:
+        _encode_latents([(t, f) for t in todo for f in sorted(t.flips)], encode_fn, batch_size, dtype, write,
+                        processes.show_progress)
 
-    bad = [str(t.path) for t in targets if state(t) != "ok"]
-    if bad:
-        raise UserError(
-            f"{len(bad)} latent cache file(s) are missing or out of date after caching (did another process fail?): "
-            + ", ".join(bad[:10])
-        )
+    def redo_extras(targets: list[_LatentTarget]) -> None:
+        for target in targets:
+            with safe_open(str(target.path), framework="pt") as f:
+                stored = {f_: f.get_tensor(_latent_key(f_)) for f_ in target.flips}
+            write(target, stored)
+
+    _fill_disk_cache("latent cache", targets, state, encode, processes, path_of=lambda t: t.path,
+                     redo=(redo_extras, "with a mask or guide to redo"))
     dataset.attach_latent_cache(DiskLatents({i: t.path for t in targets for i in t.item_indices}))
 
 
@@ -557,22 +571,15 @@ def cache_text_encoder_outputs(
         meta = _read_metadata(path)
         return meta is not None and all(meta.get(k) == v for k, v in expected(caption).items())
 
-    targets = _text_targets(dataset)
-    mine = [(p, c) for k, (p, (c, _)) in enumerate(targets.items()) if k % processes.count == processes.index]
-    todo = [(p, c) for p, c in mine if not valid(p, c)]
-    logger.info("text encoder cache: %d of %d files up to date, %d to encode", len(mine) - len(todo), len(mine), len(todo))
-    paths_of: dict[str, list[Path]] = {}
-    for path, caption in todo:
-        paths_of.setdefault(caption, []).append(path)
-    for caption, hidden, pooled in _encode_texts(list(paths_of), encode_fn, batch_size, dtype, processes.show_progress):
-        for path in paths_of[caption]:
-            _write(path, {"hidden": hidden, "pooled": pooled}, expected(caption))
-    processes.wait_for_everyone()
+    def encode(todo: list[tuple[Path, str]]) -> None:
+        paths_of: dict[str, list[Path]] = {}
+        for path, caption in todo:
+            paths_of.setdefault(caption, []).append(path)
+        for caption, hidden, pooled in _encode_texts(list(paths_of), encode_fn, batch_size, dtype, processes.show_progress):
+            for path in paths_of[caption]:
+                _write(path, {"hidden": hidden, "pooled": pooled}, expected(caption))
 
-    bad = [str(p) for p, (c, _) in targets.items() if not valid(p, c)]
-    if bad:
-        raise UserError(
-            f"{len(bad)} text encoder cache file(s) are missing or out of date after caching (did another process fail?): "
-            + ", ".join(bad[:10])
-        )
+    targets = _text_targets(dataset)
+    _fill_disk_cache("text encoder cache", [(p, c) for p, (c, _) in targets.items()],
+                     lambda t: "ok" if valid(*t) else "stale", encode, processes, path_of=lambda t: t[0])
     dataset.attach_text_cache(DiskTexts({i: p for p, (_, indices) in targets.items() for i in indices}))

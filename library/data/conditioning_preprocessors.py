@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from library.atomic_io import atomic_path
 from library.errors import UserError
+from library.image_files import IMAGE_EXTENSIONS, is_image_name
 
 logger = logging.getLogger(__name__)
 
 Preprocessor = Callable[..., np.ndarray]
 
 # The extensions the trainer loads as images (compared lower-cased).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _check_rgb(image_rgb: np.ndarray) -> None:
@@ -190,7 +190,7 @@ def canonical_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and not path.name.startswith(".") and is_image_name(path)
 
 
 def load_image_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -24,75 +24,217 @@ a typo here is an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import tomllib
 
-from library.cli import add_refused, check_range, parse_key_values
+from library.cli import Limit, Option, Options, flag, option, parse_key_values, refused
 from library.data import conditioning_preprocessors
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
-from library.sdxl.text_encoding import (
-    add_training_arguments as add_text_encoding_arguments,
-)
 
 # The resize filters of resize_interpolation (sd-scripts' names; linear = bilinear, cubic = bicubic).
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
-# Each key maps to (kind, default). Kinds: bool, int, float, str, path, file, resolution, pair, table.
-# image_dir is required; conditioning_data_dir is required unless conditioning_preprocessor is set.
-SUBSET_KEYS: dict[str, tuple[str, Any]] = {
-    "image_dir": ("path", None),
-    "conditioning_data_dir": ("path", None),
-    "conditioning_preprocessor": ("str", None),
-    "conditioning_preprocessor_args": ("table", ()),
-    "metadata_file": ("file", None),
-    "caption_extension": ("str", ".caption"),
-    "num_repeats": ("int", 1),
-    "shuffle_caption": ("bool", False),
-    "caption_separator": ("str", ","),
-    "keep_tokens": ("int", 0),
-    "keep_tokens_separator": ("str", ""),
-    "secondary_separator": ("str", ""),
-    "enable_wildcard": ("bool", False),
-    "flip_aug": ("bool", False),
-    "color_aug": ("bool", False),
-    "random_crop": ("bool", False),
-    "face_crop_aug_range": ("pair", None),
-    "resize_interpolation": ("str", None),
-    "alpha_mask": ("bool", False),
-    "caption_prefix": ("str", ""),
-    "caption_suffix": ("str", ""),
-    "caption_dropout_rate": ("float", 0.0),
-    "caption_dropout_every_n_epochs": ("int", 0),
-    "caption_tag_dropout_rate": ("float", 0.0),
-    "token_warmup_min": ("int", 1),
-    "token_warmup_step": ("float", 0.0),
-    "cache_info": ("bool", False),
-}
+# The dataset keys are declared once, as the fields of SubsetConfig and DatasetConfig (``key``): kind,
+# default, allowed values and the command-line option that sets them as a default for every subset.
+# Kinds: bool, int, float, str, path, file, resolution, pair, table.
 
-DATASET_KEYS: dict[str, tuple[str, Any]] = {
-    "resolution": ("resolution", (1024, 1024)),
-    "batch_size": ("int", 1),
-    "enable_bucket": ("bool", False),
-    "min_bucket_reso": ("int", 256),
-    "max_bucket_reso": ("int", 1024),
-    "bucket_reso_steps": ("int", 64),
-    "bucket_no_upscale": ("bool", False),
-    "network_multiplier": ("float", 1.0),
-}
 
-ALL_KEYS: dict[str, tuple[str, Any]] = {**DATASET_KEYS, **SUBSET_KEYS}
+@dataclass(frozen=True)
+class Key:
+    """One dataset TOML key: how its value is read and checked, and its command-line option."""
+
+    kind: str
+    limit: Limit | None = None  # the range, checked by cli.Limit (the one range checker)
+    one_of: tuple[str, ...] | None = None
+    rule: Callable[[str, Any], str | None] | None = None  # a problem no range or choice describes
+    option: str | None = ""  # the command-line option that sets it ("" = the key's own name, None = none)
+    help: str = ""
+    group: str = "dataset"  # its --help section
+    alias: tuple[tuple[str, str], ...] = ()  # more option names, each with its help
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """What is wrong with ``value`` for the key ``name``, or None."""
+        if self.limit is not None:
+            wrong = self.limit.problem(name, value)
+            if wrong:
+                return wrong
+        if self.one_of is not None and value not in self.one_of:
+            close = difflib.get_close_matches(value, list(self.one_of), n=1, cutoff=0.4)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            return f'{name} = "{value}" is not one of {", ".join(self.one_of)}{hint}'
+        return self.rule(name, value) if self.rule is not None else None
+
+
+def key(default: Any = dataclasses.MISSING, kind: str = "str", **kw: Any) -> Any:
+    """A config field that is a dataset key (see ``Key``)."""
+    return field(default=default, metadata={"key": Key(kind, **kw)})
+
+
+def _dotted(name: str, v: str) -> str | None:
+    return f'{name} = "{v}" has no dot; did you mean ".{v}"?' if v and v.isalnum() else None
+
+
+def _not_empty(name: str, v: str) -> str | None:
+    return f'{name} must not be empty (the default is ",")' if v == "" else None
+
+
+def _low_high(name: str, v: tuple[float, float]) -> str | None:
+    if 0 < v[0] <= v[1]:
+        return None
+    return f"{name} must be [low, high] with 0 < low <= high (crop side / face size, e.g. [2.0, 4.0]), got {list(v)}"
+
+
+def _bucket_step(name: str, v: int) -> str | None:
+    return None if v > 0 and v % 8 == 0 else f"{name} must be a positive multiple of 8 (64 is usual), got {v}"
+
+
+def _multiple_of_8(name: str, v: tuple[int, int]) -> str | None:
+    w, h = v
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        return f"{name} must be positive multiples of 8 (the VAE works on 8x8 blocks), got {w}x{h}"
+    return None
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One folder of training images paired with one folder of conditioning images.
+
+    image_dir is required; conditioning_data_dir is required unless conditioning_preprocessor is set.
+    """
+
+    image_dir: Path = key(kind="path", option="train_data_dir",
+        help="training images (when no --dataset_config)")
+    conditioning_data_dir: Path | None = key(None, "path",
+        help="conditioning images, paired with the training images by basename (when no --dataset_config). "
+                 "With --conditioning_preprocessor the guides are made from these images instead")
+    metadata_file: Path | None = key(None, "file", option="in_json",
+        help="fine-tuning metadata JSON (or .jsonl) giving the captions/tags of the images of --train_data_dir "
+                 "instead of caption files: sd-scripts' FineTuningDataset, here still paired with conditioning "
+                 "images. The dataset TOML's subset key is metadata_file. Only the listed images are used")
+    num_repeats: int = key(1, "int", limit=Limit(1), option="dataset_repeats",
+        help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
+                 "--in_json datasets, here a default for every subset)")
+    cache_info: bool = key(False, "bool",
+        help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
+                 "later runs skip decoding unchanged images")
+    caption_extension: str = key(".caption", "str", rule=_dotted, group="captions", alias=(("caption_extention", "the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
+             "values is an error)"),),
+        help="caption file extension (default .caption, as in sd-scripts)")
+    caption_prefix: str = key("", "str", group="captions",
+        help="text added before every caption, as its own first tag: never shuffled, dropped or counted "
+                 "in keep_tokens (sd-scripts prepends it with a space)")
+    caption_suffix: str = key("", "str", group="captions",
+        help="text added after every caption, as its own last tag: never shuffled or dropped")
+    caption_separator: str = key(",", "str", rule=_not_empty, group="captions",
+        help='what separates the tags of a caption (default ",")')
+    shuffle_caption: bool = key(False, "bool", group="captions",
+        help="shuffle the tags every epoch")
+    keep_tokens: int = key(0, "int", limit=Limit(0), group="captions",
+        help="the first N tags are never shuffled or dropped (>= 0)")
+    keep_tokens_separator: str = key("", "str", group="captions",
+        help="if set and in a caption: the tags before it are fixed, and after a second occurrence the tags "
+                 "after that too; overrides --keep_tokens for that caption")
+    secondary_separator: str = key("", "str", group="captions",
+        help="joins tags that move and drop together: replaced by the caption separator after shuffling "
+                 'and dropout (e.g. ";;;": "red hair;;;long hair" stays one tag)')
+    enable_wildcard: bool = key(False, "bool", group="captions",
+        help="{a|b|c} in a caption becomes one of a, b, c at random each epoch ({{ and }} are literal braces), "
+                 "and a caption file with several lines gives one line at random (without it the lines are "
+                 "joined with a space, where sd-scripts takes the first line)")
+    caption_dropout_rate: float = key(0.0, "float", limit=Limit(0, 1), group="captions",
+        help="train a sample with an empty caption with this probability, 0..1")
+    caption_dropout_every_n_epochs: int = key(0, "int", limit=Limit(0), group="captions",
+        help="every N-th epoch (N, 2N, ...; epochs count from 1) every caption is empty (>= 0, 0 = off)")
+    caption_tag_dropout_rate: float = key(0.0, "float", limit=Limit(0, 1), group="captions",
+        help="drop each tag that is not fixed with this probability, 0..1")
+    token_warmup_min: int = key(1, "int", limit=Limit(0), group="captions",
+        help="tags used at step 0 with --token_warmup_step (default 1, >= 0)")
+    token_warmup_step: float = key(0.0, "float", limit=Limit(0), group="captions",
+        help="tag warmup: before this step only the first tags of each caption are used, from "
+                 "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
+                 "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
+    flip_aug: bool = key(False, "bool", group="images, guides and masks",
+        help="random horizontal flips (image and conditioning together)")
+    color_aug: bool = key(False, "bool", group="images, guides and masks",
+        help="small random hue shift and brightness change of the training image, never the conditioning "
+                 "image (cannot be combined with latent caching)")
+    random_crop: bool = key(False, "bool", group="images, guides and masks",
+        help="crop at a random position instead of the centre, the same crop for both images (cannot be "
+                 "combined with latent caching; sd-scripts refuses it for ControlNet)")
+    face_crop_aug_range: tuple[float, float] | None = key(None, "pair", rule=_low_high, group="images, guides and masks",
+        help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
+                 "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
+                 "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
+                 "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
+                 "latent caching. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing")
+    resize_interpolation: str | None = key(None, "str", one_of=INTERPOLATIONS, group="images, guides and masks",
+        help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
+                 "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
+                 "Unset: lanczos for training images and area for conditioning images, whose thin edge lines "
+                 "lanczos and bicubic ring around and nearest can drop when shrinking")
+    alpha_mask: bool = key(False, "bool", group="images, guides and masks",
+        help="use each training image's alpha channel as a loss mask: the loss at each latent pixel is "
+                 "multiplied by the mean alpha (0..1) of its 8x8 pixels, then averaged as usual (as in sd-scripts). "
+                 "Images without alpha weigh 1. Cached with the latents")
+    conditioning_preprocessor: str | None = key(None, "str", one_of=tuple(conditioning_preprocessors.PREPROCESSORS), group="images, guides and masks",
+        help=f"make the guides in the data pipeline: {', '.join(conditioning_preprocessors.PREPROCESSORS)} "
+                 "(as tools/make_conditioning.py), applied to each training image after resizing and cropping, "
+                 "so guide and image line up exactly; with --conditioning_data_dir it is applied to the "
+                 "conditioning images instead. Cached with the latents")
+    conditioning_preprocessor_args: tuple[tuple[str, Any], ...] = key((), "table", group="images, guides and masks",
+        help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
+                 "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
+
+    @property
+    def preprocessor_options(self) -> dict[str, Any]:
+        """``conditioning_preprocessor_args`` as keyword arguments of the preprocessor."""
+        return dict(self.conditioning_preprocessor_args)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A group of subsets sharing a resolution, batch size and bucketing rules.
+
+    ``resolution`` is ``(width, height)``; with bucketing its area is the bucket area.
+    """
+
+    subsets: tuple[SubsetConfig, ...]
+    resolution: tuple[int, int] = key((1024, 1024), "resolution", rule=_multiple_of_8,
+        help='training area, "1024" or "width,height": positive multiples of 8 (default 1024)')
+    batch_size: int = key(1, "int", limit=Limit(1), option="train_batch_size",
+        help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
+    enable_bucket: bool = key(False, "bool",
+        help="aspect-ratio buckets")
+    min_bucket_reso: int = key(256, "int", limit=Limit(0, low_open=True),
+        help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
+    max_bucket_reso: int = key(1024, "int", limit=Limit(0, low_open=True),
+        help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 1024, as in sd-scripts; SDXL buckets wider than 1024 need 2048)")
+    bucket_reso_steps: int = key(64, "int", rule=_bucket_step,
+        help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
+    bucket_no_upscale: bool = key(False, "bool",
+        help="never upscale an image to fit a bucket")
+    network_multiplier: float = key(1.0, "float", limit=Limit(), option=None)
+
+
+def _keys(cls: type) -> dict[str, tuple[Key, Any]]:
+    return {f.name: (f.metadata["key"], None if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(cls) if "key" in f.metadata}
+
+
+SUBSET_KEYS: dict[str, tuple[Key, Any]] = _keys(SubsetConfig)
+DATASET_KEYS: dict[str, tuple[Key, Any]] = _keys(DatasetConfig)
+ALL_KEYS: dict[str, tuple[Key, Any]] = {**DATASET_KEYS, **SUBSET_KEYS}
 
 # Command-line option names that differ from the dataset key they set.
-CLI_ALIASES: dict[str, str] = {"train_batch_size": "batch_size", "train_data_dir": "image_dir",
-                               "in_json": "metadata_file", "dataset_repeats": "num_repeats",
-                               "caption_extention": "caption_extension"}
+CLI_ALIASES: dict[str, str] = {name: k for k, (spec, _) in ALL_KEYS.items()
+                               for name in (spec.option, *(a for a, _ in spec.alias)) if name and name != k}
 # Keys that name one subset's own files: on the command line they make the no-TOML subset and
 # cannot be defaults for a TOML's subsets.
 _FOLDER_KEYS = ("image_dir", "conditioning_data_dir", "metadata_file")
@@ -110,62 +252,6 @@ _KIND_WORDS = {
     "pair": "a list of two numbers [low, high]",
     "table": "a table of option = value, e.g. { low_threshold = 100, high_threshold = 200 }",
 }
-
-
-@dataclass(frozen=True)
-class SubsetConfig:
-    """One folder of training images paired with one folder of conditioning images."""
-
-    image_dir: Path
-    conditioning_data_dir: Path | None = None  # None: the guides come from conditioning_preprocessor alone
-    conditioning_preprocessor: str | None = None
-    conditioning_preprocessor_args: tuple[tuple[str, Any], ...] = ()  # sorted (option, value) pairs
-    metadata_file: Path | None = None
-    caption_extension: str = ".caption"
-    num_repeats: int = 1
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str = ""
-    enable_wildcard: bool = False
-    flip_aug: bool = False
-    color_aug: bool = False
-    random_crop: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
-    resize_interpolation: str | None = None  # None: lanczos for images, area for conditioning images
-    alpha_mask: bool = False
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0.0
-    cache_info: bool = False
-
-    @property
-    def preprocessor_options(self) -> dict[str, Any]:
-        """``conditioning_preprocessor_args`` as keyword arguments of the preprocessor."""
-        return dict(self.conditioning_preprocessor_args)
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """A group of subsets sharing a resolution, batch size and bucketing rules.
-
-    ``resolution`` is ``(width, height)``; with bucketing its area is the bucket area.
-    """
-
-    subsets: tuple[SubsetConfig, ...]
-    resolution: tuple[int, int] = (1024, 1024)
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    network_multiplier: float = 1.0
 
 
 class _Problems:
@@ -241,7 +327,7 @@ def _parse_resolution(value: Any) -> tuple[int, int] | None:
 
 def _convert(key: str, value: Any, where: str, problems: _Problems, from_cli: bool) -> Any:
     """Check the type of one value where it was written; return it converted or None."""
-    kind = ALL_KEYS[key][0]
+    kind = ALL_KEYS[key][0].kind
     ok = False
     if kind == "bool":
         ok = isinstance(value, bool)
@@ -330,38 +416,11 @@ def _resolve_dir(value: str, key: str, where: str, base_dir: Path | None, proble
 
 
 def _check_ranges(values: Mapping[str, Any], where: str, problems: _Problems) -> None:
-    """Value checks that need no other key, done where the value is written."""
-    for key, v in values.items():
-        if key in ("num_repeats", "batch_size") and v < 1:
-            problems.add(where, f"{key} must be at least 1, got {v}")
-        elif key in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step") and v < 0:
-            problems.add(where, f"{key} must be 0 or more, got {v}")
-        elif key == "face_crop_aug_range" and not (0 < v[0] <= v[1]):
-            problems.add(where, f"face_crop_aug_range must be [low, high] with 0 < low <= high (crop side / face size, "
-                                f"e.g. [2.0, 4.0]), got {list(v)}")
-        elif key == "resize_interpolation" and v not in INTERPOLATIONS:
-            problems.add(where, f'resize_interpolation = "{v}" is not one of {", ".join(INTERPOLATIONS)}')
-        elif key == "conditioning_preprocessor" and v not in conditioning_preprocessors.PREPROCESSORS:
-            close = difflib.get_close_matches(v, list(conditioning_preprocessors.PREPROCESSORS), n=1, cutoff=0.4)
-            hint = f'; did you mean "{close[0]}"?' if close else ""
-            problems.add(where, f'conditioning_preprocessor = "{v}" is not one of '
-                                f'{", ".join(conditioning_preprocessors.PREPROCESSORS)}{hint}')
-        elif key in ("caption_dropout_rate", "caption_tag_dropout_rate") and not (0.0 <= v <= 1.0):
-            problems.add(where, f"{key} must be between 0 and 1, got {v}")
-        elif key == "network_multiplier" and not math.isfinite(v):
-            problems.add(where, f"{key} must be a finite number, got {v}")
-        elif key == "caption_separator" and v == "":
-            problems.add(where, 'caption_separator must not be empty (the default is ",")')
-        elif key == "caption_extension" and v and v.isalnum():
-            problems.add(where, f'caption_extension = "{v}" has no dot; did you mean ".{v}"?')
-        elif key == "bucket_reso_steps" and (v <= 0 or v % 8 != 0):
-            problems.add(where, f"bucket_reso_steps must be a positive multiple of 8 (64 is usual), got {v}")
-        elif key in ("min_bucket_reso", "max_bucket_reso") and v <= 0:
-            problems.add(where, f"{key} must be positive, got {v}")
-        elif key == "resolution":
-            w, h = v
-            if w <= 0 or h <= 0 or w % 8 or h % 8:
-                problems.add(where, f"resolution must be positive multiples of 8 (the VAE works on 8x8 blocks), got {w}x{h}")
+    """Value checks that need no other key, done where the value is written (from each key's declaration)."""
+    for name, v in values.items():
+        wrong = ALL_KEYS[name][0].problem(name, v)
+        if wrong:
+            problems.add(where, wrong)
 
 
 def _check_buckets(values: Mapping[str, Any], where: str, problems: _Problems) -> None:
@@ -612,143 +671,69 @@ def build_dataset_configs(args: Any) -> list[DatasetConfig]:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The dataset options of the training command line (each also a [general]-level default for the TOML)."""
-    _add_dataset_arguments(parser)
-    _add_caption_arguments(parser)
-    _add_image_arguments(parser)
-    add_text_encoding_arguments(parser)
+@dataclass(frozen=True)
+class DatasetSourceOptions(Options):
+    group = "dataset"
+
+    dataset_config: str | None = option(help="dataset TOML (see docs/dataset.md)")
 
 
-def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("dataset")
-    g.add_argument("--dataset_config", help="dataset TOML (see docs/dataset.md)")
-    g.add_argument("--train_data_dir", help="training images (when no --dataset_config)")
-    g.add_argument("--conditioning_data_dir",
-                   help="conditioning images, paired with the training images by basename (when no --dataset_config). "
-                        "With --conditioning_preprocessor the guides are made from these images instead")
-    g.add_argument("--in_json",
-                   help="fine-tuning metadata JSON (or .jsonl) giving the captions/tags of the images of --train_data_dir "
-                        "instead of caption files: sd-scripts' FineTuningDataset, here still paired with conditioning "
-                        "images. The dataset TOML's subset key is metadata_file. Only the listed images are used")
-    g.add_argument("--dataset_repeats", type=int, default=None,
-                   help="how many times each image is used per epoch (the num_repeats key; sd-scripts' option for "
-                        "--in_json datasets, here a default for every subset)")
-    g.add_argument("--resolution", help='training area, "1024" or "width,height": positive multiples of 8 (default 1024)').joins_list = True
-    g.add_argument("--train_batch_size", type=int, default=None, help="batch size per process, >= 1 (when the dataset TOML gives none; default 1)")
-    g.add_argument("--enable_bucket", action="store_true", default=None, help="aspect-ratio buckets")
-    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side in px, > 0 and a multiple of --bucket_reso_steps (default 256)")
-    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side in px, >= --min_bucket_reso and a multiple of --bucket_reso_steps (default 1024, as in sd-scripts; SDXL buckets wider than 1024 need 2048)")
-    g.add_argument("--bucket_reso_steps", type=int, default=None, help="bucket sides are multiples of this, a positive multiple of 8 (default 64)")
-    g.add_argument("--bucket_no_upscale", action="store_true", default=None, help="never upscale an image to fit a bucket")
-    g.add_argument("--cache_info", action="store_true", default=None,
-                   help="remember checked image sizes in <folder>/.lllite_image_info.json (by file size and time), so "
-                        "later runs skip decoding unchanged images")
-    g.add_argument("--debug_dataset", action="store_true", help="save a few batches as images to check pairing, then exit")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8,
-                   help="data-loading worker processes, >= 0, at most the CPU count (0: load in the training process)")
-    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
-    add_refused(g, "dataset_class", "custom dataset classes are not supported: the dataset is built from folders. Use "
-                "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
-                "(--dataset_config), or a metadata JSON (--in_json)")
-    add_refused(g, "reg_data_dir", "regularization images are a DreamBooth concept (keeping a class prior while a "
-                "model learns a subject) that does not apply to LLLite training, which learns to follow a guide. "
-                "Drop it; add more image/guide pairs as another [[datasets.subsets]] instead")
-    add_refused(g, "prior_loss_weight", "it weights the loss of regularization images, a DreamBooth concept that does "
-                "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
-                type=float, reference_default=1.0)
+KEY_GROUPS = ("dataset", "captions", "images, guides and masks")
 
 
-def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("captions")
-    g.add_argument("--caption_extension", default=None, help="caption file extension (default .caption, as in sd-scripts)")
-    g.add_argument("--caption_extention", default=None,
-                   help="the same as --caption_extension (sd-scripts' misspelled alias; giving both with different "
-                        "values is an error)")
-    g.add_argument("--caption_prefix", default=None,
-                   help="text added before every caption, as its own first tag: never shuffled, dropped or counted "
-                        "in keep_tokens (sd-scripts prepends it with a space)")
-    g.add_argument("--caption_suffix", default=None,
-                   help="text added after every caption, as its own last tag: never shuffled or dropped")
-    g.add_argument("--caption_separator", default=None, help='what separates the tags of a caption (default ",")')
-    g.add_argument("--shuffle_caption", action="store_true", default=None, help="shuffle the tags every epoch")
-    g.add_argument("--keep_tokens", type=int, default=None,
-                   help="the first N tags are never shuffled or dropped (>= 0)")
-    g.add_argument("--keep_tokens_separator", default=None,
-                   help="if set and in a caption: the tags before it are fixed, and after a second occurrence the tags "
-                        "after that too; overrides --keep_tokens for that caption")
-    g.add_argument("--secondary_separator", default=None,
-                   help="joins tags that move and drop together: replaced by the caption separator after shuffling "
-                        'and dropout (e.g. ";;;": "red hair;;;long hair" stays one tag)')
-    g.add_argument("--enable_wildcard", action="store_true", default=None,
-                   help="{a|b|c} in a caption becomes one of a, b, c at random each epoch ({{ and }} are literal braces), "
-                        "and a caption file with several lines gives one line at random (without it the lines are "
-                        "joined with a space, where sd-scripts takes the first line)")
-    g.add_argument("--caption_dropout_rate", type=float, default=None,
-                   help="train a sample with an empty caption with this probability, 0..1")
-    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=None,
-                   help="every N-th epoch (N, 2N, ...; epochs count from 1) every caption is empty (>= 0, 0 = off)")
-    g.add_argument("--caption_tag_dropout_rate", type=float, default=None,
-                   help="drop each tag that is not fixed with this probability, 0..1")
-    g.add_argument("--token_warmup_min", type=int, default=None,
-                   help="tags used at step 0 with --token_warmup_step (default 1, >= 0)")
-    g.add_argument("--token_warmup_step", type=float, default=None,
-                   help="tag warmup: before this step only the first tags of each caption are used, from "
-                        "--token_warmup_min rising linearly to all; below 1 it is that fraction of the run's steps "
-                        "(0 = off). Fixed tags (keep_tokens) always stay. As in sd-scripts")
+def key_label(name: str) -> str:
+    """``--option`` of the dataset key ``name`` on the command line (messages take it from the declaration)."""
+    spec = ALL_KEYS[name][0]
+    if spec.option is None:
+        raise KeyError(f"the dataset key {name} has no command-line option")
+    return f"--{spec.option or name}"
 
 
-def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("images, guides and masks")
-    g.add_argument("--flip_aug", action="store_true", default=None, help="random horizontal flips (image and conditioning together)")
-    g.add_argument("--color_aug", action="store_true", default=None,
-                   help="small random hue shift and brightness change of the training image, never the conditioning "
-                        "image (cannot be combined with --cache_latents)")
-    g.add_argument("--random_crop", action="store_true", default=None,
-                   help="crop at a random position instead of the centre, the same crop for both images (cannot be "
-                        "combined with --cache_latents; sd-scripts refuses it for ControlNet)")
-    g.add_argument("--face_crop_aug_range", default=None,
-                   help='"low,high", e.g. "2.0,4.0": for images named name_cx_cy_w_h.png (the face box, as sd-scripts\' '
-                        "face crop tool writes them), scale each epoch so that the crop's short side is low..high times "
-                        "the face size, and crop around the face (jittered; wider with --random_crop). Conditioning "
-                        "images get the same scale and crop. Without bucketing only, as in sd-scripts; not with "
-                        "--cache_latents. Such images use name.txt as caption when name_cx_cy_w_h.txt is missing"
-                   ).joins_list = True
-    g.add_argument("--resize_interpolation", default=None,
-                   help=f"resize filter for training and conditioning images: {', '.join(INTERPOLATIONS)} (sd-scripts' "
-                        "names: lanczos and box by Pillow, the others by OpenCV; linear = bilinear, cubic = bicubic). "
-                        "Unset: lanczos for training images and area for conditioning images, whose thin edge lines "
-                        "lanczos and bicubic ring around and nearest can drop when shrinking")
-    g.add_argument("--alpha_mask", action="store_true", default=None,
-                   help="use each training image's alpha channel as a loss mask: the loss at each latent pixel is "
-                        "multiplied by the mean alpha (0..1) of its 8x8 pixels, then averaged as usual (as in sd-scripts). "
-                        "Images without alpha weigh 1. Cached with the latents")
-    g.add_argument("--conditioning_preprocessor", default=None,
-                   help=f"make the guides in the data pipeline: {', '.join(conditioning_preprocessors.PREPROCESSORS)} "
-                        "(as tools/make_conditioning.py), applied to each training image after resizing and cropping, "
-                        "so guide and image line up exactly; with --conditioning_data_dir it is applied to the "
-                        "conditioning images instead. Cached with the latents")
-    g.add_argument("--conditioning_preprocessor_args", nargs="*", default=None,
-                   help='the preprocessor\'s options as name=value, e.g. "low_threshold=100" "high_threshold=200" '
-                        "(canny also takes low/high); see tools/make_conditioning.py for each preprocessor's options")
+def key_options() -> tuple[Option, ...]:
+    """The dataset keys' command-line options, from their declarations: each, when given, is a default for
+    every subset (``dataset_options_from_args``), checked as the key is."""
+    kinds = {"int": {"type": int}, "float": {"type": float}, "resolution": {"joins_list": True},
+             "pair": {"joins_list": True}, "table": {"nargs": "*"}}
+    out = []
+    for name, (spec, _) in {**SUBSET_KEYS, **DATASET_KEYS}.items():
+        if spec.option is None:
+            continue
+        for option_name, help_text in ((spec.option or name, spec.help), *spec.alias):
+            out.append(Option(name=option_name, help=help_text, group=spec.group, flag=spec.kind == "bool",
+                              **kinds.get(spec.kind, {})))
+    return tuple(sorted(out, key=lambda o: KEY_GROUPS.index(o.group)))
 
 
 @dataclass(frozen=True)
-class DataOptions:
+class DataOptions(Options):
     """The checked dataset configs, how their captions are encoded and how batches are loaded."""
 
-    datasets: tuple[DatasetConfig, ...]
+    group = "dataset"
+
+    debug_dataset: bool = flag(help="save a few batches as images to check pairing, then exit")
+    num_workers: int = option(8, name="max_data_loader_n_workers", type=int, limit=Limit(0),
+                              help="data-loading worker processes, >= 0, at most the CPU count (0: load in the training process)")
+    persistent_workers: bool = flag(name="persistent_data_loader_workers", help="keep workers alive between epochs")
+    dataset_class: None = refused(
+        "custom dataset classes are not supported: the dataset is built from folders. Use "
+        "--train_data_dir with --conditioning_data_dir (or --conditioning_preprocessor), a dataset TOML "
+        "(--dataset_config), or a metadata JSON (--in_json)")
+    reg_data_dir: None = refused(
+        "regularization images are a DreamBooth concept (keeping a class prior while a "
+        "model learns a subject) that does not apply to LLLite training, which learns to follow a guide. "
+        "Drop it; add more image/guide pairs as another [[datasets.subsets]] instead")
+    prior_loss_weight: None = refused(
+        "it weights the loss of regularization images, a DreamBooth concept that does "
+        "not apply to LLLite training. Drop it (to weigh a dataset's samples, use network_multiplier)",
+        type=float, reference_default=1.0)
+    datasets: tuple[DatasetConfig, ...] = ()
     text_encoding: TextEncodingOptions = TextEncodingOptions()
-    num_workers: int = 0
-    persistent_workers: bool = False
-    debug_dataset: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataOptions":
-        check_range("max_data_loader_n_workers", args.max_data_loader_n_workers, low=0)
-        text_encoding = TextEncodingOptions.from_args(args)
-        return cls(datasets=tuple(build_dataset_configs(args)), text_encoding=text_encoding,
-                   # as sd-scripts: never more workers than CPUs
-                   num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                   persistent_workers=args.persistent_data_loader_workers,
-                   debug_dataset=args.debug_dataset)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        return {**v, "text_encoding": TextEncodingOptions.from_args(args), "datasets": tuple(build_dataset_configs(args)),
+                "num_workers": min(v["num_workers"], os.cpu_count() or 1)}  # as sd-scripts: never more workers than CPUs
+
+
+# In --help order: the dataset group goes on with DataOptions' own options.
+OPTIONS = (DatasetSourceOptions, *key_options(), DataOptions, TextEncodingOptions)

@@ -88,13 +88,14 @@ from library.data.captions import (
     read_metadata_file,
 )
 from library.data.conditioning_preprocessors import apply_preprocessor
-from library.data.config import DatasetConfig, SubsetConfig
+from library.cli import option_label
+from library.data.config import DatasetConfig, DatasetSourceOptions, SubsetConfig, key_label
 from library.errors import UserError
+from library.image_files import IMAGE_EXTENSIONS, is_image_name
 from library.sdxl.text_encoding import TextEncodingOptions
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INFO_CACHE_NAME = ".lllite_image_info.json"
 _EXIF_ORIENTATION = 0x0112
 _LIST_LIMIT = 10
@@ -152,7 +153,7 @@ class TextLookup(Protocol):
 
 def list_images(directory: Path) -> list[Path]:
     """Image files directly in ``directory`` (not in subfolders), sorted by name."""
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in directory.iterdir() if p.is_file() and is_image_name(p))
 
 
 def probe_image(path: Path) -> Size:
@@ -393,7 +394,7 @@ def _metadata_images(sub: SubsetConfig, problems: list[str]) -> tuple[dict[str, 
     missing = []
     for key, entry in entries.items():
         path = Path(key) if Path(key).is_absolute() else sub.image_dir / key
-        if not (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()):
+        if not (is_image_name(path) and path.is_file()):
             folder = path.parent
             if folder not in listing:
                 listing[folder] = {p.stem: p for p in list_images(folder)} if folder.is_dir() else {}
@@ -541,7 +542,8 @@ class LLLiteDataset(torch.utils.data.Dataset):
     def __init__(self, configs: Sequence[DatasetConfig], seed: int | None = 0,
                  text_encoding: TextEncodingOptions = TextEncodingOptions()) -> None:
         if not configs:
-            raise UserError("no dataset configured: give --dataset_config or --train_data_dir and --conditioning_data_dir")
+            raise UserError(f"no dataset configured: give {option_label(DatasetSourceOptions, 'dataset_config')} or "
+                            f"{key_label('image_dir')} and {key_label('conditioning_data_dir')}")
         self.configs = list(configs)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**32))

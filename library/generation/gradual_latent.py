@@ -83,6 +83,6 @@ class GradualLatentRun:
         s = self.settings
         logger.warning(
             "Gradual Latent reached ratio %g by the last step (start %g, +%g every %d steps below timestep %d): "
-            "the last latents were resized to the full size. Use more steps, a larger --gradual_latent_ratio_step "
-            "or a higher --gradual_latent_timesteps", self.ratio, s.ratio, s.ratio_step, s.every_n_steps, s.timesteps)
+            "the last latents were resized to the full size. Use more steps, a larger ratio step (--gls) "
+            "or a higher start timestep (--glt)", self.ratio, s.ratio, s.ratio_step, s.every_n_steps, s.timesteps)
         return resize(latents, self.full_size)

@@ -1,6 +1,6 @@
 """From ``sdxl_gen_img.py``'s checked options to images on disk: inputs, planned jobs, batches and PNG files.
 
-* inputs: prompt lines (``--prompt``, ``--from_file``, ``--interactive``), guide/init/mask images
+* inputs: prompt lines (the prompt, from_file and interactive options), guide/init/mask images
   (files or folders), each file checked readable when it is read;
 * planning: prompts x ``images_per_prompt`` x ``n_iter`` become :class:`Job` s with seeds, guide image
   groups, init images and masks (each cycling by image number); every job's request is checked
@@ -24,9 +24,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from library.cli import switched_off
+from library.cli import option_label, switched_off
 from library.errors import UserError
-from library.generation.options import GenOptions, InputOptions, LoraSpec, OutputOptions
+from library.image_files import IMAGE_EXTENSIONS, is_image_name
+from library.generation.options import (
+    GenOptions,
+    ImageArgs,
+    InputOptions,
+    LoraSpec,
+    OutputArgs,
+    OutputOptions,
+    PromptArgs,
+    SamplingArgs,
+    ShrinkArgs,
+)
 from library.generation.samplers import ANCESTRAL_EULER, normalize_sampler_name
 from library.generation.settings import (
     MAX_SEED,
@@ -46,8 +57,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_W, _H = option_label(SamplingArgs, "W"), option_label(SamplingArgs, "H")
+
 GL_LINE_FIELDS = ("gl_timesteps", "gl_ratio", "gl_every_n_steps", "gl_ratio_step", "gl_s_noise", "gl_unsharp")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +68,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def read_prompt_specs(inputs: InputOptions) -> list[PromptSpec]:
-    """The prompt lines of ``--prompt`` and ``--from_file`` (interactive lines are read later)."""
+    """The prompt lines of the prompt and from_file options (interactive lines are read later)."""
     from library.generation.prompt_lines import load_prompt_file, parse_prompt_line
 
     specs = []
@@ -86,9 +98,9 @@ def expand_images(paths: Iterable[str], what: str) -> list[str]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            found = sorted(str(f) for f in path.iterdir() if is_image_name(f))
             if not found:
-                raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+                raise UserError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             out += found
         else:
             out.append(str(path))
@@ -128,14 +140,14 @@ class ImageInputs:
 
 
 def collect_images(inputs: InputOptions, specs: list[PromptSpec]) -> ImageInputs:
-    """Expands and checks ``--guide_image_path``, ``--image_path`` and ``--mask_path``."""
+    """Expands and checks the guide, init and mask images."""
     n_models = len(inputs.lllite_models)
     guides = expand_images(inputs.guide_paths, "guide image")
     groups: list[list[str]] = []
     if guides or (n_models and specs and not all(s.guide_images for s in specs)):
         groups = guide_groups(guides, n_models)  # raises when there are fewer guide images than models
-    inits = expand_images([inputs.image_path], "init image (--image_path)") if inputs.image_path else []
-    masks = expand_images([inputs.mask_path], "mask image (--mask_path)") if inputs.mask_path else []
+    inits = expand_images([inputs.image_path], f"init image ({option_label(ImageArgs, 'image_path')})") if inputs.image_path else []
+    masks = expand_images([inputs.mask_path], f"mask image ({option_label(ImageArgs, 'mask_path')})") if inputs.mask_path else []
     return ImageInputs(n_models, groups, inits, masks)
 
 
@@ -153,7 +165,7 @@ class Job:
 
 
 def lora_multipliers(loras: tuple[LoraSpec, ...], line: list[float] | None) -> list[float]:
-    """Each LoRA's multiplier for a batch: a line's ``--am`` (its last value repeats, as sd-scripts), else ``--network_mul``."""
+    """Each LoRA's multiplier for a batch: a line's ``--am`` (its last value repeats, as sd-scripts), else network_mul."""
     if not line:
         return [spec.multiplier for spec in loras]
     return [line[i] if i < len(line) else line[-1] for i in range(len(loras))]
@@ -212,15 +224,15 @@ class Planner:
         if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
             # sd-scripts draws without it ("gradual_latent is not supported for this scheduler. Ignoring.")
             from_line = any(getattr(spec, f) is not None for f in GL_LINE_FIELDS) or spec.sampler is not None
-            self._switched_off(f"{where if from_line else ''}Gradual Latent (--gradual_latent_timesteps / --glt)",
+            self._switched_off(f"{where if from_line else ''}Gradual Latent ({option_label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)",
                                "--sampler euler_a", f"--sampler {base.sampler} has no ancestral step to grow the "
                                "latents in")
             changes["gradual_latent"] = GradualLatent()
         if self.images.inits and not base.highres_fix_scale:
             for label, name in (("--w", "width"), ("--h", "height")):
                 if getattr(spec, name) is not None:
-                    self._switched_off(f"{where}{label} {getattr(spec, name)}", "--highres_fix_scale",
-                                       "img2img draws at the init image's size; --W and --H resize the init image")
+                    self._switched_off(f"{where}{label} {getattr(spec, name)}", option_label(ImageArgs, "highres_fix_scale"),
+                                       f"img2img draws at the init image's size; {_W} and {_H} resize the init image")
         if self.n_models:
             multipliers, starts, ratios = control_settings(base, self.n_models)
             changes.update(control_multipliers=multipliers, control_starts=starts, control_ratios=ratios)
@@ -242,17 +254,17 @@ class Planner:
         return values
 
     def _img2img_size(self, path: str) -> tuple[int, int]:
-        """sd-scripts' img2img size without the highres fix: the init image's (resized to --W x --H when both
-        are given), rounded down to a multiple of 32. One resize here where sd-scripts resizes twice (to --W x --H,
-        then to the multiple of 32): the same size, and the same image when --W and --H are multiples of 32."""
+        """sd-scripts' img2img size without the highres fix: the init image's (resized to the width x height options
+        when both are given), rounded down to a multiple of 32. One resize here where sd-scripts resizes twice (to
+        width x height, then to the multiple of 32): the same size, and the same image when both are multiples of 32."""
         if path not in self.init_sizes:
             from library.generation.pipeline import open_image
 
-            width, height = self.inputs.init_size or open_image(path, "init image (--image_path)").size
+            width, height = self.inputs.init_size or open_image(path, f"init image ({option_label(ImageArgs, 'image_path')})").size
             size = (width // 32 * 32, height // 32 * 32)
             if min(size) < smallest_size(self.n_models):
                 raise UserError(f"init image {path} is {width}x{height}: img2img draws at its size rounded down to a "
-                                "multiple of 32, which leaves no image; give a larger image, or --W and --H to resize it")
+                                f"multiple of 32, which leaves no image; give a larger image, or {_W} and {_H} to resize it")
             if size != (width, height):
                 logger.warning("init image %s is %dx%d, not a multiple of 32: drawing at %dx%d (the aspect ratio changes "
                                "a little, as in sd-scripts)", path, width, height, *size)
@@ -288,7 +300,7 @@ class Planner:
         return out
 
     def plan(self, specs: list[PromptSpec]) -> list[Job]:
-        """Every image of ``--n_iter`` iterations over ``specs``, planned before any is drawn."""
+        """Every image of the n_iter iterations over ``specs``, planned before any is drawn."""
         return [job for iteration in range(self.inputs.n_iter) for job in self.jobs(specs, iteration)]
 
 
@@ -317,7 +329,7 @@ def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
 
 
 class Writer:
-    """Saves drawn images into ``--outdir`` (already created) with their parameters in the PNG."""
+    """Saves drawn images into the output folder (already created) with their parameters in the PNG."""
 
     def __init__(self, out: OutputOptions, metadata: dict[str, Any]):
         self.outdir = out.outdir
@@ -390,7 +402,8 @@ class Writer:
             before = (f"{n} image{'s' if n > 1 else ''} of this run {'were' if n > 1 else 'was'} saved before it (the "
                       f"newest: {self.last})") if n else "No image of this run was saved"
             full = "space" in e.reason or "quota" in e.reason
-            fix = "free some space there or choose another --outdir" if full else "fix that or choose another --outdir"
+            outdir = option_label(OutputArgs, "outdir")
+            fix = f"free some space there or choose another {outdir}" if full else f"fix that or choose another {outdir}"
             raise UserError(f"{e}. {before}; {fix}, then run again.") from None
         self.saved += 1
         self.last = path
@@ -411,5 +424,5 @@ class Writer:
 
         if not ImageShow.show(image, title=path.name) and not self.viewer_missing:
             self.viewer_missing = True
-            logger.warning("no image viewer found to preview %s (Pillow's ImageShow); --no_preview skips the preview",
-                           path.name)
+            logger.warning("no image viewer found to preview %s (Pillow's ImageShow); %s skips the preview",
+                           path.name, option_label(PromptArgs, "no_preview"))

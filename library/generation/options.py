@@ -1,7 +1,8 @@
 """``sdxl_gen_img.py``'s options: the parser, and one pass that turns them into typed, checked objects.
 
-:func:`build_parser` declares every option of sd-scripts' ``sdxl_gen_img.py`` (78) plus this
-project's own (``--control_net_starts``, ``--negative_prompt``, ``--device``, ``--no_progress``).
+Every option of sd-scripts' ``sdxl_gen_img.py`` (78) plus this project's own (``--control_net_starts``,
+``--negative_prompt``, ``--device``, ``--no_progress``) is declared once, as a field of one of the ``ARGS``
+dataclasses (library/cli.py's spec: type, default, range, help); :func:`build_parser` is built from them.
 :func:`resolve` checks every value against its meaning (ranges, combinations, files that must
 exist) and returns a frozen :class:`GenOptions`; nothing reads the ``argparse.Namespace`` after it
 and nothing changes it. Each failure is a ``UserError`` that names the option, the value and what
@@ -23,13 +24,24 @@ from typing import Any
 
 from library import console_logging
 from library.atomic_io import make_output_folders
-from library.cli import add_refused, check_refused, switched_off
+from library.cli import (
+    OptionParser,
+    Options,
+    check_refused,
+    flag,
+    option,
+    option_label,
+    option_values,
+    refused,
+    switched_off,
+)
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import SAMPLER_NAMES
 from library.generation.settings import (
     DEEP_SHRINK_FIELDS,
     GRADUAL_LATENT_FIELDS,
+    LIMITS,
     DeepShrink,
     GenerationRequest,
     GradualLatent,
@@ -53,6 +65,17 @@ REFUSED = {
 SAMPLER = "ddim"  # sd-scripts' sdxl_gen_img.py default (the trainer's samples have their own)
 SIZE = 1024  # --W / --H when not given (sd-scripts' fallback)
 MAX_EMBEDDINGS_MULTIPLES = 1  # --max_embeddings_multiples when not given (sd-scripts': 75 tokens)
+
+
+@dataclass(frozen=True)
+class RefusedOptions:
+    """sd-scripts' generation options that cannot apply here: they parse, and stop the run with the reason."""
+
+    network_args: None = refused(REFUSED["network_args"], nargs="*", group="LoRA")
+    network_regional_mask_max_color_codes: None = refused(REFUSED["network_regional_mask_max_color_codes"], group="LoRA")
+    clip_vision_strength: None = refused(REFUSED["clip_vision_strength"], type=float, group="ControlNet-LLLite")
+
+
 DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 650, "ds_ratio": 0.5,
             "gradual_latent_ratio": 0.5, "gradual_latent_ratio_step": 0.125, "gradual_latent_every_n_steps": 3,
             "gradual_latent_s_noise": 1.0}
@@ -63,142 +86,194 @@ DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 65
 # ----------------------------------------------------------------------------------------------
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--ckpt", required=True, help="SDXL checkpoint: .safetensors/.ckpt file, diffusers folder or hub id")
-    g.add_argument("--vae", help="a VAE to use instead of the checkpoint's (e.g. an fp16-fixed SDXL VAE)")
-    g.add_argument("--tokenizer_cache_dir", help="read the tokenizers from this folder; when it has none, the "
-                   "bundled ones are written there first (for offline machines, as in sd-scripts)")
-    g.add_argument("--textual_inversion_embeddings", nargs="*", default=[],
-                   help="SDXL embeddings (clip_l/clip_g); the token is the file name")
-    g.add_argument("--fp16", action="store_true", help="U-Net, text encoders and LLLite in float16")
-    g.add_argument("--bf16", action="store_true", help="U-Net, text encoders and LLLite in bfloat16")
-    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
-    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (also the default)")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA only; else SDPA with a warning)")
-    g.add_argument("--diffusers_xformers", action="store_true", help="the same as --xformers here (diffusers' xformers)")
-    g.add_argument("--opt_channels_last", action="store_true", help="U-Net, VAE and networks in channels-last memory format")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    g.add_argument("--vae_batch_size", type=float, default=None,
-                   help="images per VAE call (default: the batch size); below 1: that share of the batch size")
-    g.add_argument("--vae_slices", type=int, default=None,
-                   help="decode/encode each image in this many horizontal strips: less VAE memory, a little slower")
+@dataclass(frozen=True)
+class ModelArgs(Options):
+    group = "model"
+
+    ckpt: str | None = option(required=True,
+        help="SDXL checkpoint: .safetensors/.ckpt file, diffusers folder or hub id")
+    vae: str | None = option(
+        help="a VAE to use instead of the checkpoint's (e.g. an fp16-fixed SDXL VAE)")
+    tokenizer_cache_dir: str | None = option(
+        help="read the tokenizers from this folder; when it has none, the "
+             "bundled ones are written there first (for offline machines, as in sd-scripts)")
+    textual_inversion_embeddings: list = option([], nargs="*",
+        help="SDXL embeddings (clip_l/clip_g); the token is the file name")
+    fp16: bool = flag(help="U-Net, text encoders and LLLite in float16")
+    bf16: bool = flag(help="U-Net, text encoders and LLLite in bfloat16")
+    no_half_vae: bool = flag(help="keep the VAE in float32")
+    sdpa: bool = flag(help="PyTorch scaled-dot-product attention (also the default)")
+    xformers: bool = flag(help="xformers attention (CUDA only; else SDPA with a warning)")
+    diffusers_xformers: bool = flag(help="diffusers' xformers attention, here the same as the xformers option")
+    opt_channels_last: bool = flag(help="U-Net, VAE and networks in channels-last memory format")
+    device: str | None = option(
+        help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    vae_batch_size: float | None = option(type=float, limit=LIMITS["vae_batch_size"],
+        help="images per VAE call (default: the batch size); below 1: that share of the batch size")
+    vae_slices: int | None = option(type=int, limit=LIMITS["vae_slices"],
+        help="decode/encode each image in this many horizontal strips: less VAE memory, a little slower")
 
 
-def _network_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--network_module", nargs="*", default=[], help="networks.lora, one per --network_weights file (as in "
-                   "sd-scripts, a file without a module is not loaded)")
-    g.add_argument("--network_weights", nargs="*", default=[], help="kohya-format SDXL LoRA files")
-    g.add_argument("--network_mul", nargs="*", type=float, default=[],
-                   help="LoRA multipliers in file order; files without one get 1.0")
-    g.add_argument("--network_merge", action="store_true", help="merge every LoRA into the weights for good (fixed multiplier)")
-    g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N LoRA files")
-    g.add_argument("--network_pre_calc", action="store_true",
-                   help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
-    g.add_argument("--network_show_meta", action="store_true", help="print each LoRA/LLLite file's metadata")
-    add_refused(g, "network_args", REFUSED["network_args"], nargs="*")
-    add_refused(g, "network_regional_mask_max_color_codes", REFUSED["network_regional_mask_max_color_codes"])
+@dataclass(frozen=True)
+class LoraArgs(Options):
+    group = "LoRA"
+
+    network_module: list = option([], nargs="*",
+        help="networks.lora, one per --network_weights file (as in "
+             "sd-scripts, a file without a module is not loaded)")
+    network_weights: list = option([], nargs="*",
+        help="kohya-format SDXL LoRA files")
+    network_mul: list = option([], type=float, nargs="*", limit=LIMITS["number"],
+        help="LoRA multipliers in file order; files without one get 1.0")
+    network_merge: bool = flag(help="merge every LoRA into the weights for good (fixed multiplier)")
+    network_merge_n_models: int | None = option(type=int,  # its range is checked with the files (_merged_count)
+        help="merge only the first N LoRA files")
+    network_pre_calc: bool = flag(help="merge the LoRAs that are not merged for good before each batch (from kept original weights)")
+    network_show_meta: bool = flag(help="print each LoRA/LLLite file's metadata")
 
 
-def _control_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ControlNet-LLLite")
-    g.add_argument("--control_net_lllite_models", nargs="*", default=[], help="LLLite files; several are stacked")
-    g.add_argument("--guide_image_path", nargs="*", default=[],
-                   help="guide images (or folders of them), taken in groups of one per model; groups cycle over the images")
-    g.add_argument("--control_net_multipliers", nargs="*", type=float, default=None,
-                   help="strength per model, in model order (default 1.0)")
-    g.add_argument("--control_net_ratios", nargs="*", type=float, default=None,
-                   help="fraction of the steps, from the start, during which each model stays on (default 1.0)")
-    g.add_argument("--control_net_starts", nargs="*", type=float, default=None,
-                   help="fraction of the steps before each model switches on (default 0.0; not in sd-scripts)")
-    add_refused(g, "clip_vision_strength", REFUSED["clip_vision_strength"], type=float)
+@dataclass(frozen=True)
+class ControlArgs(Options):
+    group = "ControlNet-LLLite"
+
+    control_net_lllite_models: list = option([], nargs="*",
+        help="LLLite files; several are stacked")
+    guide_image_path: list = option([], nargs="*",
+        help="guide images (or folders of them), taken in groups of one per model; groups cycle over the images")
+    control_net_multipliers: list = option(type=float, nargs="*",
+        help="strength per model, in model order (default 1.0)")
+    control_net_ratios: list = option(type=float, nargs="*",
+        help="fraction of the steps, from the start, during which each model stays on (default 1.0)")
+    control_net_starts: list = option(type=float, nargs="*",
+        help="fraction of the steps before each model switches on (default 0.0; not in sd-scripts)")
 
 
-def _prompt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", help="a prompt line (may carry options: --n negative --d seed --w --h --s --l ...)")
-    g.add_argument("--negative_prompt", default="", help="default negative prompt (a line's --n replaces it)")
-    g.add_argument("--from_file", help="prompt file: one prompt line per line, or .toml/.json")
-    g.add_argument("--interactive", action="store_true", help="read prompt lines from stdin until EOF or an empty line")
-    g.add_argument("--no_preview", action="store_true", help="in --interactive mode, do not open each image in a viewer")
-    g.add_argument("--clip_skip", type=int, default=None, help="text encoder hidden state counted from the end (default 2)")
-    g.add_argument("--max_embeddings_multiples", type=int, default=None,
-                   help="prompt length in units of 75 tokens; longer prompts are cut (default 1, as sd-scripts)")
+@dataclass(frozen=True)
+class PromptArgs(Options):
+    group = "prompts"
+
+    prompt: str | None = option(
+        help="a prompt line (may carry options: --n negative --d seed --w --h --s --l ...)")
+    negative_prompt: str | None = option("",
+        help="default negative prompt (a line's --n replaces it)")
+    from_file: str | None = option(
+        help="prompt file: one prompt line per line, or .toml/.json")
+    interactive: bool = flag(help="read prompt lines from stdin until EOF or an empty line")
+    no_preview: bool = flag(help="in --interactive mode, do not open each image in a viewer")
+    clip_skip: int | None = option(type=int, limit=LIMITS["clip_skip"],
+        help="text encoder hidden state counted from the end (default 2)")
+    max_embeddings_multiples: int | None = option(type=int, limit=LIMITS["count"],
+        help="prompt length in units of 75 tokens; longer prompts are cut (default 1, as sd-scripts)")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
-    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times (default 1)")
-    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net call (default 1)")
-    g.add_argument("--W", type=int, default=None, help="width, rounded down to a multiple of 8 (default 1024; img2img "
-                   "without the highres fix: the init image's, see docs/generation.md)")
-    g.add_argument("--H", type=int, default=None, help="height, rounded down to a multiple of 8 (default 1024; img2img "
-                   "without the highres fix: the init image's, see docs/generation.md)")
-    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    g.add_argument("--sampler", default=SAMPLER, type=str.lower, choices=SAMPLER_NAMES, help=f"sampler (default {SAMPLER})")
-    g.add_argument("--scale", type=float, default=7.5, help="CFG scale (default 7.5)")
-    g.add_argument("--negative_scale", type=float, default=None, help="separate scale for the negative prompt")
-    g.add_argument("--seed", type=int, default=None, help="seed of the first image; the next images count up from it")
-    g.add_argument("--iter_same_seed", action="store_true", help="all images of one --n_iter iteration use one seed")
-    for name, what in (("original_width", "SDXL original-size conditioning (default: the pass's size)"),
-                       ("original_height", "SDXL original-size conditioning (default: the pass's size)"),
-                       ("original_width_negative", "original size for the negative half of CFG (default: original)"),
-                       ("original_height_negative", "original size for the negative half of CFG (default: original)"),
-                       ("crop_top", "SDXL crop conditioning (default 0)"), ("crop_left", "SDXL crop conditioning (default 0)")):
-        g.add_argument(f"--{name}", type=int, default=None, help=what)
+@dataclass(frozen=True)
+class SamplingArgs(Options):
+    group = "sampling"
+
+    images_per_prompt: int | None = option(1, type=int, limit=LIMITS["count"],
+        help="images per prompt (default 1)")
+    n_iter: int | None = option(1, type=int, limit=LIMITS["count"],
+        help="repeat the whole prompt list this many times (default 1)")
+    batch_size: int | None = option(1, type=int, limit=LIMITS["count"],
+        help="images per U-Net call (default 1)")
+    W: int | None = option(type=int,
+        help="width, rounded down to a multiple of 8 (default 1024; img2img "
+             "without the highres fix: the init image's, see docs/generation.md)")
+    H: int | None = option(type=int,
+        help="height, rounded down to a multiple of 8 (default 1024; img2img "
+             "without the highres fix: the init image's, see docs/generation.md)")
+    steps: int | None = option(50, type=int, limit=LIMITS["count"],
+        help="sampling steps (default 50)")
+    sampler: str | None = option(SAMPLER, type=str.lower, choices=SAMPLER_NAMES,
+        help=f"sampler (default {SAMPLER})")
+    scale: float | None = option(7.5, type=float, limit=LIMITS["number"],
+        help="CFG scale (default 7.5)")
+    negative_scale: float | None = option(type=float, limit=LIMITS["number"],
+        help="separate scale for the negative prompt")
+    seed: int | None = option(type=int, limit=LIMITS["seed"],
+        help="seed of the first image; the next images count up from it")
+    iter_same_seed: bool = flag(help="all images of one --n_iter iteration use one seed")
+    original_width: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="SDXL original-size conditioning (default: the pass's size)")
+    original_height: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="SDXL original-size conditioning (default: the pass's size)")
+    original_width_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="original size for the negative half of CFG (default: original)")
+    original_height_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="original size for the negative half of CFG (default: original)")
+    crop_top: int | None = option(type=int, limit=LIMITS["crop"], help="SDXL crop conditioning (default 0)")
+    crop_left: int | None = option(type=int, limit=LIMITS["crop"], help="SDXL crop conditioning (default 0)")
 
 
-def _image_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("img2img, inpainting, highres fix")
-    g.add_argument("--image_path", help="init image (or folder of images) for img2img")
-    g.add_argument("--strength", type=float, default=None,
-                   help="img2img strength, and the highres fix's second pass's (default 0.8)")
-    g.add_argument("--mask_path", help="inpainting mask (or folder): white is regenerated; needs --image_path")
-    g.add_argument("--highres_fix_scale", type=float, default=None, help="first pass at this fraction of the final size")
-    g.add_argument("--highres_fix_steps", type=int, default=None, help="steps of the first pass (default 28)")
-    g.add_argument("--highres_fix_strength", type=float, default=None,
-                   help="img2img strength of the first pass, with --image_path (default: --strength)")
-    g.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first pass's image (*_1st.png)")
-    g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="upscale latents (= upscaler latent_bilinear)")
-    g.add_argument("--highres_fix_upscaler", default=None, help="bicubic (default), bilinear, nearest, lanczos, "
-                   "latent_bilinear, latent_bicubic, latent_nearest")
-    g.add_argument("--highres_fix_upscaler_args", default=None, help='"sharpen=0.5;sharpen_sigma=1.0" for pixel upscalers')
-    g.add_argument("--highres_fix_disable_control_net", action="store_true", help="no LLLite in the second pass")
+@dataclass(frozen=True)
+class ImageArgs(Options):
+    group = "img2img, inpainting, highres fix"
+
+    image_path: str | None = option(
+        help="init image (or folder of images) for img2img")
+    strength: float | None = option(type=float, limit=LIMITS["strength"],
+        help="img2img strength, and the highres fix's second pass's (default 0.8)")
+    mask_path: str | None = option(
+        help="inpainting mask (or folder): white is regenerated; needs --image_path")
+    highres_fix_scale: float | None = option(type=float, limit=LIMITS["highres_fix_scale"],
+        help="first pass at this fraction of the final size")
+    highres_fix_steps: int | None = option(type=int, limit=LIMITS["count"],
+        help="steps of the first pass (default 28)")
+    highres_fix_strength: float | None = option(type=float, limit=LIMITS["strength"],
+        help="img2img strength of the first pass, with --image_path (default: --strength)")
+    highres_fix_save_1st: bool = flag(help="also save the first pass's image (*_1st.png)")
+    highres_fix_latents_upscaling: bool = flag(help="upscale latents (= upscaler latent_bilinear)")
+    highres_fix_upscaler: str | None = option(
+        help="bicubic (default), bilinear, nearest, lanczos, "
+             "latent_bilinear, latent_bicubic, latent_nearest")
+    highres_fix_upscaler_args: str | None = option(
+        help='"sharpen=0.5;sharpen_sigma=1.0" for pixel upscalers')
+    highres_fix_disable_control_net: bool = flag(help="no LLLite in the second pass")
 
 
-def _shrink_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Deep Shrink and Gradual Latent (see docs/generation.md)")
-    g.add_argument("--ds_depth_1", type=int, default=None, help="Deep Shrink: shrink before this input block (0-8)")
-    g.add_argument("--ds_timesteps_1", type=int, default=None, help="... while the timestep is at least this (default 650)")
-    g.add_argument("--ds_depth_2", type=int, default=None, help="Deep Shrink: a second depth for later timesteps")
-    g.add_argument("--ds_timesteps_2", type=int, default=None, help="... while the timestep is at least this (default 650)")
-    g.add_argument("--ds_ratio", type=float, default=None, help="Deep Shrink resize ratio (default 0.5)")
-    g.add_argument("--gradual_latent_timesteps", type=int, default=None,
-                   help="Gradual Latent: start small, grow the latents below this timestep (euler_a only)")
-    g.add_argument("--gradual_latent_ratio", type=float, default=None, help="starting size ratio (default 0.5)")
-    g.add_argument("--gradual_latent_ratio_step", type=float, default=None, help="ratio added at each growth (default 0.125)")
-    g.add_argument("--gradual_latent_every_n_steps", type=int, default=None, help="steps between growths (default 3)")
-    g.add_argument("--gradual_latent_s_noise", type=float, default=None, help="noise scale at a growth (default 1.0)")
-    g.add_argument("--gradual_latent_unsharp_params", default=None,
-                   help="unsharp mask at each growth: ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1")
+@dataclass(frozen=True)
+class ShrinkArgs(Options):
+    group = "Deep Shrink and Gradual Latent (see docs/generation.md)"
+
+    ds_depth_1: int | None = option(type=int, limit=LIMITS["ds_depth"],
+        help="Deep Shrink: shrink before this input block (0-8)")
+    ds_timesteps_1: int | None = option(type=int, limit=LIMITS["timesteps"],
+        help="... while the timestep is at least this (default 650)")
+    ds_depth_2: int | None = option(type=int, limit=LIMITS["ds_depth"],
+        help="Deep Shrink: a second depth for later timesteps")
+    ds_timesteps_2: int | None = option(type=int, limit=LIMITS["timesteps"],
+        help="... while the timestep is at least this (default 650)")
+    ds_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"],
+        help="Deep Shrink resize ratio (default 0.5)")
+    gradual_latent_timesteps: int | None = option(type=int, limit=LIMITS["timesteps"],
+        help="Gradual Latent: start small, grow the latents below this timestep (euler_a only)")
+    gradual_latent_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"],
+        help="starting size ratio (default 0.5)")
+    gradual_latent_ratio_step: float | None = option(type=float, limit=LIMITS["ratio_step"],
+        help="ratio added at each growth (default 0.125)")
+    gradual_latent_every_n_steps: int | None = option(type=int, limit=LIMITS["count"],
+        help="steps between growths (default 3)")
+    gradual_latent_s_noise: float | None = option(type=float, limit=LIMITS["s_noise"],
+        help="noise scale at a growth (default 1.0)")
+    gradual_latent_unsharp_params: str | None = option(
+        help="unsharp mask at each growth: ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1")
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output and logging")
-    g.add_argument("--outdir", default="outputs", help="folder for the PNG files (default outputs)")
-    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, im_000002.png, ...")
-    g.add_argument("--use_original_file_name", action="store_true", help="start file names with the init/guide image's name")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+@dataclass(frozen=True)
+class OutputArgs(Options):
+    group = "output and logging"
+
+    outdir: str | None = option("outputs",
+        help="folder for the PNG files (default outputs)")
+    sequential_file_name: bool = flag(help="name files im_000001.png, im_000002.png, ...")
+    use_original_file_name: bool = flag(help="start file names with the init/guide image's name")
+    no_progress: bool = flag(help="no progress bars")
+
+
+# The command line's options, in --help order (sdxl_gen_img.py's console options and the refusals follow).
+ARGS = (ModelArgs, LoraArgs, ControlArgs, PromptArgs, SamplingArgs, ImageArgs, ShrinkArgs, OutputArgs)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The parser of ``sdxl_gen_img.py``: sd-scripts' options and this project's own."""
-    p = argparse.ArgumentParser(description=description)
-    for add in (_model_args, _network_args, _control_args, _prompt_args, _sampling_args, _image_args, _shrink_args,
-                _output_args, console_logging.add_arguments):
-        add(p)
+    p = OptionParser(description=description)
+    p.add_options(*ARGS, *console_logging.OPTIONS, RefusedOptions)  # the refusals join the LoRA and LLLite groups
     return p
 
 
@@ -330,20 +405,6 @@ def _check_files(args: argparse.Namespace) -> None:
         raise UserError(f"--tokenizer_cache_dir {args.tokenizer_cache_dir} is a file; give a folder")
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps", "max_embeddings_multiples"):
-        check_limit(f"--{name}", getattr(args, name), "count")
-    for name, kind in (("seed", "seed"), ("clip_skip", "clip_skip"), ("vae_slices", "vae_slices"),
-                       ("vae_batch_size", "vae_batch_size"), ("scale", "number"), ("negative_scale", "number"),
-                       ("strength", "strength"), ("highres_fix_strength", "strength"),
-                       ("highres_fix_scale", "highres_fix_scale"), ("crop_top", "crop"), ("crop_left", "crop")):
-        check_limit(f"--{name}", getattr(args, name), kind)
-    for name in ("original_width", "original_height", "original_width_negative", "original_height_negative"):
-        check_limit(f"--{name}", getattr(args, name), "size_conditioning")
-    for value in args.network_mul:
-        check_limit("--network_mul", value, "number")
-
-
 def _model_options(args: argparse.Namespace) -> ModelOptions:
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 both given: choose one precision")
@@ -392,8 +453,7 @@ def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLaten
     values = {}
     for fields, prefix in ((DEEP_SHRINK_FIELDS, "ds"), (GRADUAL_LATENT_FIELDS, "gl")):
         for name, kind, option, _ in fields:
-            value = getattr(args, option[2:])
-            check_limit(option, value, kind)
+            value = getattr(args, option[2:])  # its range was checked from its declaration
             values[(prefix, name)] = DEFAULTS.get(option[2:]) if value is None else value
     unsharp = None
     if args.gradual_latent_unsharp_params is not None:
@@ -539,7 +599,8 @@ def resolve(args: argparse.Namespace) -> GenOptions:
     """Every option checked and turned into typed objects; a UserError naming the first bad one."""
     parser = build_parser()  # the parser costs milliseconds
     check_refused(parser, args)  # cli's rule, shared with the trainer
-    _check_counts(args)
+    for declared in ARGS:
+        option_values(declared, args)  # each value against its declared range
     _check_files(args)  # before ignoring: a missing file stays an error (sd-scripts opens the images it is given)
     args = _ignore_switched_off(args, parser)
     defaults = _default_request(args, len(args.control_net_lllite_models))
@@ -567,9 +628,9 @@ def prepare_folders(opts: GenOptions) -> list[Path]:
 
     Returns the folders this created, for ``atomic_io.remove_empty`` when the run fails later.
     """
-    folders = [("--outdir", opts.output.outdir)]
+    folders = [(option_label(OutputArgs, "outdir"), opts.output.outdir)]
     if opts.output.log.file is not None:
-        folders.append(("--console_log_file", opts.output.log.file.parent))
+        folders.append((option_label(ConsoleLogOptions, "file"), opts.output.log.file.parent))
     if opts.model.tokenizer_cache_dir:
         folders.append(("--tokenizer_cache_dir", Path(opts.model.tokenizer_cache_dir)))
     return make_output_folders(folders)

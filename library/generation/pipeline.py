@@ -48,6 +48,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from library.errors import UserError
+from library.torch_modules import module_device, module_dtype
 from library.generation.deep_shrink import deep_shrink
 from library.generation.gradual_latent import GradualLatentRun
 from library.generation.samplers import build_scheduler, step_accepts_generator
@@ -155,12 +156,6 @@ def _inference_state(models: SDXLModels, lllites: Sequence[Any]) -> Iterator[Non
                 n.detach()
 
 
-def _module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,9 +404,9 @@ def generate(
     r = requests[0]
     seeds = [q.seed if q.seed is not None else random.randint(0, 2**32 - 1) for q in requests]
     multipliers, starts, ratios = control_settings(r, len(lllites))
-    unet_dtype = _module_dtype(models.unet)
+    unet_dtype = module_dtype(models.unet)
     run = _Run(
-        models, requests, lllites, device=torch.device(device) if device is not None else _module_device(models.unet),
+        models, requests, lllites, device=torch.device(device) if device is not None else module_device(models.unet),
         dtype=dtype or unet_dtype, unet_dtype=unet_dtype,
         generators=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds], windows=list(zip(starts, ratios)),
         progress=progress, on_step=on_step,

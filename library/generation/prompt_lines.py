@@ -1,4 +1,4 @@
-"""Prompt lines with per-prompt options, for ``--from_file``, ``--interactive`` and ``--sample_prompts``.
+"""Prompt lines with per-prompt options, for prompt files, interactive input and the trainer's sample prompts.
 
 A line is the prompt text followed by options, each introduced by `` --`` (space, two dashes)::
 

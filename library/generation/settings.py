@@ -320,24 +320,33 @@ def _check_fields(r: GenerationRequest, where: str) -> None:
             check_limit(option, getattr(settings, name), kind, where)
 
 
+def _label(name: str) -> str:
+    """``--name`` of a generation option, from its declaration (imported here: options.py imports this module)."""
+    from library.cli import option_label
+    from library.generation import options
+
+    return next(option_label(c, name) for c in options.ARGS if name in {f.name for f in dataclasses.fields(c)})
+
+
 def _check_combinations(r: GenerationRequest, where: str) -> None:
     # For callers of generate(): sdxl_gen_img.py has already ignored, with a warning, what sd-scripts ignores
     # (highres_fix_strength without its switches, Gradual Latent with another sampler; jobs.Planner, options.py).
     # The mask rules stay errors there too: sd-scripts fails on them.
     if r.mask is not None and r.init_image is None:
-        raise UserError(f"{where}a mask (--mask_path) needs the image to inpaint (--image_path)")
+        raise UserError(f"{where}a mask ({_label('mask_path')}) needs the image to inpaint ({_label('image_path')})")
     if r.highres_fix_strength is not None and (r.init_image is None or not r.highres_fix_scale):
         raise UserError(f"{where}highres_fix_strength {r.highres_fix_strength:g} is the first highres pass's img2img "
-                        "strength: it needs --highres_fix_scale and --image_path (the second pass's strength is --strength)")
+                        f"strength: it needs {_label('highres_fix_scale')} and {_label('image_path')} (the second pass's strength is "
+                        f"{_label('strength')})")
     if r.highres_fix_latents_upscaling and r.highres_fix_upscaler not in (None, "latent_bilinear"):
-        raise UserError(f"{where}--highres_fix_latents_upscaling and --highres_fix_upscaler {r.highres_fix_upscaler} "
+        raise UserError(f"{where}{_label('highres_fix_latents_upscaling')} and {_label('highres_fix_upscaler')} {r.highres_fix_upscaler} "
                         "both choose the upscaler: give one of them")
     if r.gradual_latent.enabled:
         if normalize_sampler_name(r.sampler) not in ANCESTRAL_EULER:
-            raise UserError(f"{where}Gradual Latent (--gradual_latent_timesteps / --glt) works with --sampler euler_a "
-                            f"only (as in sd-scripts), got --sampler {r.sampler}")
+            raise UserError(f"{where}Gradual Latent ({_label('gradual_latent_timesteps')} / --glt) works with "
+                            f"{_label('sampler')} euler_a only (as in sd-scripts), got {_label('sampler')} {r.sampler}")
         if r.mask is not None:
-            raise UserError(f"{where}Gradual Latent changes the latent size while sampling; inpainting (--mask_path) "
+            raise UserError(f"{where}Gradual Latent changes the latent size while sampling; inpainting ({_label('mask_path')}) "
                             "cannot follow it: drop one of them")
 
 
@@ -354,7 +363,7 @@ def validate_request(r: GenerationRequest, n_models: int, where: str = "") -> No
         first = first_pass_size(r)
         if min(first) < low:
             raise UserError(
-                f"{where}--highres_fix_scale {r.highres_fix_scale:g} makes the first pass {first[0]}x{first[1]}, below "
+                f"{where}{_label('highres_fix_scale')} {r.highres_fix_scale:g} makes the first pass {first[0]}x{first[1]}, below "
                 f"the smallest size {low} px{' with LLLite models' if n_models else ''}: use a larger scale")
     control_settings(r, n_models)
 

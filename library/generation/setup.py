@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
 from library.generation.jobs import lora_multipliers
-from library.generation.options import GenOptions, LoraSpec, ModelOptions
+from library.cli import option_label
+from library.generation.options import GenOptions, LoraSpec, ModelArgs, ModelOptions
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +55,7 @@ def setup_attention(unet: Any, vae: Any, attention: str, device: torch.device) -
 
     if attention == "xformers":
         if device.type != "cuda":
-            logger.warning("--xformers needs a CUDA GPU: using PyTorch SDPA attention instead")
+            logger.warning("%s needs a CUDA GPU: using PyTorch SDPA attention instead", option_label(ModelArgs, "xformers"))
         else:
             try:
                 import xformers  # noqa: F401
@@ -168,7 +169,7 @@ def load_networks(opts: GenOptions, models: SDXLModels, device: torch.device) ->
 
 
 class LoraMultipliers:
-    """Sets the LoRAs' multipliers for each batch: a prompt line's ``--am``, else ``--network_mul``."""
+    """Sets the LoRAs' multipliers for each batch: a prompt line's ``--am``, else the network_mul option."""
 
     def __init__(self, loras: list[Any], specs: tuple[LoraSpec, ...]):
         self.loras = loras

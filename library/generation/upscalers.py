@@ -1,4 +1,4 @@
-"""Upscalers for the highres fix's second pass (``--highres_fix_upscaler``), none of which needs weights.
+"""Upscalers for the highres fix's second pass (highres_fix_upscaler), none of which needs weights.
 
 sd-scripts takes a Python module name here (its ``tools/latent_upscaler.py`` needs a trained weights
 file). This project offers the upscalers that need nothing downloaded:
@@ -10,7 +10,7 @@ name               what it does
 ``bilinear``       the same with bilinear resizing
 ``nearest``        the same with nearest-neighbour resizing (blocky; for pixel-art looks)
 ``lanczos``        the same with OpenCV's Lanczos-4 resizing (sharpest of the pixel upscalers)
-``latent_bilinear``  resize the latents bilinearly, no VAE round trip (= ``--highres_fix_latents_upscaling``)
+``latent_bilinear``  resize the latents bilinearly, no VAE round trip (= the highres_fix_latents_upscaling option)
 ``latent_bicubic``   resize the latents bicubically
 ``latent_nearest``   resize the latents by nearest neighbour
 =================  ========================================================================
@@ -49,7 +49,7 @@ PIXEL_ARGS: dict[str, tuple[float, Callable[[float], bool], str]] = {
 }
 
 
-def check_upscaler(name: str, label: str = "--highres_fix_upscaler") -> str:
+def check_upscaler(name: str, label: str = "") -> str:
     """The upscaler's name, or a UserError that lists the ones there are."""
     if name in UPSCALERS:
         return name
@@ -57,6 +57,11 @@ def check_upscaler(name: str, label: str = "--highres_fix_upscaler") -> str:
     if "." in name:
         why = (" Python upscaler modules (sd-scripts' tools.latent_upscaler) need a trained weights file and are "
                "not loaded here.")
+    if not label:
+        from library.cli import option_label
+        from library.generation.options import ImageArgs
+
+        label = option_label(ImageArgs, "highres_fix_upscaler")
     raise UserError(f"{label} {name!r} is not an upscaler here: choose one of {', '.join(UPSCALERS)}.{why}")
 
 

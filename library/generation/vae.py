@@ -26,14 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.torch_modules import module_device, module_dtype
+
 logger = logging.getLogger(__name__)
 
-def _module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def strip_bounds(rows: int, slices: int) -> list[tuple[int, int]]:
@@ -209,7 +205,7 @@ class VaeRunner:
 
     @contextlib.contextmanager
     def _precision(self, upcast: bool) -> Iterator[torch.dtype]:
-        dtype = _module_dtype(self.vae)
+        dtype = module_dtype(self.vae)
         if upcast and dtype == torch.float16:
             self.vae.to(torch.float32)
             try:
@@ -229,7 +225,7 @@ class VaeRunner:
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         wanted = bool(getattr(self.vae.config, "force_upcast", False))
         out = self._batched(fn, x, wanted)
-        if not torch.isfinite(out).all() and _module_dtype(self.vae) == torch.float16 and not wanted:
+        if not torch.isfinite(out).all() and module_dtype(self.vae) == torch.float16 and not wanted:
             logger.warning("the VAE gave NaN/inf in fp16: running it again in fp32 (use --no_half_vae to skip this)")
             out = self._batched(fn, x, True)
         return out
@@ -237,7 +233,7 @@ class VaeRunner:
     def _batched(self, fn, x: torch.Tensor, upcast: bool) -> torch.Tensor:
         n = self._images_per_call(x.shape[0])
         with self._precision(upcast) as dtype:
-            device = _module_device(self.vae)
+            device = module_device(self.vae)
             return torch.cat([fn(x[i: i + n].to(device, dtype)).float() for i in range(0, x.shape[0], n)])
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:

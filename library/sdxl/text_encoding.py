@@ -41,8 +41,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from library.cli import Limit, Options, flag, option
 from library.errors import UserError
 from library.sdxl import CLIP_SKIP_MAX
+from library.torch_modules import module_device
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def load_sdxl_tokenizers(path: str | None = None) -> tuple[Any, Any]:
 
 
 def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
-    """``--tokenizer_cache_dir``: the tokenizers saved in ``cache_dir``, which is filled first when empty.
+    """The tokenizer cache folder: the tokenizers saved in ``cache_dir``, which is filled first when empty.
 
     sd-scripts downloads the tokenizers into this folder once and reads them from it afterwards, so
     an offline machine can be given a copied folder. Here the bundled tokenizers are what gets
@@ -115,7 +117,7 @@ def tokenizers_via_cache_dir(cache_dir: str) -> tuple[Any, Any]:
             for src, dst in zip(load_sdxl_tokenizers(None), folders):
                 _save_folder_atomically(src, dst)
         except OSError as e:
-            raise UserError(f"--tokenizer_cache_dir {cache_dir}: cannot write the tokenizers there ({e})") from None
+            raise UserError(f"tokenizer cache folder {cache_dir}: cannot write the tokenizers there ({e})") from None
         logger.info("wrote the SDXL tokenizers to %s", cache_dir)
     return load_sdxl_tokenizers(cache_dir)
 
@@ -359,11 +361,6 @@ def tokenize_prompt(
 # ----------------------------------------------------------------------------------------- encoding
 
 
-def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
-
-
 def _select_layer(hidden_states: Sequence[torch.Tensor], clip_skip: int, which: str) -> torch.Tensor:
     layers = len(hidden_states) - 1  # hidden_states[0] is the embedding output
     if not 1 <= clip_skip <= layers:
@@ -435,7 +432,7 @@ def encode_prompts(
     pooled: torch.Tensor | None = None
     with torch.no_grad():
         for index, (encoder, tokenizer) in enumerate(((text_encoder1, tokenizer1), (text_encoder2, tokenizer2))):
-            device, _ = _module_device_dtype(encoder)
+            device = module_device(encoder)
             tokens = [
                 tokenize_prompt(tokenizer, p, k, use_weighting, textual_inversion=textual_inversion) for p in prompts
             ]
@@ -589,47 +586,42 @@ def load_textual_inversion(
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
-def add_training_arguments(parser: Any) -> None:
-    """How the training script encodes captions (the generation script has its own options)."""
-    g = parser.add_argument_group("captions: text encoding")
-    g.add_argument("--max_token_length", type=int, default=None,
-                   help="caption tokens seen by both text encoders: 75 (the default), 150 or 225. Longer captions are "
-                        "cut; 150/225 encode 2/3 chunks of 75 tokens, as sdxl_gen_img.py --max_embeddings_multiples 2/3 "
-                        "does, so generate with the same length")
-    g.add_argument("--clip_skip", type=int, default=None,
-                   help="which hidden state of both text encoders conditions the U-Net, counted from the end, exactly as "
-                        "sdxl_gen_img.py --clip_skip: 2 (the default) is SDXL's penultimate layer, 1 the last layer, "
-                        "N >= 1. Differs from sd-scripts, which ignores clip_skip in SDXL training (with a warning); "
-                        "generate with the same value")
-    g.add_argument("--weighted_captions", action="store_true",
-                   help="read the emphasis syntax in training captions as sdxl_gen_img.py does in prompts: (word) x1.1, "
-                        "[word] /1.1, (word:1.3), nested brackets multiply, mean-preserving. Without it brackets are "
-                        "plain text. Keep commas out of brackets: shuffle and tag dropout split tags at the separator")
-
-
 @dataclass(frozen=True)
-class TextEncodingOptions:
-    """How training captions become text-encoder outputs (``encode_prompts`` arguments)."""
+class TextEncodingOptions(Options):
+    """How training captions become text-encoder outputs (``encode_prompts`` arguments).
 
-    max_token_length: int = 75
-    clip_skip: int | None = None
-    weighted_captions: bool = False
+    The training script's options; the generation script has its own.
+    """
+
+    group = "captions: text encoding"
+
+    max_token_length: int = option(
+        type=int, held=75,
+        help="caption tokens seen by both text encoders: 75 (the default), 150 or 225. Longer captions are "
+             "cut; 150/225 encode 2/3 chunks of 75 tokens, as sdxl_gen_img.py's max_embeddings_multiples 2/3 "
+             "does, so generate with the same length")
+    clip_skip: int | None = option(
+        type=int, limit=Limit(1, CLIP_SKIP_MAX), what="1 = last layer, 2 = SDXL's usual penultimate layer",
+        help="which hidden state of both text encoders conditions the U-Net, counted from the end, exactly as "
+             "sdxl_gen_img.py --clip_skip: 2 (the default) is SDXL's penultimate layer, 1 the last layer, "
+             "N >= 1. Differs from sd-scripts, which ignores clip_skip in SDXL training (with a warning); "
+             "generate with the same value")
+    weighted_captions: bool = flag(
+        help="read the emphasis syntax in training captions as sdxl_gen_img.py does in prompts: (word) x1.1, "
+             "[word] /1.1, (word:1.3), nested brackets multiply, mean-preserving. Without it brackets are "
+             "plain text. Keep commas out of brackets: shuffle and tag dropout split tags at the separator")
 
     @classmethod
-    def from_args(cls, args: Any) -> "TextEncodingOptions":
-        from library.cli import check_range
-
-        length = 75 if args.max_token_length is None else args.max_token_length
+    def settle(cls, v: dict, args: Any) -> dict:
+        length = 75 if v["max_token_length"] is None else v["max_token_length"]
         if length not in MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length {length} is not one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} "
                             "(tokens per caption: 1, 2 or 3 chunks of 75)")
-        check_range("clip_skip", args.clip_skip, low=1, high=CLIP_SKIP_MAX,
-                    what="1 = last layer, 2 = SDXL's usual penultimate layer")
-        return cls(max_token_length=length, clip_skip=args.clip_skip, weighted_captions=bool(args.weighted_captions))
+        return {**v, "max_token_length": length, "weighted_captions": bool(v["weighted_captions"])}
 
     @property
     def max_embeddings_multiples(self) -> int:
-        """Chunks of 75 tokens: what ``sdxl_gen_img.py --max_embeddings_multiples`` calls the length."""
+        """Chunks of 75 tokens: what sdxl_gen_img.py's max_embeddings_multiples calls the length."""
         return self.max_token_length // CHUNK_TOKENS
 
     def encode_kwargs(self) -> dict[str, Any]:

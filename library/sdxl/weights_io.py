@@ -167,7 +167,7 @@ def read_weights(
         mmap: with True (default), CPU tensors of safetensors files are backed by the file's pages
             (copy-on-write; they cost no anonymous memory until written), and zip-format ``.ckpt`` files
             are memory-mapped. With False, the file is read with plain reads instead, which is faster on
-            WSL and network drives (sd-scripts' ``--disable_mmap_load_safetensors``).
+            WSL and network drives (sd-scripts' disable_mmap_load_safetensors option).
 
     ``.ckpt``/``.pt`` files are loaded with ``weights_only=True``: no pickled code runs. A top-level
     ``state_dict`` entry (Lightning-style checkpoints) is unwrapped.

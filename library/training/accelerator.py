@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from library.cli import check_range, switched_off
+from library.cli import Limit, Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -25,44 +25,20 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("precision")
-    g.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION, help="compute precision of the frozen U-Net")
-    g.add_argument("--full_fp16", action="store_true", help="LLLite weights in fp16 too (no loss scaling)")
-    g.add_argument("--full_bf16", action="store_true", help="LLLite weights in bf16 too")
-
-    g = parser.add_argument_group("multi-GPU (DDP)")
-    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a silent process fails the run, >= 1 (default: accelerate's, 30)")
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradients as views of its buckets (less memory)")
-    g.add_argument("--ddp_static_graph", action="store_true", help="tell DDP the graph is the same every step (faster)")
-
-    g = parser.add_argument_group("DeepSpeed (pip install deepspeed)")
-    g.add_argument("--deepspeed", action="store_true", help="train through accelerate's DeepSpeed plugin")
-    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage 0, 1 or 2 (default 2); stage 3 is refused: it cannot train an LLLite")
-    g.add_argument("--offload_optimizer_device", default=None, choices=OFFLOAD_DEVICES,
-                   help="offload optimizer states to cpu or nvme (ZeRO 2 and 3)")
-    g.add_argument("--offload_optimizer_nvme_path", default=None, help="NVMe folder for optimizer offload (ZeRO 3)")
-    g.add_argument("--offload_param_device", default=None, choices=OFFLOAD_DEVICES, help="offload parameters to cpu or nvme (ZeRO 3)")
-    g.add_argument("--offload_param_nvme_path", default=None, help="NVMe folder for parameter offload (ZeRO 3)")
-    g.add_argument("--zero3_init_flag", action="store_true", help="build models under deepspeed.zero.Init (ZeRO 3)")
-    g.add_argument("--zero3_save_16bit_model", action="store_true", help="gather 16-bit weights when saving (ZeRO 3)")
-    g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
-                   help="fp16 master weights and gradients (DeepSpeed ZeRO 2 with CPU optimizer offload only)")
-
-
 @dataclass(frozen=True)
-class PrecisionOptions:
-    mixed_precision: str = "no"
-    full_fp16: bool = False
-    full_bf16: bool = False
+class PrecisionOptions(Options):
+    group = "precision"
+
+    mixed_precision: str = option("no", choices=MIXED_PRECISION, help="compute precision of the frozen U-Net")
+    full_fp16: bool = flag(help="LLLite weights in fp16 too (no loss scaling)")
+    full_bf16: bool = flag(help="LLLite weights in bf16 too")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PrecisionOptions":
-        if args.full_bf16 and args.mixed_precision != "bf16":
-            raise UserError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}")
-        if args.full_fp16 and args.mixed_precision != "fp16":
-            raise UserError(f"--full_fp16 needs --mixed_precision fp16, got --mixed_precision {args.mixed_precision}")
-        return cls(args.mixed_precision, args.full_fp16, args.full_bf16)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        for full, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+            if v[full] and v["mixed_precision"] != precision:
+                raise UserError(f"--{full} needs --mixed_precision {precision}, got --mixed_precision {v['mixed_precision']}")
+        return v
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -70,40 +46,49 @@ class PrecisionOptions:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
 
 
-@dataclass(frozen=True)
-class DeepSpeedOptions:
-    zero_stage: int = 2
-    offload_optimizer_device: str | None = None
-    offload_optimizer_nvme_path: str | None = None
-    offload_param_device: str | None = None
-    offload_param_nvme_path: str | None = None
-    zero3_init_flag: bool = False
-    zero3_save_16bit_model: bool = False
-    fp16_master_weights_and_gradients: bool = False
+_DEEPSPEED = Needs("deepspeed", "it is a DeepSpeed option", with_value=False)
 
 
 @dataclass(frozen=True)
-class DistributedOptions:
-    ddp_timeout_minutes: int | None = None
-    ddp_gradient_as_bucket_view: bool = False
-    ddp_static_graph: bool = False
+class DeepSpeedOptions(Options):
+    group = "DeepSpeed (pip install deepspeed)"
+
+    zero_stage: int = option(2, type=int, choices=(0, 1, 2, 3), needs=_DEEPSPEED,
+                             help="ZeRO stage 0, 1 or 2 (default 2); stage 3 is refused: it cannot train an LLLite")
+    offload_optimizer_device: str | None = option(choices=OFFLOAD_DEVICES, needs=_DEEPSPEED,
+                                                  help="offload optimizer states to cpu or nvme (ZeRO 2 and 3)")
+    offload_optimizer_nvme_path: str | None = option(needs=_DEEPSPEED, help="NVMe folder for optimizer offload (ZeRO 3)")
+    offload_param_device: str | None = option(choices=OFFLOAD_DEVICES, needs=_DEEPSPEED,
+                                              help="offload parameters to cpu or nvme (ZeRO 3)")
+    offload_param_nvme_path: str | None = option(needs=_DEEPSPEED, help="NVMe folder for parameter offload (ZeRO 3)")
+    zero3_init_flag: bool = flag(needs=_DEEPSPEED, help="build models under deepspeed.zero.Init (ZeRO 3)")
+    zero3_save_16bit_model: bool = flag(needs=_DEEPSPEED, help="gather 16-bit weights when saving (ZeRO 3)")
+    fp16_master_weights_and_gradients: bool = flag(
+        needs=_DEEPSPEED, help="fp16 master weights and gradients (DeepSpeed ZeRO 2 with CPU optimizer offload only)")
+
+
+@dataclass(frozen=True)
+class DistributedOptions(Options):
+    group = "multi-GPU (DDP)"
+
+    ddp_timeout_minutes: int | None = option(
+        name="ddp_timeout", type=int, limit=Limit(1), what="minutes",
+        help="minutes before a silent process fails the run, >= 1 (default: accelerate's, 30)")
+    ddp_gradient_as_bucket_view: bool = flag(help="DDP gradients as views of its buckets (less memory)")
+    ddp_static_graph: bool = flag(help="tell DDP the graph is the same every step (faster)")
+    use_deepspeed: bool = flag(name="deepspeed", help="train through accelerate's DeepSpeed plugin",
+                               group="DeepSpeed (pip install deepspeed)")
     deepspeed: DeepSpeedOptions | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DistributedOptions":
-        check_range("ddp_timeout", args.ddp_timeout, low=1, what="minutes")
-        ds_names = ["zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
-                    "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients"]
-        ds_defaults = DeepSpeedOptions()
-        set_without = [n for n in ds_names if getattr(args, n) not in (getattr(ds_defaults, n), None)]
-        if not args.deepspeed:
-            for name in set_without:
-                switched_off(f"--{name}", "--deepspeed", "it is a DeepSpeed option")
-            ds = None
-        else:
-            ds = DeepSpeedOptions(**{n: getattr(args, n) for n in ds_names})
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        ds = DeepSpeedOptions.from_args(args)  # a DeepSpeed option without --deepspeed warns there
+        if v["use_deepspeed"]:
             _check_deepspeed(ds)
-        return cls(args.ddp_timeout, args.ddp_gradient_as_bucket_view, args.ddp_static_graph, ds)
+        return {**v, "deepspeed": ds if v["use_deepspeed"] else None}
+
+
+OPTIONS = (PrecisionOptions, DistributedOptions, DeepSpeedOptions)
 
 
 def _check_deepspeed(ds: DeepSpeedOptions) -> None:
@@ -188,5 +173,7 @@ def create_accelerator(precision: PrecisionOptions, distributed: DistributedOpti
         return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed,
                            log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except (ValueError, ImportError) as e:
+        from library.training.tracking import TrackingOptions
+
         raise UserError(f"could not set up training (--mixed_precision {precision.mixed_precision}, "
-                        f"--log_with {','.join(log_with or []) or 'none'}): {e}") from None
+                        f"{option_label(TrackingOptions, 'log_with')} {','.join(log_with or []) or 'none'}): {e}") from None

@@ -1,9 +1,9 @@
 """Options of ``sdxl_train_control_net_lllite.py``: the parser, the ``--config_file`` TOML, and one resolve step.
 
-Each concern declares its own options next to the code that uses them (``add_arguments``) and
-checks them in its ``from_args``. ``parse_training_options`` runs all of them once, before any model
-or dataset work, and returns frozen ``TrainingOptions`` that the rest of the run reads; nothing
-writes into the parsed options afterwards.
+Each concern declares its own options next to the code that uses them, as the fields of frozen
+dataclasses (``OPTIONS`` in each module, see library/cli.py). ``parse_training_options`` fills all of
+them once, before any model or dataset work, and returns frozen ``TrainingOptions`` that the rest of
+the run reads; nothing writes into the parsed options afterwards.
 
 Precedence: the command line beats the config file, which beats the defaults. Sections in the file
 (``[model]``, ``[training]``, ...) are flattened. Unlike the reference tool, an unknown key is an
@@ -23,7 +23,7 @@ import toml
 
 from library import console_logging
 from library.atomic_io import atomic_write_text
-from library.cli import check_refused, load_config_file
+from library.cli import OptionParser, Options, check_refused, flag, load_config_file, option, option_label
 from library.data import caching
 from library.data import config as dataset_config
 from library.errors import UserError
@@ -43,16 +43,24 @@ _CONCERNS = (training_models, dataset_config, caching, optimizers, diffusion_los
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OptionParser(
         prog="sdxl_train_control_net_lllite.py",
         description="Train a ControlNet-LLLite for SDXL. Options may also come from --config_file train.toml.",
     )
-    g = p.add_argument_group("config")
-    g.add_argument("--config_file", help="TOML file with options (keys are option names without --)")
-    g.add_argument("--output_config", action="store_true", help="write the non-default options to --config_file and exit")
+    p.add_options(ConfigFileOptions)
     for concern in _CONCERNS:
-        concern.add_arguments(p)
+        p.add_options(*concern.OPTIONS)
     return p
+
+
+@dataclass(frozen=True)
+class ConfigFileOptions(Options):
+    """Read before the others: they name where the other options come from or go to."""
+
+    group = "config"
+
+    config_file: str | None = option(help="TOML file with options (keys are option names without --)")
+    output_config: bool = flag(help="write the non-default options to --config_file and exit")
 
 
 @dataclass(frozen=True)
@@ -134,13 +142,13 @@ def foreign_config_keys() -> frozenset[str]:
 
 def output_folders(options: TrainingOptions) -> list[tuple[str, Path]]:
     """The folders a run writes to, by the option that names them (created last, after every other check)."""
-    folders = [("--output_dir", options.saving.output_dir)]
+    folders = [(option_label(saving.SavingOptions, "output_dir"), options.saving.output_dir)]
     if options.console.file is not None:
-        folders.append(("--console_log_file", options.console.file.parent))
+        folders.append((option_label(console_logging.ConsoleLogOptions, "file"), options.console.file.parent))
     if options.model.tokenizer_cache_dir:
-        folders.append(("--tokenizer_cache_dir", Path(options.model.tokenizer_cache_dir)))
+        folders.append((option_label(training_models.ModelOptions, "tokenizer_cache_dir"), Path(options.model.tokenizer_cache_dir)))
     if options.tracking.run_dir:
-        folders.append(("--logging_dir", Path(options.tracking.run_dir).parent))
+        folders.append((option_label(tracking.TrackingOptions, "logging_dir"), Path(options.tracking.run_dir).parent))
     return folders
 
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.cli import check_range
+from library.cli import Limit, Needs, Options, option, option_label
 from library.errors import UserError
 from library.evaluation.control_eval import (
     EvalItem,
@@ -27,7 +27,7 @@ from library.evaluation.control_eval import (
 )
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
-from library.training.samples import drawing_with
+from library.training.samples import SampleOptions, drawing_with
 from library.training.together import together
 from library.training.tracking import log_values
 from networks.control_net_lllite import ControlNetLLLite
@@ -39,49 +39,43 @@ DEFAULT_SCALE = 7.0
 DEFAULT_SEED = 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("control fidelity during training (not in sd-scripts)")
-    g.add_argument("--fidelity_guides", default=None,
-                   help="folder of held-out canny guide images, each with a <name>.txt prompt beside it (as "
-                        "tools/evaluate_control.py takes them). At the sample cadence (--sample_every_n_steps, "
-                        "--sample_every_n_epochs, --sample_at_first, and at the end) edge F1 and SSIM are measured with "
-                        "the LLLite and, once, without it; they go to the log and to the trackers as fidelity/edge_f1, "
-                        "fidelity/edge_f1_base, fidelity/edge_ssim, fidelity/edge_ssim_base, fidelity/edge_f1_ratio. "
-                        "Guides without any edge are skipped. Images are drawn at the training resolution with "
-                        "--sample_sampler")
-    g.add_argument("--fidelity_steps", type=int, default=None,
-                   help=f"sampling steps of each fidelity image, >= 1 (default {DEFAULT_STEPS}; needs --fidelity_guides)")
-    g.add_argument("--fidelity_scale", type=float, default=None,
-                   help=f"CFG scale of the fidelity images, >= 1 (default {DEFAULT_SCALE:g}; needs --fidelity_guides)")
-    g.add_argument("--fidelity_seed", type=int, default=None,
-                   help=f"guide i is drawn with seed + i at every measurement (default {DEFAULT_SEED}; needs --fidelity_guides)")
+_NEEDS_GUIDES = Needs("fidelity_guides", "sets how --fidelity_guides are drawn: add --fidelity_guides DIR, or drop it",
+                      error=True)
 
 
 @dataclass(frozen=True)
-class FidelityOptions:
+class FidelityOptions(Options):
+    group = "control fidelity during training (not in sd-scripts)"
+
+    folder: Path | None = option(
+        name="fidelity_guides", convert=Path,
+        help="folder of held-out canny guide images, each with a <name>.txt prompt beside it (as "
+             f"tools/evaluate_control.py takes them). At the sample cadence ({option_label(SampleOptions, 'every_n_steps')}, "
+             f"{option_label(SampleOptions, 'every_n_epochs')}, {option_label(SampleOptions, 'at_first')}, and at the end) edge F1 "
+             "and SSIM are measured with "
+             "the LLLite and, once, without it; they go to the log and to the trackers as fidelity/edge_f1, "
+             "fidelity/edge_f1_base, fidelity/edge_ssim, fidelity/edge_ssim_base, fidelity/edge_f1_ratio. "
+             "Guides without any edge are skipped. Images are drawn at the training resolution with "
+             f"{option_label(SampleOptions, 'sampler')}")
+    steps: int = option(name="fidelity_steps", type=int, limit=Limit(1), needs=_NEEDS_GUIDES, held=DEFAULT_STEPS,
+                        help=f"sampling steps of each fidelity image, >= 1 (default {DEFAULT_STEPS}; needs --fidelity_guides)")
+    scale: float = option(name="fidelity_scale", type=float, limit=Limit(1.0), needs=_NEEDS_GUIDES, held=DEFAULT_SCALE,
+                          help=f"CFG scale of the fidelity images, >= 1 (default {DEFAULT_SCALE:g}; needs --fidelity_guides)")
+    seed: int = option(name="fidelity_seed", type=int, limit=Limit(0, 2**32 - 1), needs=_NEEDS_GUIDES, held=DEFAULT_SEED,
+                       help=f"guide i is drawn with seed + i at every measurement (default {DEFAULT_SEED}; needs "
+                            "--fidelity_guides)")
     items: tuple[EvalItem, ...] = ()  # the guides with edges, in name order
-    folder: Path | None = None
-    steps: int = DEFAULT_STEPS
-    scale: float = DEFAULT_SCALE
-    seed: int = DEFAULT_SEED
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "FidelityOptions":
-        settings = {"fidelity_steps": args.fidelity_steps, "fidelity_scale": args.fidelity_scale,
-                    "fidelity_seed": args.fidelity_seed}
-        if not args.fidelity_guides:
-            given = [k for k, v in settings.items() if v is not None]
-            if given:
-                raise UserError(f"--{given[0]} {settings[given[0]]} sets how --fidelity_guides are drawn: add "
-                                "--fidelity_guides DIR, or drop it")
-            return cls()
-        check_range("fidelity_steps", args.fidelity_steps, low=1)
-        check_range("fidelity_scale", args.fidelity_scale, low=1.0)
-        check_range("fidelity_seed", args.fidelity_seed, low=0, high=2**32 - 1)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        held = {"steps": DEFAULT_STEPS, "scale": DEFAULT_SCALE, "seed": DEFAULT_SEED}
+        v = {**v, **{k: d for k, d in held.items() if v[k] is None}}
+        if not v["folder"]:
+            return {**v, "folder": None}
         if not (args.sample_every_n_steps or args.sample_every_n_epochs):
-            raise UserError(f"--fidelity_guides {args.fidelity_guides} is measured at the sample cadence: add "
-                            "--sample_every_n_steps N or --sample_every_n_epochs N")
-        folder = Path(args.fidelity_guides)
+            raise UserError(f"--fidelity_guides {v['folder']} is measured at the sample cadence: add "
+                            f"{option_label(SampleOptions, 'every_n_steps')} N or {option_label(SampleOptions, 'every_n_epochs')} N")
+        folder = Path(v["folder"])
         try:
             items = load_eval_set(folder, prompt_option=None)
         except UserError as e:
@@ -91,10 +85,10 @@ class FidelityOptions:
         if not kept:
             raise UserError(f"--fidelity_guides {folder}: none of the {len(items)} guide images has any edge "
                             "(white pixels on black); give canny edge maps")
-        return cls(items=tuple(items), folder=folder,
-                   steps=args.fidelity_steps if args.fidelity_steps is not None else DEFAULT_STEPS,
-                   scale=args.fidelity_scale if args.fidelity_scale is not None else DEFAULT_SCALE,
-                   seed=args.fidelity_seed if args.fidelity_seed is not None else DEFAULT_SEED)
+        return {**v, "items": tuple(items)}
+
+
+OPTIONS = (FidelityOptions,)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from library.cli import switched_off
+from library.cli import Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
+from library.training.saving import SavingOptions
 from library.training.states import STATE_FILE, state_problem
 
 logger = logging.getLogger(__name__)
@@ -33,39 +34,6 @@ logger = logging.getLogger(__name__)
 REPO_TYPES = ("model", "dataset", "space")
 VISIBILITIES = ("public", "private")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Hugging Face Hub")
-    g.add_argument("--huggingface_repo_id", default=None,
-                   help="upload every LLLite file saved (and state folders with --save_state_to_huggingface) to this hub "
-                        "repo, owner/name; a missing repo is created. Each upload starts after the file is complete on "
-                        "disk and never changes it; failed uploads are listed at the end and the run then exits with an "
-                        "error, the local files kept")
-    g.add_argument("--huggingface_token", default=None,
-                   help="hub access token for uploads and --resume_from_huggingface (default: HF_TOKEN or the login of "
-                        "`hf auth login`). Never logged")
-    g.add_argument("--huggingface_path_in_repo", default=None,
-                   help="folder in the repo for the uploads (default: the repo's top level); files and state folders "
-                        "keep their local names under it, as in sd-scripts")
-    g.add_argument("--huggingface_repo_type", default=None, choices=REPO_TYPES,
-                   help="type of the upload repo (default model)")
-    g.add_argument("--huggingface_repo_visibility", default=None, choices=VISIBILITIES,
-                   help="visibility of the repo when the upload creates it: private (the default, as in sd-scripts) or "
-                        "public. An existing repo keeps its visibility; given explicitly, a repo of the other "
-                        "visibility is reported with a warning")
-    g.add_argument("--save_state_to_huggingface", action="store_true",
-                   help="upload state folders too (needs --huggingface_repo_id and --save_state or "
-                        "--save_state_on_train_end)")
-    g.add_argument("--resume_from_huggingface", action="store_true",
-                   help="--resume names a state folder on the hub, as {repo_id}/{path_in_repo}[:{revision}[:{repo_type}]] "
-                        "(sd-scripts' form; revision default main, repo_type default model), e.g. "
-                        "me/lllite/lllite-000004-state:main:model. It is downloaded to the hub cache before training and "
-                        "resumed from; it must be a state written by this script")
-    g.add_argument("--async_upload", action="store_true",
-                   help="upload in a background thread while training goes on (needs --huggingface_repo_id); the run "
-                        "waits for every upload at the end (sd-scripts uploads the last file synchronously and does not "
-                        "wait for the others)")
 
 
 @dataclass(frozen=True)
@@ -81,15 +49,48 @@ class HubStateRef:
         return f"{self.repo_id}/{self.path_in_repo}:{self.revision or 'main'}:{self.repo_type}"
 
 
+_UPLOADS = Needs("huggingface_repo_id", "it applies to uploads")
+
+
 @dataclass(frozen=True)
-class HubOptions:
-    repo_id: str | None = None
-    token: str | None = field(default=None, repr=False)  # a secret: kept out of every repr and log
-    path_in_repo: str = ""
-    repo_type: str = "model"
-    visibility: str | None = None  # None: private, as in sd-scripts, without checking an existing repo
-    upload_states: bool = False
-    async_upload: bool = False
+class HubOptions(Options):
+    group = "Hugging Face Hub"
+
+    repo_id: str | None = option(
+        name="huggingface_repo_id",
+        help="upload every LLLite file saved (and state folders with --save_state_to_huggingface) to this hub "
+             "repo, owner/name; a missing repo is created. Each upload starts after the file is complete on "
+             "disk and never changes it; failed uploads are listed at the end and the run then exits with an "
+             "error, the local files kept")
+    token: str | None = option(
+        name="huggingface_token", repr=False,  # a secret: kept out of every repr and log
+        help="hub access token for uploads and --resume_from_huggingface (default: HF_TOKEN or the login of "
+             "`hf auth login`). Never logged")
+    path_in_repo: str = option(
+        name="huggingface_path_in_repo", needs=_UPLOADS, held="",
+        help="folder in the repo for the uploads (default: the repo's top level); files and state folders "
+             "keep their local names under it, as in sd-scripts")
+    repo_type: str = option(name="huggingface_repo_type", choices=REPO_TYPES, needs=_UPLOADS, held="model",
+                            help="type of the upload repo (default model)")
+    visibility: str | None = option(
+        name="huggingface_repo_visibility", choices=VISIBILITIES, needs=_UPLOADS,
+        help="visibility of the repo when the upload creates it: private (the default, as in sd-scripts) or "
+             "public. An existing repo keeps its visibility; given explicitly, a repo of the other "
+             "visibility is reported with a warning")  # None: private, as in sd-scripts, without checking an existing repo
+    upload_states: bool = flag(
+        name="save_state_to_huggingface", needs=_UPLOADS,
+        help=f"upload state folders too (needs --huggingface_repo_id and {option_label(SavingOptions, 'save_state')} or "
+             f"{option_label(SavingOptions, 'save_state_on_train_end')})")
+    resume_from_huggingface: bool = flag(
+        help="--resume names a state folder on the hub, as {repo_id}/{path_in_repo}[:{revision}[:{repo_type}]] "
+             "(sd-scripts' form; revision default main, repo_type default model), e.g. "
+             "me/lllite/lllite-000004-state:main:model. It is downloaded to the hub cache before training and "
+             "resumed from; it must be a state written by this script")
+    async_upload: bool = flag(
+        needs=_UPLOADS,
+        help="upload in a background thread while training goes on (needs --huggingface_repo_id); the run "
+             "waits for every upload at the end (sd-scripts uploads the last file synchronously and does not "
+             "wait for the others)")
     resume: HubStateRef | None = None
 
     @property
@@ -97,34 +98,28 @@ class HubOptions:
         return self.visibility != "public"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "HubOptions":
-        repo_id = args.huggingface_repo_id
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        repo_id = v["repo_id"]
         if repo_id is not None and not _REPO_ID.match(repo_id):
             raise UserError(f"--huggingface_repo_id {repo_id!r} must look like owner/name (letters, digits, '.', '_', '-')")
         if repo_id is None:
-            upload_only = {"huggingface_path_in_repo": args.huggingface_path_in_repo,
-                           "huggingface_repo_type": args.huggingface_repo_type,
-                           "huggingface_repo_visibility": args.huggingface_repo_visibility,
-                           "save_state_to_huggingface": args.save_state_to_huggingface,
-                           "async_upload": args.async_upload}
-            for name, value in upload_only.items():
-                if value not in (None, False):
-                    switched_off(f"--{name}{'' if value is True else ' ' + str(value)}", "--huggingface_repo_id",
-                                 "it applies to uploads")
-            if args.huggingface_token is not None and not args.resume_from_huggingface:
+            if v["token"] is not None and not v["resume_from_huggingface"]:
                 switched_off("--huggingface_token", "--huggingface_repo_id or --resume_from_huggingface")
-        elif args.save_state_to_huggingface and not (args.save_state or args.save_state_on_train_end):
-            switched_off("--save_state_to_huggingface", "--save_state or --save_state_on_train_end",
+        elif v["upload_states"] and not (args.save_state or args.save_state_on_train_end):
+            switched_off("--save_state_to_huggingface", f"{option_label(SavingOptions, 'save_state')} or "
+                         f"{option_label(SavingOptions, 'save_state_on_train_end')}",
                          "it uploads the state folders they write")
         resume = None
-        if args.resume_from_huggingface:
+        if v["resume_from_huggingface"]:
             if not args.resume:
                 raise UserError("--resume_from_huggingface needs --resume {repo_id}/{path_in_repo}[:{revision}[:{repo_type}]], "
                                 "e.g. --resume me/lllite/lllite-000004-state:main:model")
             resume = parse_state_ref(args.resume)
-        return cls(repo_id=repo_id, token=args.huggingface_token, path_in_repo=_clean_path(args.huggingface_path_in_repo),
-                   repo_type=args.huggingface_repo_type or "model", visibility=args.huggingface_repo_visibility,
-                   upload_states=args.save_state_to_huggingface, async_upload=args.async_upload, resume=resume)
+        return {**v, "path_in_repo": _clean_path(v["path_in_repo"]), "repo_type": v["repo_type"] or "model",
+                "resume": resume}
+
+
+OPTIONS = (HubOptions,)
 
 
 def _clean_path(path: str | None, option: str = "--huggingface_path_in_repo") -> str:
@@ -186,7 +181,7 @@ def download_state(ref: HubStateRef, token: str | None, accelerator=None) -> Pat
                             "at that revision")
         if not (folder / STATE_FILE).is_file():
             raise UserError(f"--resume {ref} (--resume_from_huggingface): {STATE_FILE} is missing there; only a state "
-                            "folder written by this script's --save_state can be resumed")
+                            f"folder written by this script's {option_label(SavingOptions, 'save_state')} can be resumed")
         problem = state_problem(folder)
         if problem is not None:
             raise UserError(f"--resume {ref} (--resume_from_huggingface): {problem}; this state cannot be resumed "

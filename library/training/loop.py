@@ -19,12 +19,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from library.cli import check_range
+from library.cli import Limit, Options, option, option_label
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
 from library.training import loss as dl
-from library.training.optimizers import build_lr_scheduler, build_optimizer
+from library.training.accelerator import PrecisionOptions
+from library.training.models import ModelOptions
+from library.training.optimizers import OptimizerOptions, build_lr_scheduler, build_optimizer
 from library.training.saving import (
     Progress,
     Saver,
@@ -38,28 +40,19 @@ from networks.control_net_lllite import ControlNetLLLite
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training length")
-    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train, >= 1")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train, >= 1 (overrides --max_train_steps)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step, >= 1")
-    g.add_argument("--seed", type=int, default=None, help="seed for data order, noise and initial weights, 0 .. 2**32-1")
-
-
 @dataclass(frozen=True)
-class RunOptions:
-    max_train_steps: int = 1600
-    max_train_epochs: int | None = None
-    gradient_accumulation_steps: int = 1
-    seed: int | None = None
+class RunOptions(Options):
+    group = "training length"
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RunOptions":
-        check_range("max_train_steps", args.max_train_steps, low=1)
-        check_range("max_train_epochs", args.max_train_epochs, low=1)
-        check_range("gradient_accumulation_steps", args.gradient_accumulation_steps, low=1)
-        check_range("seed", args.seed, low=0, high=2**32 - 1)
-        return cls(args.max_train_steps, args.max_train_epochs, args.gradient_accumulation_steps, args.seed)
+    max_train_steps: int = option(1600, type=int, limit=Limit(1), help="optimizer steps to train, >= 1")
+    max_train_epochs: int | None = option(type=int, limit=Limit(1),
+                                          help="epochs to train, >= 1 (overrides --max_train_steps)")
+    gradient_accumulation_steps: int = option(1, type=int, limit=Limit(1), help="batches per optimizer step, >= 1")
+    seed: int | None = option(type=int, limit=Limit(0, 2**32 - 1),
+                              help="seed for data order, noise and initial weights, 0 .. 2**32-1")
+
+
+OPTIONS = (RunOptions,)
 
 
 class NonFiniteLoss(UserError):
@@ -115,15 +108,19 @@ class Trainer:
     """Everything one run needs, prepared once; ``run()`` trains and returns the final file."""
 
     def __init__(self, options, accelerator, models: SDXLModels, unet: torch.nn.Module, network: ControlNetLLLite,
-                 dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None):
+                 dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None,
+                 loss: dl.LossOptions | None = None, resume_from: Path | None = None):
+        """``loss``: the loss options after the checkpoint's markers (``TrainingSchedule.loss_options``);
+        ``resume_from``: the state folder to continue, local or downloaded (default: the options')."""
         self.o = options
+        self.resume_from = options.saving.resume if resume_from is None else resume_from
         self.accelerator = accelerator
         self.models = models
         self.unet = unet
         self.samples = samples
         self.device = accelerator.device
         self.wdtype = options.precision.weight_dtype
-        self.loss_opts: dl.LossOptions = options.loss
+        self.loss_opts: dl.LossOptions = options.loss if loss is None else loss
 
         if options.precision.full_bf16 or options.precision.full_fp16:
             network.to(self.wdtype)
@@ -148,8 +145,9 @@ class Trainer:
                                                            self.loss_opts.zero_terminal_snr)
         self.rng = TrainingRNG(run.seed or 0, accelerator.process_index)
         self.progress = Progress()
-        self.saver = Saver(options.saving, accelerator, self.network, run_metadata(options, models, resolution),
-                           self.num_epochs, self.rng, uploader)
+        self.saver = Saver(options.saving, accelerator, self.network,
+                           run_metadata(options, models, resolution, self.loss_opts), self.num_epochs, self.rng,
+                           uploader, last_state=self.resume_from)
         self._pending = _StepStats(self.device)
         self._last_loss = float("nan")
         self._losses = _LossHistory(self.steps_per_epoch)
@@ -252,7 +250,7 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        folder = self.o.saving.resume
+        folder = self.resume_from
         if folder is None:
             return
         try:
@@ -299,8 +297,9 @@ class Trainer:
         kept = f"The last good file is {self.saver.last_saved}." if self.saver.last_saved else "No LLLite file was written."
         raise NonFiniteLoss(
             f"the loss became {mean} at step {p.global_step + 1} (epoch {p.epoch}); training stopped before the bad "
-            f"update, and nothing from this step was saved. {kept} Try a lower --learning_rate, --mixed_precision bf16 "
-            "instead of fp16, or --no_half_vae."
+            f"update, and nothing from this step was saved. {kept} Try a lower "
+            f"{option_label(OptimizerOptions, 'learning_rate')}, {option_label(PrecisionOptions, 'mixed_precision')} bf16 "
+            f"instead of fp16, or {option_label(ModelOptions, 'no_half_vae')}."
         )
 
 

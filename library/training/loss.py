@@ -15,165 +15,153 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.cli import check_choice, check_range
+from library.cli import Limit, Needs, Options, flag, option, option_label, switched_off
 from library.errors import UserError
+from library.training.models import ModelOptions
 
 logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("noise and loss")
-    g.add_argument("--noise_offset", type=float, default=None,
-                   help="offset noise: adds noise_offset * N(0,1) per image and channel, constant over the image, so the "
-                        "model can learn very dark and very bright images (e.g. 0.0357; >= 0, 0 or unset is off)")
-    g.add_argument("--noise_offset_random_strength", action="store_true",
-                   help="draw the offset strength uniformly from 0..noise_offset at each step (one value per batch, "
-                        "as in sd-scripts); needs --noise_offset")
-    g.add_argument("--adaptive_noise_scale", type=float, default=None,
-                   help="adds adaptive_noise_scale * |mean of each latent channel| to the offset strength, per image and "
-                        "channel (clamped at 0, so negative values can only lower it); needs --noise_offset, as in sd-scripts")
-    g.add_argument("--multires_noise_iterations", type=int, default=None,
-                   help="multi-resolution (pyramid) noise: adds this many levels of upsampled coarser noise, each level "
-                        "1/2..1/4 the size of the previous one and weighted by multires_noise_discount^level, then "
-                        "rescales the sum to unit standard deviation (6-10 is typical; >= 0, 0 or unset is off). "
-                        "Applied after the noise offset, as in sd-scripts")
-    g.add_argument("--multires_noise_discount", type=float, default=0.3,
-                   help="weight factor per coarser level of multires noise, 0..1 (used only with --multires_noise_iterations)")
-    g.add_argument("--ip_noise_gamma", type=float, default=None,
-                   help="input perturbation (arxiv.org/abs/2301.11706): the U-Net input is noised with "
-                        "noise + ip_noise_gamma * N(0,1) while the target keeps the unperturbed noise (~0.1; >= 0)")
-    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
-                   help="draw the perturbation strength uniformly from 0..ip_noise_gamma at each step (one value per "
-                        "batch); needs --ip_noise_gamma")
-    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the schedule to zero terminal SNR (v-pred models)")
-    g.add_argument("--min_timestep", type=int, default=None, help="lowest training timestep, 0..999 (default 0)")
-    g.add_argument("--max_timestep", type=int, default=None, help="highest training timestep, exclusive, 1..1000 (default 1000)")
-    g.add_argument("--min_snr_gamma", type=float, default=None,
-                   help="min-SNR-gamma loss weighting: min(SNR, gamma)/SNR, or min(SNR, gamma)/(SNR+1) with "
-                        "v-prediction (> 0, e.g. 5)")
-    g.add_argument("--debiased_estimation_loss", action="store_true",
-                   help="weight the loss by 1/sqrt(SNR), or 1/(SNR+1) with v-prediction, SNR capped at 1000 (as in sd-scripts)")
-    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
-                   help="v-prediction only: multiply the loss by SNR/(SNR+1) (SNR capped at 1000), which gives it the "
-                        "per-timestep scale of a noise-prediction loss")
-    g.add_argument("--v_pred_like_loss", type=float, default=None,
-                   help="noise prediction only: add v_pred_like_loss * loss * (SNR+1)/SNR (SNR capped at 1000), a "
-                        "v-prediction-like term that weights high-noise timesteps more (>= 0, 0 or unset is off; "
-                        "cannot be combined with --zero_terminal_snr, where SNR reaches 0)")
-    g.add_argument("--loss_type", default="l2",
-                   help="loss function: l2 (squared error), l1, huber (2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
-                        "(2(sqrt(d^2+c^2)-c)), with d = prediction - target and c the per-timestep threshold of "
-                        "--huber_schedule (sd-scripts' definitions)")
-    g.add_argument("--huber_schedule", default="snr",
-                   help="threshold c of the huber/smooth_l1 loss per timestep t: snr = (1-huber_c)/(1+sigma_t)^2 + "
-                        "huber_c with sigma_t = sqrt((1-alphabar_t)/alphabar_t) (huber_scale is not used, as in "
-                        "sd-scripts); exponential = huber_scale * huber_c^(t/1000); constant = huber_scale * huber_c. "
-                        "One of snr, exponential, constant; the default snr is sd-scripts' default")
-    g.add_argument("--huber_c", type=float, default=0.1, help="huber/smooth_l1 threshold parameter (> 0), see --huber_schedule")
-    g.add_argument("--huber_scale", type=float, default=1.0,
-                   help="scale of the huber/smooth_l1 threshold for the exponential and constant schedules (> 0)")
+_V_PARAMETERIZATION = option_label(ModelOptions, "v_parameterization")
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class LossOptions(Options):
+    group = "noise and loss"
+
+    noise_offset: float | None = option(
+        type=float, limit=Limit(0),
+        help="offset noise: adds noise_offset * N(0,1) per image and channel, constant over the image, so the "
+             "model can learn very dark and very bright images (e.g. 0.0357; >= 0, 0 or unset is off)")
+    noise_offset_random_strength: bool = flag(
+        needs=Needs("noise_offset"),
+        help="draw the offset strength uniformly from 0..noise_offset at each step (one value per batch, "
+             "as in sd-scripts); needs --noise_offset")
+    adaptive_noise_scale: float | None = option(
+        type=float,
+        needs=Needs("noise_offset", "adds to the noise offset: it needs --noise_offset (e.g. 0.0357), as in sd-scripts",
+                    error=True, off=lambda v: v is None),
+        help="adds adaptive_noise_scale * |mean of each latent channel| to the offset strength, per image and "
+             "channel (clamped at 0, so negative values can only lower it); needs --noise_offset, as in sd-scripts")
+    multires_noise_iterations: int | None = option(
+        type=int, limit=Limit(0), what="0 or unset is off",
+        help="multi-resolution (pyramid) noise: adds this many levels of upsampled coarser noise, each level "
+             "1/2..1/4 the size of the previous one and weighted by multires_noise_discount^level, then "
+             "rescales the sum to unit standard deviation (6-10 is typical; >= 0, 0 or unset is off). "
+             "Applied after the noise offset, as in sd-scripts")
+    multires_noise_discount: float = option(
+        0.3, type=float, limit=Limit(0, 1),
+        help="weight factor per coarser level of multires noise, 0..1 (used only with --multires_noise_iterations)")
+    ip_noise_gamma: float | None = option(
+        type=float, limit=Limit(0), what="0 or unset is off",
+        help="input perturbation (arxiv.org/abs/2301.11706): the U-Net input is noised with "
+             "noise + ip_noise_gamma * N(0,1) while the target keeps the unperturbed noise (~0.1; >= 0)")
+    ip_noise_gamma_random_strength: bool = flag(
+        needs=Needs("ip_noise_gamma"),
+        help="draw the perturbation strength uniformly from 0..ip_noise_gamma at each step (one value per "
+             "batch); needs --ip_noise_gamma")
+    zero_terminal_snr: bool = flag(help="rescale the schedule to zero terminal SNR (v-pred models)")
+    min_timestep: int | None = option(type=int, limit=Limit(0, 999), help="lowest training timestep, 0..999 (default 0)")
+    max_timestep: int | None = option(type=int, limit=Limit(1, 1000),
+                                      help="highest training timestep, exclusive, 1..1000 (default 1000)")
+    min_snr_gamma: float | None = option(
+        type=float, limit=Limit(0, low_open=True),
+        help="min-SNR-gamma loss weighting: min(SNR, gamma)/SNR, or min(SNR, gamma)/(SNR+1) with "
+             "v-prediction (> 0, e.g. 5)")
+    debiased_estimation: bool = flag(
+        name="debiased_estimation_loss",
+        help="weight the loss by 1/sqrt(SNR), or 1/(SNR+1) with v-prediction, SNR capped at 1000 (as in sd-scripts)")
+    scale_v_pred_loss_like_noise_pred: bool = flag(
+        help="v-prediction only: multiply the loss by SNR/(SNR+1) (SNR capped at 1000), which gives it the "
+             "per-timestep scale of a noise-prediction loss")
+    v_pred_like_loss: float | None = option(
+        type=float, limit=Limit(0), what="0 or unset is off",
+        help="noise prediction only: add v_pred_like_loss * loss * (SNR+1)/SNR (SNR capped at 1000), a "
+             "v-prediction-like term that weights high-noise timesteps more (>= 0, 0 or unset is off; "
+             "cannot be combined with --zero_terminal_snr, where SNR reaches 0)")
+    loss_type: str = option(
+        "l2", one_of=LOSS_TYPES,
+        help="loss function: l2 (squared error), l1, huber (2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+             "(2(sqrt(d^2+c^2)-c)), with d = prediction - target and c the per-timestep threshold of "
+             "--huber_schedule (sd-scripts' definitions)")
+    huber_schedule: str = option(
+        "snr", one_of=HUBER_SCHEDULES,
+        help="threshold c of the huber/smooth_l1 loss per timestep t: snr = (1-huber_c)/(1+sigma_t)^2 + "
+             "huber_c with sigma_t = sqrt((1-alphabar_t)/alphabar_t) (huber_scale is not used, as in "
+             "sd-scripts); exponential = huber_scale * huber_c^(t/1000); constant = huber_scale * huber_c. "
+             "One of snr, exponential, constant; the default snr is sd-scripts' default")
+    huber_c: float = option(0.1, type=float, limit=Limit(0, low_open=True),
+                            help="huber/smooth_l1 threshold parameter (> 0), see --huber_schedule")
+    huber_scale: float = option(
+        1.0, type=float, limit=Limit(0, low_open=True),
+        help="scale of the huber/smooth_l1 threshold for the exponential and constant schedules (> 0)")
+    # Declared with the model options (v_parameterization); a v-prediction checkpoint turns it on after loading.
     v_parameterization: bool = False
-    zero_terminal_snr: bool = False
-    noise_offset: float | None = None
-    noise_offset_random_strength: bool = False
-    adaptive_noise_scale: float | None = None
-    multires_noise_iterations: int | None = None
-    multires_noise_discount: float = 0.3
-    ip_noise_gamma: float | None = None
-    ip_noise_gamma_random_strength: bool = False
-    min_timestep: int | None = None
-    max_timestep: int | None = None
-    min_snr_gamma: float | None = None
-    debiased_estimation: bool = False
-    scale_v_pred_loss_like_noise_pred: bool = False
-    v_pred_like_loss: float | None = None
-    loss_type: str = "l2"
-    huber_schedule: str = "snr"
-    huber_c: float = 0.1
-    huber_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        # Here rather than in from_args: a v-prediction checkpoint turns v_parameterization on after loading.
+        # Here rather than in settle: a v-prediction checkpoint turns v_parameterization on after loading.
         if self.v_pred_like_loss and self.v_parameterization:
             raise UserError(f"--v_pred_like_loss {self.v_pred_like_loss} adds a v-prediction-like term to a "
-                            "noise-prediction loss; it cannot apply to v-prediction training (--v_parameterization or "
+                            f"noise-prediction loss; it cannot apply to v-prediction training ({_V_PARAMETERIZATION} or "
                             "a v-prediction checkpoint). Drop --v_pred_like_loss")
         if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
-            raise UserError("--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization "
+            raise UserError(f"--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add {_V_PARAMETERIZATION} "
                             "(for a v-prediction checkpoint) or drop it")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "LossOptions":
-        check_range("noise_offset", args.noise_offset, low=0)
-        if args.adaptive_noise_scale is not None and args.noise_offset is None:
-            raise UserError(f"--adaptive_noise_scale {args.adaptive_noise_scale} adds to the noise offset: it needs "
-                            "--noise_offset (e.g. 0.0357), as in sd-scripts")
-        if args.noise_offset_random_strength and not args.noise_offset:
-            logger.warning("--noise_offset_random_strength has no effect without --noise_offset")
-        check_range("multires_noise_iterations", args.multires_noise_iterations, low=0, what="0 or unset is off")
-        check_range("multires_noise_discount", args.multires_noise_discount, low=0, high=1)
-        check_range("ip_noise_gamma", args.ip_noise_gamma, low=0, what="0 or unset is off")
-        if args.ip_noise_gamma_random_strength and not args.ip_noise_gamma:
-            logger.warning("--ip_noise_gamma_random_strength has no effect without --ip_noise_gamma")
-        check_range("min_timestep", args.min_timestep, low=0, high=999)
-        check_range("max_timestep", args.max_timestep, low=1, high=1000)
-        if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
-            raise UserError(f"--min_timestep {args.min_timestep} must be below --max_timestep {args.max_timestep}")
-        check_range("min_snr_gamma", args.min_snr_gamma, low=0, low_open=True)
-        check_range("v_pred_like_loss", args.v_pred_like_loss, low=0, what="0 or unset is off")
-        if args.v_pred_like_loss and args.zero_terminal_snr:
-            raise UserError(f"--v_pred_like_loss {args.v_pred_like_loss} divides by the SNR, which --zero_terminal_snr "
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        """The rules between options; each option's own range was checked from its declaration."""
+        if v["min_timestep"] is not None and v["max_timestep"] is not None and v["min_timestep"] >= v["max_timestep"]:
+            raise UserError(f"--min_timestep {v['min_timestep']} must be below --max_timestep {v['max_timestep']}")
+        if v["v_pred_like_loss"] and v["zero_terminal_snr"]:
+            raise UserError(f"--v_pred_like_loss {v['v_pred_like_loss']} divides by the SNR, which --zero_terminal_snr "
                             "makes 0 at the last timestep (the loss would be infinite): use one of the two")
-        loss_type = check_choice("loss_type", args.loss_type, LOSS_TYPES)
-        huber_schedule = check_choice("huber_schedule", args.huber_schedule, HUBER_SCHEDULES)
-        check_range("huber_c", args.huber_c, low=0, low_open=True)
-        check_range("huber_scale", args.huber_scale, low=0, low_open=True)
-        if args.huber_scale != 1.0 and (loss_type not in ("huber", "smooth_l1") or huber_schedule == "snr"):
-            logger.warning("--huber_scale %g has no effect: it scales the threshold of --loss_type huber/smooth_l1 "
-                           "with --huber_schedule exponential or constant", args.huber_scale)
-        if args.zero_terminal_snr and not args.v_parameterization:
+        if v["huber_scale"] != 1.0 and (v["loss_type"] not in ("huber", "smooth_l1") or v["huber_schedule"] == "snr"):
+            switched_off(f"--huber_scale {v['huber_scale']:g}", "--loss_type huber/smooth_l1 with --huber_schedule "
+                         "exponential or constant", "it scales their threshold")
+        v_parameterization = bool(args.v_parameterization)
+        if v["zero_terminal_snr"] and not v_parameterization:
             logger.warning("--zero_terminal_snr is meant for v-prediction; with epsilon prediction it rarely helps")
-        return cls(v_parameterization=args.v_parameterization, zero_terminal_snr=args.zero_terminal_snr,
-                   noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
-                   adaptive_noise_scale=args.adaptive_noise_scale,
-                   multires_noise_iterations=args.multires_noise_iterations,
-                   multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
-                   ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
-                   min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-                   min_snr_gamma=args.min_snr_gamma, debiased_estimation=args.debiased_estimation_loss,
-                   scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
-                   v_pred_like_loss=args.v_pred_like_loss, loss_type=loss_type, huber_schedule=huber_schedule,
-                   huber_c=args.huber_c, huber_scale=args.huber_scale)
+        return {**v, "v_parameterization": v_parameterization}
 
 
-def with_checkpoint_schedule(opts: LossOptions, models) -> LossOptions:
-    """The loss options a checkpoint's own markers call for, and its scheduler config made to match.
+OPTIONS = (LossOptions,)
 
-    A file with a ``v_pred`` key is trained with v-prediction and one with ``ztsnr`` with zero terminal
-    SNR, even without the options; ``models.scheduler_config`` then says what the run trains with, so
-    samples and fidelity images during training are drawn the same way.
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """What the run trains and draws with: the options' prediction type and SNR rescaling, or the checkpoint's.
+
+    Derived once after loading, beside the options, which stay as the user gave them.
     """
+
+    v_prediction: bool = False
+    zero_terminal_snr: bool = False
+
+    def loss_options(self, opts: LossOptions) -> LossOptions:
+        """The loss options the run trains with (checked again: a v-prediction checkpoint is v-prediction training)."""
+        return replace(opts, v_parameterization=self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
+
+    def scheduler_config(self, base: dict) -> dict:
+        """``base`` (the checkpoint's scheduler config) saying this schedule, so samples are drawn as the run trains."""
+        return {**base, "prediction_type": "v_prediction" if self.v_prediction else "epsilon",
+                "rescale_betas_zero_snr": self.zero_terminal_snr}
+
+
+def checkpoint_schedule(opts: LossOptions, models) -> TrainingSchedule:
+    """The schedule a checkpoint's own markers call for: a file with a ``v_pred`` key is trained with v-prediction
+    and one with ``ztsnr`` with zero terminal SNR, even without the options (a warning says so)."""
     turned_on = []
     if models.v_prediction and not opts.v_parameterization:
-        turned_on.append("--v_parameterization")
+        turned_on.append(_V_PARAMETERIZATION)
     if models.zero_terminal_snr and not opts.zero_terminal_snr:
         turned_on.append("--zero_terminal_snr")
     if turned_on:
         logger.warning("the checkpoint %s carries the markers of %s, which were not given: training with them",
                        models.name, " and ".join(turned_on))
-        opts = replace(opts, v_parameterization=opts.v_parameterization or models.v_prediction,
-                       zero_terminal_snr=opts.zero_terminal_snr or models.zero_terminal_snr)
-    models.scheduler_config = {**models.scheduler_config,
-                               "prediction_type": "v_prediction" if opts.v_parameterization else "epsilon",
-                               "rescale_betas_zero_snr": opts.zero_terminal_snr}
-    return opts
+    return TrainingSchedule(v_prediction=opts.v_parameterization or models.v_prediction,
+                            zero_terminal_snr=opts.zero_terminal_snr or models.zero_terminal_snr)
 
 
 def training_noise_scheduler(scheduler_config: dict, v_prediction: bool, zero_terminal_snr: bool) -> DDPMScheduler:

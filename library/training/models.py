@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from library.cli import add_refused, check_choice, check_range, switched_off
+from library.cli import Limit, Options, check_choice, flag, option, option_label, refused, switched_off
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels, check_model_source, load_sdxl
 from library.sdxl.text_encoding import tokenizers_via_cache_dir
@@ -29,124 +29,110 @@ DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_
 NETWORK_MODULE = "networks.control_net_lllite"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="SDXL .safetensors/.ckpt file, diffusers folder or hub id")
-    g.add_argument("--vae", help="VAE file or folder that replaces the checkpoint's VAE")
-    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
-    g.add_argument("--v_parameterization", action="store_true", help="v-prediction training (set for v-pred checkpoints)")
-    g.add_argument("--tokenizer_cache_dir",
-                   help="folder for the two CLIP tokenizers: loaded from it when it holds them, else the bundled "
-                        "ones are written there (for offline use elsewhere)")
-    g.add_argument("--lowram", action="store_true",
-                   help="load the checkpoint straight onto the GPU instead of host RAM (for machines with more VRAM than RAM)")
-    g.add_argument("--highvram", action="store_true",
-                   help="keep the VAE and text encoders on the GPU after caching instead of freeing VRAM")
-    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                   help="read .safetensors files in one go instead of memory-mapping them (faster on WSL and network drives)")
-    g.add_argument("--fp8_base", action="store_true",
-                   help="store the frozen U-Net's linear and conv weights in float8 (e4m3fn), computed in the "
-                        "mixed-precision dtype: about half the U-Net's memory")
-    add_refused(g, "v2", "SDXL has no v2 variant; v2 is for Stable Diffusion 2.x. "
-                "Drop it (for a v-prediction SDXL checkpoint use --v_parameterization)", flag=True)
-
-    g = parser.add_argument_group("attention and compilation")
-    g.add_argument("--xformers", action="store_true",
-                   help="xformers attention; falls back to SDPA with a warning where xformers or a GPU is missing")
-    g.add_argument("--sdpa", action="store_true",
-                   help="PyTorch scaled-dot-product attention even where xformers is installed (the default picks "
-                        "xformers when installed with a GPU, SDPA otherwise)")
-    g.add_argument("--mem_eff_attn", action="store_true",
-                   help="sliced attention: the lowest peak memory, slower")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute U-Net activations in the backward pass (much less memory)")
-    g.add_argument("--torch_compile", action="store_true", help="compile the U-Net (with its LLLite hooks) with torch.compile")
-    g.add_argument("--dynamo_backend", default="inductor",
-                   help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
-
-    g = parser.add_argument_group("network (LLLite)")
-    g.add_argument("--cond_emb_dim", type=int, default=32, help="conditioning embedding channels C: an even number >= 2 (default 32, as published files)")
-    g.add_argument("--network_dim", type=int, default=64, help="LLLite rank R, >= 1 (default 64, as published files)")
-    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the mid activations while training, 0 <= p < 1")
-    g.add_argument("--include_output_blocks", action="store_true",
-                   help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
-                        "kohya's ComfyUI node, sd-webui-controlnet and Forge load them, sd-scripts' sdxl_gen_img.py "
-                        "refuses them (docs/training.md). About twice the modules")
-    g.add_argument("--network_weights", help="initial LLLite weights, to continue training a file")
-    g.add_argument("--network_module", default=NETWORK_MODULE,
-                   help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")
-
-
 @dataclass(frozen=True)
-class ModelOptions:
-    path: str
-    vae: str | None = None
-    no_half_vae: bool = False
-    v_parameterization: bool = False
-    tokenizer_cache_dir: str | None = None
-    lowram: bool = False
-    highvram: bool = False
-    disable_mmap: bool = False
-    fp8_base: bool = False
+class ModelOptions(Options):
+    group = "model"
+
+    path: str | None = option(
+        name="pretrained_model_name_or_path", help="SDXL .safetensors/.ckpt file, diffusers folder or hub id")
+    vae: str | None = option(help="VAE file or folder that replaces the checkpoint's VAE")
+    no_half_vae: bool = flag(help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
+    v_parameterization: bool = flag(help="v-prediction training (set for v-pred checkpoints)")
+    tokenizer_cache_dir: str | None = option(
+        help="folder for the two CLIP tokenizers: loaded from it when it holds them, else the bundled "
+             "ones are written there (for offline use elsewhere)")
+    lowram: bool = flag(
+        help="load the checkpoint straight onto the GPU instead of host RAM (for machines with more VRAM than RAM)")
+    highvram: bool = flag(help="keep the VAE and text encoders on the GPU after caching instead of freeing VRAM")
+    disable_mmap: bool = flag(
+        name="disable_mmap_load_safetensors",
+        help="read .safetensors files in one go instead of memory-mapping them (faster on WSL and network drives)")
+    fp8_base: bool = flag(
+        help="store the frozen U-Net's linear and conv weights in float8 (e4m3fn), computed in the "
+             "mixed-precision dtype: about half the U-Net's memory")
+    v2: None = refused("SDXL has no v2 variant; v2 is for Stable Diffusion 2.x. "
+                       "Drop it (for a v-prediction SDXL checkpoint use --v_parameterization)", flag=True)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
-        if not args.pretrained_model_name_or_path and not args.debug_dataset:  # as sd-scripts: it needs tokenizers only
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        if not v["path"] and not args.debug_dataset:  # as sd-scripts: it needs tokenizers only
             raise UserError("--pretrained_model_name_or_path is required (an SDXL .safetensors file, diffusers folder or hub id)")
         if not args.debug_dataset:  # checking the dataset needs no model, so it may not be there yet
-            check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
-        if args.vae and not args.debug_dataset and not Path(args.vae).expanduser().exists():
-            raise UserError(f"--vae {args.vae}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
-        return cls(path=args.pretrained_model_name_or_path or "", vae=args.vae, no_half_vae=args.no_half_vae,
-                   v_parameterization=args.v_parameterization, tokenizer_cache_dir=args.tokenizer_cache_dir,
-                   lowram=args.lowram, highvram=args.highvram, disable_mmap=args.disable_mmap_load_safetensors,
-                   fp8_base=args.fp8_base)
+            check_model_source(v["path"], "--pretrained_model_name_or_path")
+        if v["vae"] and not args.debug_dataset and not Path(v["vae"]).expanduser().exists():
+            raise UserError(f"--vae {v['vae']}: no such file or folder (an SDXL VAE .safetensors file or diffusers folder)")
+        return {**v, "path": v["path"] or ""}
 
 
 @dataclass(frozen=True)
-class AttentionOptions:
-    attention: str = "auto"  # one of ATTENTION_CHOICES
-    gradient_checkpointing: bool = False
-    compile_backend: str | None = None  # torch.compile backend, None = no compilation
+class AttentionOptions(Options):
+    group = "attention and compilation"
+
+    xformers: bool = flag(help="xformers attention; falls back to SDPA with a warning where xformers or a GPU is missing")
+    sdpa: bool = flag(help="PyTorch scaled-dot-product attention even where xformers is installed (the default picks "
+                           "xformers when installed with a GPU, SDPA otherwise)")
+    mem_eff_attn: bool = flag(help="sliced attention: the lowest peak memory, slower")
+    gradient_checkpointing: bool = flag(help="recompute U-Net activations in the backward pass (much less memory)")
+    torch_compile: bool = flag(help="compile the U-Net (with its LLLite hooks) with torch.compile")
+    dynamo_backend: str = option(
+        "inductor", help=f"torch.compile backend with --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "AttentionOptions":
-        # The reference's precedence: memory-efficient attention, then xformers, then SDPA.
-        attention = "mem_eff" if args.mem_eff_attn else "xformers" if args.xformers else "sdpa" if args.sdpa else "auto"
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         # "no" is accelerate's "no compilation"; the kohya_ss GUI writes it into its configs.
-        backend = args.dynamo_backend
+        backend = v["dynamo_backend"]
         if str(backend).lower() != "no":
             backend = check_choice("dynamo_backend", backend, DYNAMO_BACKENDS, case_sensitive=False)
-        elif args.torch_compile:
+        elif v["torch_compile"]:
             switched_off("--torch_compile", "a --dynamo_backend other than no", "accelerate compiles nothing with no")
-        if not args.torch_compile and backend != "inductor" and str(backend).lower() != "no":
-            switched_off(f"--dynamo_backend {args.dynamo_backend}", "--torch_compile")
-        compile_backend = backend.lower() if args.torch_compile and str(backend).lower() != "no" else None
-        return cls(attention=attention, gradient_checkpointing=args.gradient_checkpointing,
-                   compile_backend=compile_backend)
+        if not v["torch_compile"] and backend != "inductor" and str(backend).lower() != "no":
+            switched_off(f"--dynamo_backend {v['dynamo_backend']}", "--torch_compile")
+        return {**v, "dynamo_backend": str(backend).lower()}
+
+    @property
+    def attention(self) -> str:
+        """One of ATTENTION_CHOICES, by the reference's precedence: memory-efficient, then xformers, then SDPA."""
+        return "mem_eff" if self.mem_eff_attn else "xformers" if self.xformers else "sdpa" if self.sdpa else "auto"
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend, None = no compilation."""
+        return self.dynamo_backend if self.torch_compile and self.dynamo_backend != "no" else None
 
 
 @dataclass(frozen=True)
-class NetworkOptions:
-    cond_emb_dim: int = 32
-    network_dim: int = 64
-    dropout: float = 0.0
-    include_output_blocks: bool = False
-    weights: str | None = None
+class NetworkOptions(Options):
+    group = "network (LLLite)"
+
+    cond_emb_dim: int = option(
+        32, type=int, help="conditioning embedding channels C: an even number >= 2 (default 32, as published files)")
+    network_dim: int = option(64, type=int, limit=Limit(1), what="the LLLite rank; published files use 64",
+                              help="LLLite rank R, >= 1 (default 64, as published files)")
+    dropout: float = option(name="network_dropout", type=float, limit=Limit(0, 1, high_open=True), what="a probability",
+                            help="dropout on the mid activations while training, 0 <= p < 1")
+    include_output_blocks: bool = flag(
+        help="also wrap the attention of the U-Net's output (decoder) blocks. Published files skip them; "
+             "kohya's ComfyUI node, sd-webui-controlnet and Forge load them, sd-scripts' sdxl_gen_img.py "
+             "refuses them (docs/training.md). About twice the modules")
+    weights: str | None = option(name="network_weights", help="initial LLLite weights, to continue training a file")
+    network_module: str = option(NETWORK_MODULE,
+                                 help=f"the network to train; only {NETWORK_MODULE} (this trainer's only network)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "NetworkOptions":
-        if args.network_module != NETWORK_MODULE:
-            raise UserError(f"--network_module {args.network_module}: this trainer trains ControlNet-LLLite only "
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        if v["network_module"] != NETWORK_MODULE:
+            raise UserError(f"{option_label(NetworkOptions, 'network_module')} {v['network_module']}: this trainer trains ControlNet-LLLite only "
                             f"({NETWORK_MODULE}); drop the option, or use sd-scripts' train_network.py for LoRA")
-        if args.cond_emb_dim < 2 or args.cond_emb_dim % 2:
-            raise UserError(f"--cond_emb_dim {args.cond_emb_dim} is not allowed: it must be an even number >= 2 (published files use 32)")
-        check_range("network_dim", args.network_dim, low=1, what="the LLLite rank; published files use 64")
-        check_range("network_dropout", args.network_dropout, low=0, high=1, high_open=True, what="a probability")
-        if args.network_weights and not Path(args.network_weights).is_file():
-            raise UserError(f"--network_weights {args.network_weights}: no such file (an LLLite .safetensors/.pt/.ckpt to continue from)")
-        return cls(cond_emb_dim=args.cond_emb_dim, network_dim=args.network_dim, dropout=args.network_dropout or 0.0,
-                   include_output_blocks=args.include_output_blocks, weights=args.network_weights)
+        if v["cond_emb_dim"] < 2 or v["cond_emb_dim"] % 2:
+            raise UserError(f"--cond_emb_dim {v['cond_emb_dim']} is not allowed: it must be an even number >= 2 "
+                            "(published files use 32)")
+        if v["weights"] and not Path(v["weights"]).is_file():
+            raise UserError(f"--network_weights {v['weights']}: no such file (an LLLite .safetensors/.pt/.ckpt to "
+                            "continue from)")
+        return {**v, "dropout": v["dropout"] or 0.0}
+
+
+OPTIONS = (ModelOptions, AttentionOptions, NetworkOptions)
 
 
 # ---------------------------------------------------------------------------------------------- the base model

@@ -12,12 +12,12 @@ import importlib
 import importlib.util
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from library.cli import add_refused, check_choice, check_range, parse_key_values
+from library.cli import Limit, Options, check_choice, flag, option, parse_key_values, refused
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,125 +85,111 @@ def steps_or_ratio(text: Any) -> int | float:
         return float(s)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("optimizer and learning rate")
-    g.add_argument("--optimizer_type", default="AdamW",
-                   help=f"one of {', '.join(OPTIMIZERS)} (case-insensitive; DAdaptation is DAdaptAdamPreprint; the "
-                        "bitsandbytes, lion-pytorch, dadaptation and prodigyopt ones need that package), or an "
-                        "optimizer class: a torch.optim class name (RAdam) or a full path (torch.optim.RAdam, "
-                        "bitsandbytes.optim.PagedAdEMAMix8bit). Adafactor follows sd-scripts: relative_step=True unless "
-                        "--optimizer_args sets relative_step=False, and then its own step size replaces learning_rate "
-                        "and the schedule (--lr_scheduler adafactor). Schedule-free optimizers are refused: "
-                        "this trainer cannot switch them to eval mode for saving")
-    g.add_argument("--optimizer_args", nargs="*", default=[],
-                   help='extra optimizer arguments as name=value, values are Python literals, e.g. "weight_decay=0.01" '
-                        '"betas=0.9,0.999"')
-    g.add_argument("--use_8bit_adam", action="store_true",
-                   help="old spelling of --optimizer_type AdamW8bit (needs bitsandbytes); cannot be combined with "
-                        "another --optimizer_type")
-    g.add_argument("--use_lion_optimizer", action="store_true",
-                   help="old spelling of --optimizer_type Lion (needs lion-pytorch); cannot be combined with another "
-                        "--optimizer_type")
-    g.add_argument("--learning_rate", type=float, default=2e-6,
-                   help="learning rate (> 0); sd-scripts' default, tuned for full fine-tuning: its LLLite README "
-                        "trains with 2e-4")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping to this norm, >= 0; 0 turns it off")
-    add_refused(g, "fused_backward_pass", _FUSED_BACKWARD_REASON, flag=True)
-    g.add_argument("--lr_scheduler", default="constant",
-                   help=f"one of {', '.join(LR_SCHEDULERS)} (transformers' schedules of these names; piecewise_constant "
-                        "is diffusers', with --lr_scheduler_args step_rules=...; adafactor reports the step size of "
-                        "Adafactor with relative_step=True). reduce_lr_on_plateau and greedy are refused: they need "
-                        "a validation metric at each step")
-    g.add_argument("--lr_scheduler_type", default=None,
-                   help="a scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler class name "
-                        "(CosineAnnealingLR) or a full path (torch.optim.lr_scheduler.CosineAnnealingLR), built with "
-                        "--lr_scheduler_args (e.g. T_max=1000). As in sd-scripts, step counts in those arguments count "
-                        "optimizer steps x processes, and --lr_warmup_steps must be 0")
-    g.add_argument("--lr_scheduler_args", nargs="*", default=[],
-                   help='extra scheduler arguments as name=value, e.g. "T_max=1000" for --lr_scheduler_type, '
-                        '"step_rules=1:100,0.1:200,0.01" for piecewise_constant (multipliers up to each step, '
-                        'then the last one), "lr_end=1e-6" for polynomial; they override the values derived from the '
-                        'options below')
-    g.add_argument("--lr_warmup_steps", type=steps_or_ratio, default=0,
-                   help="warm-up of the schedule: whole optimizer steps (>= 0), or a fraction of the total steps below "
-                        "1 (0.05, or 5 with a percent sign), as in sd-scripts. Refused with constant, piecewise_constant, adafactor and "
-                        "--lr_scheduler_type, which have no warm-up")
-    g.add_argument("--lr_decay_steps", type=steps_or_ratio, default=0,
-                   help="decay of warmup_stable_decay: whole optimizer steps (>= 0) or a fraction of the total steps "
-                        "below 1; the stable phase is what is left after warm-up and decay")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
-                   help="restarts for cosine_with_restarts; for cosine_with_min_lr, cosine_warmup_with_min_lr and "
-                        "warmup_stable_decay the cosine runs num_cycles half-periods, as in sd-scripts (>= 1)")
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power for polynomial (> 0)")
-    g.add_argument("--lr_scheduler_timescale", type=int, default=None,
-                   help="timescale of inverse_sqrt in optimizer steps (>= 1): after warm-up the learning rate is "
-                        "learning_rate / sqrt((step + timescale - warmup) / timescale); default: the warm-up steps, or "
-                        "10000 without warm-up (transformers' default)")
-    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
-                   help="lowest learning rate as a fraction of learning_rate (0..1) for cosine_with_min_lr and "
-                        "cosine_warmup_with_min_lr (required by them, or min_lr in --lr_scheduler_args) and for "
-                        "warmup_stable_decay (default 0)")
-
-
 @dataclass(frozen=True)
-class OptimizerOptions:
-    name: str = "AdamW"  # one of OPTIMIZERS, or a class path such as torch.optim.RAdam
-    args: dict[str, Any] = field(default_factory=dict)
-    learning_rate: float = 2e-6
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant"
-    lr_scheduler_type: str | None = None  # a scheduler class path; replaces lr_scheduler
-    lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
-    lr_warmup_steps: int | float = 0  # int: optimizer steps; float < 1: fraction of the total steps
-    lr_decay_steps: int | float = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    lr_scheduler_timescale: int | None = None
-    lr_scheduler_min_lr_ratio: float | None = None
+class OptimizerOptions(Options):
+    group = "optimizer and learning rate"
+
+    name: str = option(
+        "AdamW", name="optimizer_type",
+        help=f"one of {', '.join(OPTIMIZERS)} (case-insensitive; DAdaptation is DAdaptAdamPreprint; the "
+             "bitsandbytes, lion-pytorch, dadaptation and prodigyopt ones need that package), or an "
+             "optimizer class: a torch.optim class name (RAdam) or a full path (torch.optim.RAdam, "
+             "bitsandbytes.optim.PagedAdEMAMix8bit). Adafactor follows sd-scripts: relative_step=True unless "
+             "--optimizer_args sets relative_step=False, and then its own step size replaces learning_rate "
+             "and the schedule (--lr_scheduler adafactor). Schedule-free optimizers are refused: "
+             "this trainer cannot switch them to eval mode for saving")
+    args: dict[str, Any] = option(
+        [], name="optimizer_args", nargs="*", held={},
+        help='extra optimizer arguments as name=value, values are Python literals, e.g. "weight_decay=0.01" '
+             '"betas=0.9,0.999"')
+    use_8bit_adam: bool = flag(
+        help="old spelling of --optimizer_type AdamW8bit (needs bitsandbytes); cannot be combined with "
+             "another --optimizer_type")
+    use_lion_optimizer: bool = flag(
+        help="old spelling of --optimizer_type Lion (needs lion-pytorch); cannot be combined with another "
+             "--optimizer_type")
+    learning_rate: float = option(
+        2e-6, type=float, limit=Limit(0, low_open=True),
+        help="learning rate (> 0); sd-scripts' default, tuned for full fine-tuning: its LLLite README trains with 2e-4")
+    max_grad_norm: float = option(1.0, type=float, limit=Limit(0), what="0 turns clipping off",
+                                  help="gradient clipping to this norm, >= 0; 0 turns it off")
+    fused_backward_pass: None = refused(_FUSED_BACKWARD_REASON, flag=True)
+    lr_scheduler: str = option(
+        "constant",
+        help=f"one of {', '.join(LR_SCHEDULERS)} (transformers' schedules of these names; piecewise_constant "
+             "is diffusers', with --lr_scheduler_args step_rules=...; adafactor reports the step size of "
+             "Adafactor with relative_step=True). reduce_lr_on_plateau and greedy are refused: they need "
+             "a validation metric at each step")
+    lr_scheduler_type: str | None = option(
+        help="a scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler class name "
+             "(CosineAnnealingLR) or a full path (torch.optim.lr_scheduler.CosineAnnealingLR), built with "
+             "--lr_scheduler_args (e.g. T_max=1000). As in sd-scripts, step counts in those arguments count "
+             "optimizer steps x processes, and --lr_warmup_steps must be 0")
+    lr_scheduler_args: dict[str, Any] = option(
+        [], nargs="*", held={},
+        help='extra scheduler arguments as name=value, e.g. "T_max=1000" for --lr_scheduler_type, '
+             '"step_rules=1:100,0.1:200,0.01" for piecewise_constant (multipliers up to each step, '
+             'then the last one), "lr_end=1e-6" for polynomial; they override the values derived from the '
+             'options below')
+    lr_warmup_steps: int | float = option(
+        0, type=steps_or_ratio,
+        help="warm-up of the schedule: whole optimizer steps (>= 0), or a fraction of the total steps below "
+             "1 (0.05, or 5 with a percent sign), as in sd-scripts. Refused with constant, piecewise_constant, adafactor and "
+             "--lr_scheduler_type, which have no warm-up")
+    lr_decay_steps: int | float = option(
+        0, type=steps_or_ratio,
+        help="decay of warmup_stable_decay: whole optimizer steps (>= 0) or a fraction of the total steps "
+             "below 1; the stable phase is what is left after warm-up and decay")
+    lr_scheduler_num_cycles: int = option(
+        1, type=int, limit=Limit(1),
+        help="restarts for cosine_with_restarts; for cosine_with_min_lr, cosine_warmup_with_min_lr and "
+             "warmup_stable_decay the cosine runs num_cycles half-periods, as in sd-scripts (>= 1)")
+    lr_scheduler_power: float = option(1.0, type=float, limit=Limit(0, low_open=True), help="power for polynomial (> 0)")
+    lr_scheduler_timescale: int | None = option(
+        type=int, limit=Limit(1),
+        help="timescale of inverse_sqrt in optimizer steps (>= 1): after warm-up the learning rate is "
+             "learning_rate / sqrt((step + timescale - warmup) / timescale); default: the warm-up steps, or "
+             "10000 without warm-up (transformers' default)")
+    lr_scheduler_min_lr_ratio: float | None = option(
+        type=float, limit=Limit(0, 1),
+        help="lowest learning rate as a fraction of learning_rate (0..1) for cosine_with_min_lr and "
+             "cosine_warmup_with_min_lr (required by them, or min_lr in --lr_scheduler_args) and for "
+             "warmup_stable_decay (default 0)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "OptimizerOptions":
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         name = _optimizer_name(args)
-        check_range("learning_rate", args.learning_rate, low=0, low_open=True)
-        check_range("max_grad_norm", args.max_grad_norm, low=0, what="0 turns clipping off")
-        extra = parse_key_values("optimizer_args", args.optimizer_args)
+        extra = parse_key_values("optimizer_args", v["args"])
         _check_installed(name)
         if name == "Adafactor":
             extra = adafactor_kwargs(extra)
         relative_step = name == "Adafactor" and bool(extra["relative_step"])
-        if name.startswith("DAdapt") or name == "Prodigy":
-            if args.learning_rate <= 0.1:
-                logger.warning("%s adapts the step size and expects learning_rate around 1.0; got %g", name,
-                               args.learning_rate)
-
-        warmup = _check_steps("lr_warmup_steps", args.lr_warmup_steps)
-        decay = _check_steps("lr_decay_steps", args.lr_decay_steps)
-        check_range("lr_scheduler_num_cycles", args.lr_scheduler_num_cycles, low=1)
-        check_range("lr_scheduler_power", args.lr_scheduler_power, low=0, low_open=True)
-        check_range("lr_scheduler_timescale", args.lr_scheduler_timescale, low=1)
-        check_range("lr_scheduler_min_lr_ratio", args.lr_scheduler_min_lr_ratio, low=0, high=1)
-        sched_args = parse_key_values("lr_scheduler_args", args.lr_scheduler_args)
-        scheduler_type = args.lr_scheduler_type or None  # sd-scripts' default is ""
+        if (name.startswith("DAdapt") or name == "Prodigy") and v["learning_rate"] <= 0.1:
+            logger.warning("%s adapts the step size and expects learning_rate around 1.0; got %g", name, v["learning_rate"])
+        warmup = _check_steps("lr_warmup_steps", v["lr_warmup_steps"])
+        decay = _check_steps("lr_decay_steps", v["lr_decay_steps"])
+        sched_args = parse_key_values("lr_scheduler_args", v["lr_scheduler_args"])
+        scheduler_type = v["lr_scheduler_type"] or None  # sd-scripts' default is ""
+        lr_scheduler = v["lr_scheduler"]
         if scheduler_type:
-            lr_scheduler = args.lr_scheduler
             _check_scheduler_class(scheduler_type, warmup, relative_step, lr_scheduler)
         else:
-            lr_scheduler = _check_scheduler_name(args.lr_scheduler, relative_step, warmup, sched_args,
-                                                 args.lr_scheduler_min_lr_ratio)
+            lr_scheduler = _check_scheduler_name(lr_scheduler, relative_step, warmup, sched_args,
+                                                 v["lr_scheduler_min_lr_ratio"])
             _warn_unused(args, lr_scheduler, decay)
-        opts = cls(name=name, args=extra, learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm,
-                   lr_scheduler=lr_scheduler, lr_scheduler_type=scheduler_type, lr_scheduler_args=sched_args,
-                   lr_warmup_steps=warmup, lr_decay_steps=decay, lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
-                   lr_scheduler_power=args.lr_scheduler_power, lr_scheduler_timescale=args.lr_scheduler_timescale,
-                   lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
+        v = {**v, "name": name, "args": extra, "lr_scheduler": lr_scheduler, "lr_scheduler_type": scheduler_type,
+             "lr_scheduler_args": sched_args}
         # Built once on a stand-in optimizer, so that wrong --lr_scheduler_args (or warm-up plus decay beyond the
         # total) stop the run before any model loads. With --max_train_epochs the total is not known yet: only the
         # arguments are checked here, the steps again when training starts.
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
-        build_lr_scheduler(opts, probe, max_steps=args.max_train_steps if args.max_train_epochs is None else 10**9)
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=v["learning_rate"])
+        build_lr_scheduler(cls(**v), probe, max_steps=args.max_train_steps if args.max_train_epochs is None else 10**9)
         # The same for --optimizer_args: a value the optimizer refuses stops the run now, not after loading.
-        build_optimizer(name, [torch.zeros(1, requires_grad=True)], args.learning_rate, extra)
-        return opts
+        build_optimizer(name, [torch.zeros(1, requires_grad=True)], v["learning_rate"], extra)
+        return v
+
+
+OPTIONS = (OptimizerOptions,)
 
 
 # ---------------------------------------------------------------------------------------------- optimizers
@@ -307,10 +293,10 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extr
 
 def _check_steps(name: str, value: int | float) -> int | float:
     if isinstance(value, float):
-        check_range(name, value, low=0, high=1, high_open=True,
-                    what="a fraction of the total steps; give a whole number for a number of steps")
+        Limit(0, 1, high_open=True).check(f"--{name}", value, "a fraction of the total steps; give a whole number "
+                                                               "for a number of steps")
     else:
-        check_range(name, value, low=0)
+        Limit(0).check(f"--{name}", value)
     return value
 
 

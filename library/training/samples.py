@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from library.cli import check_range, switched_off
+from library.cli import Limit, Options, flag, option, switched_off
 from library.errors import UserError
 from library.generation.pipeline import (
     GenerationRequest,
@@ -49,52 +49,46 @@ SAMPLE_STEPS = 30
 SAMPLE_SCALE = 7.5
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sample images during training")
-    g.add_argument("--sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
-    g.add_argument("--sample_every_n_steps", type=int, default=None,
-                   help="draw the sample prompts (and measure --fidelity_guides) every N steps, and at the end")
-    g.add_argument("--sample_every_n_epochs", type=int, default=None,
-                   help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
-    g.add_argument("--sample_at_first", action="store_true",
-                   help="draw the sample prompts (and measure --fidelity_guides) before the first step")
-    g.add_argument("--sample_sampler", default=SAMPLE_SAMPLER,
-                   help=f"sampler for samples (names as in sdxl_gen_img.py); a prompt line without --s/--l draws "
-                        f"{SAMPLE_STEPS} steps at scale {SAMPLE_SCALE:g}, as in sd-scripts")
-
-
 @dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(Options):
+    group = "sample images during training"
+
+    prompt_file: str | None = option(name="sample_prompts", help="prompt file (.txt/.toml/.json); lines take --cn guide.png")
+    every_n_steps: int | None = option(
+        name="sample_every_n_steps", type=int, limit=Limit(1),
+        help="draw the sample prompts (and measure --fidelity_guides) every N steps, and at the end")
+    every_n_epochs: int | None = option(
+        name="sample_every_n_epochs", type=int, limit=Limit(1),
+        help="draw the sample prompts (and measure --fidelity_guides) every N epochs, and at the end")
+    at_first: bool = flag(name="sample_at_first",
+                          help="draw the sample prompts (and measure --fidelity_guides) before the first step")
+    sampler: str = option(
+        SAMPLE_SAMPLER, name="sample_sampler",
+        help=f"sampler for samples (names as in sdxl_gen_img.py); a prompt line without --s/--l draws "
+             f"{SAMPLE_STEPS} steps at scale {SAMPLE_SCALE:g}, as in sd-scripts")
     prompts: tuple[PromptSpec, ...] = ()
-    prompt_file: str | None = None
-    every_n_steps: int | None = None
-    every_n_epochs: int | None = None
-    at_first: bool = False
-    sampler: str = SAMPLE_SAMPLER
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SampleOptions":
-        check_range("sample_every_n_steps", args.sample_every_n_steps, low=1)
-        check_range("sample_every_n_epochs", args.sample_every_n_epochs, low=1)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         try:
-            sampler = normalize_sampler_name(args.sample_sampler)
+            sampler = normalize_sampler_name(v["sampler"])
         except (KeyError, ValueError, UserError):
-            raise UserError(f"--sample_sampler {args.sample_sampler!r} is not a sampler name; "
+            raise UserError(f"--sample_sampler {v['sampler']!r} is not a sampler name; "
                             f"use one of {', '.join(SAMPLER_NAMES)}") from None
-        cadence = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
-        if not args.sample_prompts and not args.fidelity_guides:
+        cadence = v["every_n_steps"] or v["every_n_epochs"] or v["at_first"]
+        if not v["prompt_file"] and not args.fidelity_guides:
             if cadence:
                 switched_off("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first",
                              "--sample_prompts or --fidelity_guides", "there is nothing to draw or measure")
-            return cls(sampler=sampler)
+            return {**v, "prompt_file": None, "every_n_steps": None, "every_n_epochs": None, "at_first": False,
+                    "sampler": sampler}  # no cadence: nothing is drawn
         if not cadence:
-            given = " and ".join(o for o in ("--sample_prompts", "--fidelity_guides") if getattr(args, o[2:]))
+            given = " and ".join(o for o, x in (("--sample_prompts", v["prompt_file"]),
+                                                ("--fidelity_guides", args.fidelity_guides)) if x)
             switched_off(given, "--sample_every_n_steps, --sample_every_n_epochs or --sample_at_first",
                          "they say when to draw")
-        prompts = tuple(_read_prompts(args.sample_prompts)) if args.sample_prompts else ()
-        return cls(prompts=prompts, prompt_file=args.sample_prompts,
-                   every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
-                   at_first=args.sample_at_first, sampler=sampler)
+        prompts = tuple(_read_prompts(v["prompt_file"])) if v["prompt_file"] else ()
+        return {**v, "sampler": sampler, "prompts": prompts}
 
     # The cadence serves the sample prompts and the fidelity guides alike; the hooks exist only when asked for.
     def due_after_step(self, step: int) -> bool:
@@ -107,6 +101,9 @@ class SampleOptions:
     def at_end(self) -> bool:
         """A cadence was asked for, so the final network is drawn (and measured) too."""
         return bool(self.every_n_steps or self.every_n_epochs)
+
+
+OPTIONS = (SampleOptions,)
 
 
 def _read_prompts(path: str) -> list[PromptSpec]:
@@ -213,7 +210,7 @@ class SampleDrawer:
                 seed = image.info.get("seed", request.seed)
                 meta = request_metadata(request, seed=seed, step=step, epoch=epoch,
                                         base_model=models.name, **({"lllite": self.name} if self.name else {}))
-                prefix = f"{self.name}_" if self.name else ""  # as sd-scripts names samples without --output_name
+                prefix = f"{self.name}_" if self.name else ""  # as sd-scripts names samples without an output name
                 save_png(image, self.out_dir / f"{prefix}{step:06d}_{i:02d}_{seed}.png", meta, "the sample image")
                 if self.accelerator.trackers:
                     for_trackers[f"samples/{i:02d}"] = (beside_guide(image, spec.guide_images[0]),

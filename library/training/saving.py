@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import contextlib
 import logging
 import mimetypes
@@ -21,7 +22,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from library.atomic_io import WriteError, as_write_error, publish_folder, remove_tree
-from library.cli import check_range, switched_off
+from library.cli import Limit, Options, flag, option, switched_off
 from library.errors import UserError
 from library.training.states import check_state_folder, load_position, write_state_record
 from library.training.together import together
@@ -29,89 +30,93 @@ from library.training.together import together
 logger = logging.getLogger(__name__)
 
 SAVE_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# --metadata_<name> -> modelspec.<name>
-METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
-                   "trigger_phrase", "preprocessor", "is_negative_embedding")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("saving")
-    g.add_argument("--output_dir", default="output", help="where LLLite files, states and samples go")
-    g.add_argument("--output_name", default=None,
-                   help="file name stem of the saved LLLite files (default as in sd-scripts: last.safetensors, "
-                        "epoch-000001.safetensors, at-step00000100.safetensors)")
-    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format of saved LLLite files")
-    g.add_argument("--save_precision", default=None, choices=list(SAVE_PRECISIONS),
-                   help="dtype of saved files (default: as trained, fp32)")
-    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save an LLLite file every N epochs, >= 1")
-    g.add_argument("--save_every_n_steps", type=int, default=None, help="save an LLLite file every N steps, >= 1")
-    g.add_argument("--save_n_epoch_ratio", type=int, default=None,
-                   help="save at least N files over the run, evenly spaced by epochs, >= 0 (0: off; instead of --save_every_n_epochs)")
-    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N files saved by epoch, >= 1 (needs --save_every_n_epochs or --save_n_epoch_ratio)")
-    g.add_argument("--save_last_n_epochs_state", type=int, default=None,
-                   help="keep only the last N states saved by epoch, >= 1 (default: --save_last_n_epochs; needs --save_state)")
-    g.add_argument("--save_last_n_steps", type=int, default=None,
-                   help="keep the files saved by step at most N steps old and remove older ones, >= 1 (needs --save_every_n_steps; as sd-scripts, N counts steps, not files)")
-    g.add_argument("--save_last_n_steps_state", type=int, default=None,
-                   help="as --save_last_n_steps, for states, >= 1 (default: --save_last_n_steps; needs --save_state)")
-    g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state with each file, to resume from")
-    g.add_argument("--save_state_on_train_end", action="store_true", help="save a state at the end of training (to continue it later)")
-    g.add_argument("--resume", help="a state folder written with --save_state or --save_state_on_train_end")
-
-    g = parser.add_argument_group("file metadata (modelspec)")
-    for name in METADATA_FIELDS:
-        extra = {"title": " (default: --output_name)", "tags": " (comma-separated)",
-                 "thumbnail": " (an image file, stored as a data URL, or a data: URL)"}.get(name, "")
-        g.add_argument(f"--metadata_{name}", default=None, help=f"modelspec.{name} of the saved file{extra}")
 
 
 @dataclass(frozen=True)
-class SavingOptions:
-    output_dir: Path = Path("output")
-    output_name: str | None = None  # None: sd-scripts' stems, see Saver.stem
-    extension: str = "safetensors"
-    dtype: torch.dtype | None = None
-    every_n_epochs: int | None = None
-    epoch_ratio: int | None = None
-    every_n_steps: int | None = None
-    last_n_epochs: int | None = None
-    last_n_epochs_state: int | None = None
-    last_n_steps: int | None = None
-    last_n_steps_state: int | None = None
-    save_state: bool = False
-    save_state_on_train_end: bool = False
-    resume: Path | None = None
+class SavingOptions(Options):
+    group = "saving"
+
+    output_dir: Path = option("output", convert=Path, help="where LLLite files, states and samples go")
+    output_name: str | None = option(  # None: sd-scripts' stems, see Saver.stem
+        help="file name stem of the saved LLLite files (default as in sd-scripts: last.safetensors, "
+             "epoch-000001.safetensors, at-step00000100.safetensors)")
+    extension: str = option("safetensors", name="save_model_as", choices=("safetensors", "ckpt", "pt"),
+                            help="file format of saved LLLite files")
+    save_precision: str | None = option(choices=tuple(SAVE_PRECISIONS),
+                                        help="dtype of saved files (default: as trained, fp32)")
+    every_n_epochs: int | None = option(name="save_every_n_epochs", type=int, limit=Limit(1),
+                                        help="save an LLLite file every N epochs, >= 1")
+    every_n_steps: int | None = option(name="save_every_n_steps", type=int, limit=Limit(1),
+                                       help="save an LLLite file every N steps, >= 1")
+    epoch_ratio: int | None = option(
+        name="save_n_epoch_ratio", type=int, limit=Limit(0), what="0 is off, as in sd-scripts",
+        help="save at least N files over the run, evenly spaced by epochs, >= 0 (0: off; instead of --save_every_n_epochs)")
+    last_n_epochs: int | None = option(
+        name="save_last_n_epochs", type=int, limit=Limit(1),
+        help="keep only the last N files saved by epoch, >= 1 (needs --save_every_n_epochs or --save_n_epoch_ratio)")
+    last_n_epochs_state: int | None = option(
+        name="save_last_n_epochs_state", type=int, limit=Limit(1),
+        help="keep only the last N states saved by epoch, >= 1 (default: --save_last_n_epochs; needs --save_state)")
+    last_n_steps: int | None = option(
+        name="save_last_n_steps", type=int, limit=Limit(1),
+        help="keep the files saved by step at most N steps old and remove older ones, >= 1 (needs --save_every_n_steps; "
+             "as sd-scripts, N counts steps, not files)")
+    last_n_steps_state: int | None = option(
+        name="save_last_n_steps_state", type=int, limit=Limit(1),
+        help="as --save_last_n_steps, for states, >= 1 (default: --save_last_n_steps; needs --save_state)")
+    save_state: bool = flag(help="also save optimizer/scheduler/RNG state with each file, to resume from")
+    save_state_on_train_end: bool = flag(help="save a state at the end of training (to continue it later)")
+    resume: Path | None = option(help="a state folder written with --save_state or --save_state_on_train_end")
     metadata: dict[str, str] = field(default_factory=dict)  # modelspec.* given by the user
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return SAVE_PRECISIONS.get(self.save_precision or "")
+
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SavingOptions":
-        name = args.output_name
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        name = v["output_name"]
         if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
             raise UserError(f"--output_name {name!r} must be a plain file name stem without folders (folders go in --output_dir)")
-        for opt in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                    "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state"):
-            check_range(opt, getattr(args, opt), low=1)
-        check_range("save_n_epoch_ratio", args.save_n_epoch_ratio, low=0, what="0 is off, as in sd-scripts")
         _check_combinations(args)
-        # With --resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
-        resume = Path(args.resume) if args.resume and not args.resume_from_huggingface else None
+        # With resume_from_huggingface, --resume names a state on the hub: hub_upload downloads it before training.
+        resume = Path(v["resume"]) if v["resume"] and not args.resume_from_huggingface else None
         if resume is not None:
             check_state_folder(resume)
-        return cls(
-            output_dir=Path(args.output_dir), output_name=name, extension=args.save_model_as,
-            dtype=SAVE_PRECISIONS.get(args.save_precision or ""), every_n_epochs=args.save_every_n_epochs,
-            epoch_ratio=args.save_n_epoch_ratio, every_n_steps=args.save_every_n_steps,
-            last_n_epochs=args.save_last_n_epochs, last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs,
-            last_n_steps=args.save_last_n_steps, last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
-            save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=resume,
-            metadata=_user_metadata(args),
-        )
+        return {**v, "resume": resume, "last_n_epochs_state": v["last_n_epochs_state"] or v["last_n_epochs"],
+                "last_n_steps_state": v["last_n_steps_state"] or v["last_n_steps"],
+                "metadata": _user_metadata(ModelspecOptions.from_args(args))}
 
     def epoch_interval(self, num_epochs: int) -> int | None:
         """Epochs between saves: ``--save_every_n_epochs``, or spread by ``--save_n_epoch_ratio``."""
         if self.epoch_ratio:
             return max(1, num_epochs // self.epoch_ratio)
         return self.every_n_epochs
+
+
+@dataclass(frozen=True)
+class ModelspecOptions(Options):
+    """``--metadata_<name>``: ``modelspec.<name>`` of the saved file."""
+
+    group = "file metadata (modelspec)"
+
+    title: str | None = option(name="metadata_title", help="modelspec.title of the saved file (default: --output_name)")
+    author: str | None = option(name="metadata_author", help="modelspec.author of the saved file")
+    description: str | None = option(name="metadata_description", help="modelspec.description of the saved file")
+    license: str | None = option(name="metadata_license", help="modelspec.license of the saved file")
+    tags: str | None = option(name="metadata_tags", help="modelspec.tags of the saved file (comma-separated)")
+    usage_hint: str | None = option(name="metadata_usage_hint", help="modelspec.usage_hint of the saved file")
+    thumbnail: str | None = option(
+        name="metadata_thumbnail",
+        help="modelspec.thumbnail of the saved file (an image file, stored as a data URL, or a data: URL)")
+    merged_from: str | None = option(name="metadata_merged_from", help="modelspec.merged_from of the saved file")
+    trigger_phrase: str | None = option(name="metadata_trigger_phrase", help="modelspec.trigger_phrase of the saved file")
+    preprocessor: str | None = option(name="metadata_preprocessor", help="modelspec.preprocessor of the saved file")
+    is_negative_embedding: str | None = option(name="metadata_is_negative_embedding",
+                                               help="modelspec.is_negative_embedding of the saved file")
+
+
+OPTIONS = (SavingOptions, ModelspecOptions)
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
@@ -131,10 +136,9 @@ def _check_combinations(args: argparse.Namespace) -> None:
             switched_off(f"--{opt} {getattr(args, opt)}", "--save_state", "it prunes the states --save_state writes")
 
 
-def _user_metadata(args: argparse.Namespace) -> dict[str, str]:
+def _user_metadata(given: ModelspecOptions) -> dict[str, str]:
     out = {}
-    for name in METADATA_FIELDS:
-        value = getattr(args, f"metadata_{name}")
+    for name, value in dataclasses.asdict(given).items():
         if value is None:
             continue
         if name == "thumbnail" and not str(value).startswith("data:"):
@@ -201,7 +205,7 @@ class Saver:
     """Names, writes, prunes and uploads LLLite files and training states (the main process writes)."""
 
     def __init__(self, opts: SavingOptions, accelerator, network, run_metadata: dict[str, str], num_epochs: int,
-                 rng: TrainingRNG, uploader: Uploader | None = None):
+                 rng: TrainingRNG, uploader: Uploader | None = None, last_state: Path | None = None):
         self.opts = opts
         self.accelerator = accelerator
         self.network = network
@@ -211,7 +215,7 @@ class Saver:
         self.rng = rng
         self.uploader = uploader
         self.last_saved: Path | None = None  # the newest complete LLLite file of this run
-        self.last_state: Path | None = opts.resume  # the newest complete state, to continue from
+        self.last_state: Path | None = last_state  # the newest complete state, to continue from (the resumed one first)
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -373,12 +377,16 @@ class Saver:
                 logger.info("removed %s (older than the last saves kept)", path)
 
 
-def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict[str, str]:
-    """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file."""
+def run_metadata(options: Any, models: Any, resolution: tuple[int, int], loss: Any = None) -> dict[str, str]:
+    """``ss_*``/``modelspec.*`` fields that describe the run, written into every saved file.
+
+    ``loss``: the loss options the run trains with (after the checkpoint's markers); default the options'.
+    """
     o = options
+    loss = o.loss if loss is None else loss
     meta = {
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
-        "modelspec.prediction_type": "v" if o.loss.v_parameterization else "epsilon",
+        "modelspec.prediction_type": "v" if loss.v_parameterization else "epsilon",
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": models.name,
         "ss_learning_rate": str(o.optimizer.learning_rate),
@@ -391,7 +399,7 @@ def run_metadata(options: Any, models: Any, resolution: tuple[int, int]) -> dict
         "ss_seed": str(o.run.seed),
         "ss_noise_offset": str(o.loss.noise_offset),
         "ss_min_snr_gamma": str(o.loss.min_snr_gamma),
-        "ss_v_parameterization": str(bool(o.loss.v_parameterization)),
+        "ss_v_parameterization": str(bool(loss.v_parameterization)),
     }
     if o.loss.min_timestep is not None or o.loss.max_timestep is not None:  # as sd-scripts: only when one is given
         meta["modelspec.timestep_range"] = f"{o.loss.min_timestep or 0},{1000 if o.loss.max_timestep is None else o.loss.max_timestep}"

@@ -56,7 +56,7 @@ def _read_record(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     path = folder / STATE_FILE
     if not path.is_file():
         return None, (f"{STATE_FILE} is missing, so this is not a complete state (a save that was cut short leaves "
-                      "none; only folders written by --save_state can be resumed)")
+                      "none; only folders written by this script's state saving can be resumed)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if not all(isinstance(record[k], int) for k in POSITION_KEYS):
@@ -126,9 +126,13 @@ def _structure_problem(folder: Path) -> str | None:
 def check_state_folder(folder: Path) -> None:
     """Refuse a state folder that is missing, incomplete or damaged, before any model loads."""
     if not folder.is_dir():
-        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state or "
-                        "--save_state_on_train_end; a state on the Hugging Face Hub needs --resume_from_huggingface)"
-                        f"{newest_hint(folder)}")
+        from library.cli import option_label
+        from library.training.hub_upload import HubOptions
+        from library.training.saving import SavingOptions
+
+        raise UserError(f"--resume {folder}: no such state folder (it is written by {option_label(SavingOptions, 'save_state')} "
+                        f"or {option_label(SavingOptions, 'save_state_on_train_end')}; a state on the Hugging Face Hub needs "
+                        f"{option_label(HubOptions, 'resume_from_huggingface')}){newest_hint(folder)}")
     problem = state_problem(folder)
     if problem is not None:
         raise UserError(f"--resume {folder}: {problem}; this state cannot be resumed{newest_hint(folder)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import tomllib
 
-from library.cli import switched_off
+from library.cli import Needs, Options, flag, option, switched_off
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,77 +39,78 @@ _NOT_LOGGED = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_p
 _SET_BY_OPTIONS = {"tensorboard": {"log_dir": "--logging_dir"}, "wandb": {"project": "--log_tracker_name"}}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("experiment tracking")
-    g.add_argument("--logging_dir", default=None,
-                   help="folder for tracker logs; alone it means TensorBoard. Each run logs into "
-                        "<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/ (TensorBoard into its <log_tracker_name> subfolder; "
-                        "Weights & Biases keeps its local files there too, as WANDB_DIR)")
-    g.add_argument("--log_with", default=None, choices=TRACKERS,
-                   help="tracker: tensorboard (needs --logging_dir), wandb, or all (both). Default: tensorboard when "
-                        "--logging_dir is given, else none")
-    g.add_argument("--log_prefix", default=None,
-                   help="prefix of each run's log folder name, before its timestamp (needs --logging_dir)")
-    g.add_argument("--log_tracker_name", default=None,
-                   help=f"project name: TensorBoard's subfolder and the Weights & Biases project (default {DEFAULT_PROJECT})")
-    g.add_argument("--log_tracker_config", default=None,
-                   help="TOML with a table of init arguments per tracker in use: [tensorboard] for SummaryWriter "
-                        "(e.g. flush_secs = 30), [wandb] for wandb.init (e.g. entity = \"me\", tags = [\"canny\"]). "
-                        "Unlike sd-scripts, --wandb_run_name still applies (as [wandb] name), and a table for a "
-                        "tracker not in use or an argument the tracker does not take is an error")
-    g.add_argument("--log_config", action="store_true",
-                   help="send the run's options to the trackers as its config (TensorBoard hparams, W&B config); "
-                        "keys, tokens and paths are left out")
-    g.add_argument("--wandb_run_name", default=None, help="name of the run in Weights & Biases (needs --log_with wandb or all)")
-    g.add_argument("--wandb_api_key", default=None,
-                   help="Weights & Biases API key: logs in before the run (needs --log_with wandb or all). Never logged; "
-                        "prefer a config file, WANDB_API_KEY or `wandb login`, since W&B records the command line")
-
-
 @dataclass(frozen=True)
-class TrackingOptions:
+class TrackingOptions(Options):
+    group = "experiment tracking"
+
+    logging_dir: str | None = option(
+        help="folder for tracker logs; alone it means TensorBoard. Each run logs into "
+             "<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/ (TensorBoard into its <log_tracker_name> subfolder; "
+             "Weights & Biases keeps its local files there too, as WANDB_DIR)")
+    log_with: str | None = option(
+        choices=TRACKERS,
+        help="tracker: tensorboard (needs --logging_dir), wandb, or all (both). Default: tensorboard when "
+             "--logging_dir is given, else none")
+    log_prefix: str | None = option(
+        needs=Needs("logging_dir", "it names the run's folder there", off=lambda v: not v),
+        help="prefix of each run's log folder name, before its timestamp (needs --logging_dir)")
+    log_tracker_name: str | None = option(
+        help=f"project name: TensorBoard's subfolder and the Weights & Biases project (default {DEFAULT_PROJECT})")
+    log_tracker_config: str | None = option(
+        help="TOML with a table of init arguments per tracker in use: [tensorboard] for SummaryWriter "
+             "(e.g. flush_secs = 30), [wandb] for wandb.init (e.g. entity = \"me\", tags = [\"canny\"]). "
+             "Unlike sd-scripts, --wandb_run_name still applies (as [wandb] name), and a table for a "
+             "tracker not in use or an argument the tracker does not take is an error")
+    log_config: bool = flag(
+        help="send the run's options to the trackers as its config (TensorBoard hparams, W&B config); "
+             "keys, tokens and paths are left out")
+    wandb_run_name: str | None = option(help="name of the run in Weights & Biases (needs --log_with wandb or all)")
+    wandb_api_key: str | None = option(
+        repr=False,  # a secret: kept out of every repr and log
+        help="Weights & Biases API key: logs in before the run (needs --log_with wandb or all). Never logged; "
+             "prefer a config file, WANDB_API_KEY or `wandb login`, since W&B records the command line")
     trackers: tuple[str, ...] = ()
     run_dir: str | None = None  # <logging_dir>/<log_prefix><timestamp>
     project: str = DEFAULT_PROJECT
     init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tracker
     config: dict[str, Any] | None = None  # the options sent with --log_config
-    wandb_api_key: str | None = field(default=None, repr=False)  # a secret: kept out of every repr and log
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrackingOptions":
-        log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    def settle(cls, v: dict, args: argparse.Namespace) -> dict:
+        log_with = v["log_with"] or ("tensorboard" if v["logging_dir"] else None)
         trackers = ("tensorboard", "wandb") if log_with == "all" else (log_with,) if log_with else ()
-        if "tensorboard" in trackers and not args.logging_dir:
-            raise UserError(f"--log_with {args.log_with} needs --logging_dir (the folder for the TensorBoard logs)")
+        if "tensorboard" in trackers and not v["logging_dir"]:
+            raise UserError(f"--log_with {v['log_with']} needs --logging_dir (the folder for the TensorBoard logs)")
         for name in ("wandb_run_name", "wandb_api_key"):
-            if getattr(args, name) and "wandb" not in trackers:
-                shown = "***" if name == "wandb_api_key" else getattr(args, name)
+            if v[name] and "wandb" not in trackers:
+                shown = "***" if name == "wandb_api_key" else v[name]
                 switched_off(f"--{name} {shown}", "--log_with wandb (or all)", "it applies to Weights & Biases")
-        if args.log_prefix is not None and not args.logging_dir:
-            switched_off(f"--log_prefix {args.log_prefix}", "--logging_dir", "it names the run's folder there")
         no_tracker = "--logging_dir (TensorBoard) or --log_with wandb"
         for name in ("log_tracker_name", "log_tracker_config"):
-            if getattr(args, name) is not None and not trackers:
-                switched_off(f"--{name} {getattr(args, name)}", no_tracker)
-        if args.log_config and not trackers:
+            if v[name] is not None and not trackers:
+                switched_off(f"--{name} {v[name]}", no_tracker)
+        if v["log_config"] and not trackers:
             switched_off("--log_config", no_tracker)
-        if args.log_tracker_name is not None and not args.log_tracker_name.strip():
+        if v["log_tracker_name"] is not None and not v["log_tracker_name"].strip():
             raise UserError("--log_tracker_name is empty: give a project name, or drop it for the default "
                             f"{DEFAULT_PROJECT}")
-        init_kwargs = _read_tracker_config(args.log_tracker_config, trackers) if args.log_tracker_config and trackers else {}
-        if args.wandb_run_name:
+        init_kwargs = _read_tracker_config(v["log_tracker_config"], trackers) if v["log_tracker_config"] and trackers else {}
+        if v["wandb_run_name"]:
             wandb_kwargs = init_kwargs.setdefault("wandb", {})
-            if "name" in wandb_kwargs and wandb_kwargs["name"] != args.wandb_run_name:
-                raise UserError(f"--wandb_run_name {args.wandb_run_name} and name = {wandb_kwargs['name']!r} in the "
-                                f"[wandb] table of --log_tracker_config {args.log_tracker_config} disagree: keep one")
-            wandb_kwargs["name"] = args.wandb_run_name
+            if "name" in wandb_kwargs and wandb_kwargs["name"] != v["wandb_run_name"]:
+                raise UserError(f"--wandb_run_name {v['wandb_run_name']} and name = {wandb_kwargs['name']!r} in the "
+                                f"[wandb] table of --log_tracker_config {v['log_tracker_config']} disagree: keep one")
+            wandb_kwargs["name"] = v["wandb_run_name"]
         run_dir = None
-        if args.logging_dir:
-            run_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
-        config = ({k: _plain(v) for k, v in sorted(vars(args).items()) if k not in _NOT_LOGGED}
-                  if args.log_config else None)
-        return cls(trackers=trackers, run_dir=run_dir, project=args.log_tracker_name or DEFAULT_PROJECT,
-                   init_kwargs=init_kwargs, config=config, wandb_api_key=args.wandb_api_key)
+        if v["logging_dir"]:
+            run_dir = os.path.join(v["logging_dir"], (v["log_prefix"] or "") + time.strftime("%Y%m%d%H%M%S"))
+        config = ({k: _plain(x) for k, x in sorted(vars(args).items()) if k not in _NOT_LOGGED}
+                  if v["log_config"] else None)
+        return {**v, "trackers": trackers, "run_dir": run_dir, "project": v["log_tracker_name"] or DEFAULT_PROJECT,
+                "init_kwargs": init_kwargs, "config": config}
+
+
+OPTIONS = (TrackingOptions,)
 
 
 def _plain(value: Any) -> Any:
