@@ -18,7 +18,7 @@ Heavy libraries are not imported here: ``--help`` and option errors stay fast.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +369,7 @@ class GenOptions:
     inputs: InputOptions
     draw: DrawOptions
     output: OutputOptions
-    defaults: GenerationRequest = field(compare=True)  # the request every prompt line starts from
+    defaults: GenerationRequest  # the request every prompt line starts from (frozen, like every field here)
     # Deep Shrink / Gradual Latent settings that only a prompt line can switch on: (feature, option, switch)
     waiting_for_lines: tuple[tuple[str, str, str], ...] = ()
 

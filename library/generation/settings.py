@@ -187,9 +187,12 @@ class GradualLatent:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     """One image to draw (a batch is a list of requests that agree on everything but per-image fields).
+
+    Frozen: the options' default request is shared by every prompt line, so a change is a new request
+    (``dataclasses.replace``).
 
     Per-image fields: prompt, negative_prompt, seed, guide_images, init_image, mask, original sizes,
     crop, clip_prompt. Guide images are given one per LLLite model, in the order of the ``lllites`` list.
