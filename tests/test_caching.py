@@ -23,7 +23,7 @@ from library.data.config import DatasetConfig, SubsetConfig
 from library.data.dataset import LLLiteDataset, load_training_image
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
-from library.training.caches import text_cache_id
+from library.training.cache_filling import text_cache_id
 
 QUIET = Processes(show_progress=False)
 

@@ -47,7 +47,7 @@ def test_unset_defaults_resolve_to_what_sd_scripts_uses(tmp_path):
 def test_the_resolved_default_request_is_read_only(tmp_path):
     """Every prompt line starts from the options' request: a line's values make a new request, never change it."""
     from library.generation.prompt_lines import parse_prompt_line
-    from library.generation.settings import request_from_prompt_spec
+    from library.generation.requests import request_from_prompt_spec
 
     ckpt = tmp_path / "ckpt.safetensors"
     ckpt.write_bytes(b"x")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from library.sdxl.loading import load_sdxl
-from library.training.caches import release
+from library.training.cache_filling import release
 from library.training.models import quantize_fp8, set_attention, store_weights_in_fp8
 from networks.control_net_lllite import ControlNetLLLite
 from tests.conftest import unet_inputs

@@ -39,7 +39,7 @@ from library.generation.options import (
     ShrinkArgs,
 )
 from library.generation.samplers import ANCESTRAL_EULER, normalize_sampler_name
-from library.generation.settings import (
+from library.generation.requests import (
     MAX_SEED,
     GenerationRequest,
     GradualLatent,

@@ -40,7 +40,7 @@ from library.cli import (
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import SAMPLER_NAMES
-from library.generation.settings import (
+from library.generation.requests import (
     LIMITS,
     DeepShrink,
     GenerationRequest,

@@ -32,7 +32,7 @@ import tomllib
 from library.errors import UserError
 from library.generation.samplers import normalize_sampler_name
 from library.cli import Limit, Option, options_of
-from library.generation.settings import Unsharp
+from library.generation.requests import Unsharp
 
 # --- value converters: take the text of a line option or a TOML/JSON value; raise ValueError ---
 

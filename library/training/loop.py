@@ -278,7 +278,7 @@ class Trainer:
         """Data-parallel processes must end with the same weights; the main process compares them."""
         from accelerate.utils import gather_object
 
-        from library.training.caches import fingerprint
+        from library.training.cache_filling import fingerprint
 
         prints = gather_object([fingerprint(self.raw_network)])
         if self.accelerator.is_main_process:
