@@ -116,7 +116,7 @@ def test_highvram_keeps_modules_on_the_device():
 def test_model_and_network_option_errors(argv, message, tmp_path):
     from library.cli import check_refused
     from library.errors import UserError
-    from library.training.config import parse_args
+    from library.training.options import parse_args
     from library.training.models import AttentionOptions, NetworkOptions
 
     parser, args = parse_args(["--pretrained_model_name_or_path", "x.safetensors", *argv])
