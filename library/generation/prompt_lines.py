@@ -6,9 +6,10 @@ A line is the prompt text followed by options, each introduced by `` --`` (space
 
 The options are sd-scripts' 27 (``n c w h ow oh nw nh ct cl s d l nl t am dsd1 dst1 dsd2 dst2 dsr
 glt glr gle gls glsn glus``) plus ``ss`` (sampler) and ``cn`` (guide images); :data:`OPTIONS` lists
-them with their meaning. A key that sets what a command-line option sets is declared with that option
-(its ``PromptKey`` in library/generation/options.py: key, meaning, range); only ``c`` is declared here. Names are case-insensitive, as in sd-scripts. An option's value runs to the
-next `` --``, so a negative prompt may hold commas and spaces but not `` --``, and a ``--cn`` path
+them with their meaning. A key that sets what a command-line option sets is declared with that
+option (its ``PromptKey`` in library/generation/options.py: key, meaning, range); only ``c`` is
+declared here. Names are case-insensitive, as in sd-scripts. An option's value runs to the next
+`` --``, so a negative prompt may hold commas and spaces but not `` --``, and a ``--cn`` path
 cannot hold a comma.
 
 Unlike sd-scripts, which skips what it cannot parse, an unknown option or a bad value is a
