@@ -9,7 +9,7 @@ See docs/generation.md for every option and worked examples. The recipe in main(
 1. every option is checked and turned into typed objects (library/generation/options.py);
 2. the prompt lines and images are read, and every image is planned and checked (library/generation/jobs.py);
 3. the output folders are created;
-4. only then do the models and networks load (library/generation/setup.py) and the images get drawn
+4. only then do the models and networks load (library/generation/model_setup.py) and the images get drawn
    (library/generation/pipeline.py) and saved.
 
 Any mistake a user can fix stops the run with exit code 2 and one line that names it, before step 4.
@@ -42,7 +42,7 @@ from library.generation.options import (  # noqa: E402
     prepare_folders,
     resolve,
 )
-from library.generation.setup import (  # noqa: E402
+from library.generation.model_setup import (  # noqa: E402
     LoraMultipliers,
     check_weight_files,
     load_models,

@@ -23,8 +23,8 @@ from library.data.dataset import LLLiteDataset, create_dataloader  # noqa: E402
 from library.data.debug_dataset import debug_dataset  # noqa: E402
 from library.errors import run_cli  # noqa: E402
 from library.training.accelerator import create_accelerator  # noqa: E402
-from library.training.caches import fill_caches  # noqa: E402
-from library.training.config import (  # noqa: E402
+from library.training.cache_filling import fill_caches  # noqa: E402
+from library.training.options import (  # noqa: E402
     TrainingOptions,
     output_folders,
     parse_training_options,

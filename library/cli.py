@@ -160,6 +160,22 @@ class Needs:
 
 
 @dataclass(frozen=True)
+class PromptKey:
+    """The prompt-line key that sets the same setting as a command-line option (``--s`` for ``--steps``).
+
+    ``meaning`` ends the message of a bad line value ("it is the ..."). ``field`` is where a parsed line
+    keeps it when that is not the option's field (``seeds``: a line gives a list); ``kind`` how the line's
+    text is read when the option's type does not say (library/generation/prompt_lines.py names the kinds).
+    """
+
+    key: str
+    meaning: str
+    field: str = ""
+    kind: str = ""
+    accumulate: bool = False  # a repeated key adds to the earlier values instead of replacing them
+
+
+@dataclass(frozen=True)
 class Option:
     """One option, declared once as a field of a frozen options dataclass (see ``option``, ``flag``, ``refused``).
 
@@ -185,6 +201,8 @@ class Option:
     convert: Callable[[Any], Any] | None = None  # the value the options object holds, from the checked value
     group: str | None = None  # the --help group, when not the dataclass's
     required: bool = False  # argparse stops without it
+    prompt_key: PromptKey | None = None  # the prompt-line key that sets the same setting
+    sets: str | None = None  # the field it fills in the value the run builds, where not its own ("deep_shrink.ratio")
 
     @property
     def label(self) -> str:
@@ -235,7 +253,8 @@ def option(default: Any = None, *, help: str, name: str = "", type: Any = None, 
            one_of: Iterable | None = None, case_sensitive: bool = True, limit: Limit | None = None, what: str = "",
            nargs: str | None = None, needs: Needs | None = None, joins_list: bool = False,
            convert: Callable[[Any], Any] | None = None, group: str | None = None, held: Any = dataclasses.MISSING,
-           repr: bool = True, required: bool = False) -> Any:
+           repr: bool = True, required: bool = False, prompt_key: PromptKey | None = None,
+           sets: str | None = None) -> Any:
     """A field that is an option taking a value.
 
     The dataclass default is ``held`` where the options object holds another form than the command
@@ -243,7 +262,8 @@ def option(default: Any = None, *, help: str, name: str = "", type: Any = None, 
     """
     spec = Option(name=name, help=help, default=default, type=type, choices=None if choices is None else tuple(choices),
                   one_of=None if one_of is None else tuple(one_of), case_sensitive=case_sensitive, limit=limit, what=what,
-                  nargs=nargs, needs=needs, joins_list=joins_list, convert=convert, group=group, required=required)
+                  nargs=nargs, needs=needs, joins_list=joins_list, convert=convert, group=group, required=required,
+                  prompt_key=prompt_key, sets=sets)
     if held is dataclasses.MISSING:
         held = convert(default) if convert is not None and default is not None else default
     if isinstance(held, (list, dict)):

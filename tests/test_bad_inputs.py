@@ -443,7 +443,7 @@ SWITCHED_OFF = [
 
 @pytest.mark.parametrize("extra,warning", SWITCHED_OFF, ids=[" ".join(e) for e, _ in SWITCHED_OFF])
 def test_training_switched_off(extra, warning, train_files, tmp_path, caplog):
-    from library.training.config import parse_training_options
+    from library.training.options import parse_training_options
 
     argv = [a.format(**train_files, tmp=tmp_path) for a in T + extra]
     with caplog.at_level("WARNING"):
@@ -453,7 +453,7 @@ def test_training_switched_off(extra, warning, train_files, tmp_path, caplog):
 
 def test_sample_prompt_without_a_guide_is_skipped_with_a_warning(train_files, tmp_path, caplog):
     """sd-scripts' LLLite trainer draws no samples, so its users' prompt files have no --cn: the run goes on."""
-    from library.training.config import parse_training_options
+    from library.training.options import parse_training_options
 
     argv = [a.format(**train_files, tmp=tmp_path) for a in T + ("--sample_prompts", "{no_cn}", "--sample_at_first")]
     with caplog.at_level("WARNING"):

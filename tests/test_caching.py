@@ -19,11 +19,11 @@ from library.data.caching import (
     cache_text_encoder_outputs,
     validate_caching_options,
 )
-from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import LLLiteDataset, load_training_image
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
-from library.training.caches import text_cache_id
+from library.training.cache_filling import text_cache_id
 
 QUIET = Processes(show_progress=False)
 

@@ -19,7 +19,7 @@ from library.data.captions import (
     read_caption,
     read_metadata_file,
 )
-from library.data.config import SubsetConfig
+from library.data.dataset_config import SubsetConfig
 from library.errors import UserError
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training import loss as dl

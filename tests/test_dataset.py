@@ -12,7 +12,7 @@ from PIL import Image
 
 from library.data.buckets import BucketPlan, crop_position, make_buckets, resized_size
 from library.data.captions import process_caption
-from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import LLLiteDataset, create_dataloader
 from library.data.debug_dataset import debug_dataset
 from library.errors import UserError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.data.config import (
+from library.data.dataset_config import (
     DatasetConfig,
     build_dataset_configs,
     config_from_args,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from library.data.caching import Processes, cache_latents
 from library.data.conditioning_preprocessors import canny
-from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import LLLiteDataset, to_tensor
 from library.data.debug_dataset import debug_dataset
 from tests.test_caching import FakeVAE

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from library.data.caching import Processes, cache_latents
-from library.data.config import DatasetConfig, SubsetConfig
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.dataset import LLLiteDataset
 from library.sdxl.loading import load_sdxl
 from library.training import loss as dl

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.config import (
+from library.data.dataset_config import (
     DatasetConfig,
     SubsetConfig,
     build_dataset_configs,
@@ -19,7 +19,7 @@ from library.data.config import (
 )
 from library.data.dataset import LLLiteDataset, to_tensor
 from library.errors import UserError
-from library.training.config import parse_args
+from library.training.options import parse_args
 from tests.test_dataset import make_pair
 
 

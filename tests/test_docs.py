@@ -289,11 +289,11 @@ class World:
         self.provide_file(name)
         if loader == "train-config":
             from library.cli import load_config_file
-            from library.training.config import build_parser
+            from library.training.options import build_parser
 
             load_config_file(name, build_parser())
         elif loader == "dataset":
-            from library.data.config import load_dataset_config
+            from library.data.dataset_config import load_dataset_config
 
             buckets = {k: int(v) for k, (v, _) in IMPLIED["sdxl_train_control_net_lllite.py"].items() if "bucket" in k}
             assert load_dataset_config(name, buckets)
@@ -465,7 +465,7 @@ def call_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 def parse_command(script: str, argv: list[str]) -> None:
     if script == "sdxl_train_control_net_lllite.py":
-        from library.training.config import parse_training_options
+        from library.training.options import parse_training_options
 
         parse_training_options(argv)
     elif script == "sdxl_gen_img.py":
@@ -660,7 +660,7 @@ def fingerprint_log(tmp, assets, capsys, monkeypatch) -> str:
 
 @trigger
 def switched_off_warning(tmp, assets, capsys, monkeypatch) -> str:
-    from library.training.config import parse_training_options
+    from library.training.options import parse_training_options
 
     handler, logger = _Lines(), logging.getLogger("library.cli")
     logger.addHandler(handler)

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from library.errors import UserError
 from library.training import fidelity as training_fidelity
-from library.training.config import build_parser
+from library.training.options import build_parser
 from library.training.fidelity import FidelityMeter, FidelityOptions
 from library.training.samples import SampleOptions, combine_hooks
 

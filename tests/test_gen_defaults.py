@@ -9,8 +9,11 @@ sd-scripts' ones, the unset ones resolve as there, and the tool reads source wit
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from library.generation.options import MAX_EMBEDDINGS_MULTIPLES, SIZE, build_parser, resolve
 from tools.reference_defaults import reference_defaults, to_toml
@@ -39,6 +42,21 @@ def test_unset_defaults_resolve_to_what_sd_scripts_uses(tmp_path):
     assert (request.width, request.height, request.max_embeddings_multiples) == (SIZE, SIZE, MAX_EMBEDDINGS_MULTIPLES)
     assert (SIZE, MAX_EMBEDDINGS_MULTIPLES) == (1024, 1)
     assert (request.sampler, request.steps, request.scale) == ("ddim", 50, 7.5)
+
+
+def test_the_resolved_default_request_is_read_only(tmp_path):
+    """Every prompt line starts from the options' request: a line's values make a new request, never change it."""
+    from library.generation.prompt_lines import parse_prompt_line
+    from library.generation.requests import request_from_prompt_spec
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    ckpt.write_bytes(b"x")
+    opts = resolve(build_parser().parse_args(["--ckpt", str(ckpt), "--prompt", "x", "--steps", "20"]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.defaults.steps = 30
+    line = request_from_prompt_spec(parse_prompt_line("a cat --s 12 --dsd1 2"), opts.defaults)
+    assert (line.steps, line.deep_shrink.depth_1, line.deep_shrink.timesteps_1) == (12, 2, 650)
+    assert (opts.defaults.steps, opts.defaults.deep_shrink.enabled) == (20, False)
 
 
 def test_the_tool_reads_defaults_from_source_without_running_it(tmp_path):

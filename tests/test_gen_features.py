@@ -386,7 +386,7 @@ def test_model_options_channels_last_and_attention(files, caplog):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from library.generation.options import ModelOptions
-    from library.generation.setup import load_models
+    from library.generation.model_setup import load_models
 
     with caplog.at_level(logging.INFO):
         models = load_models(ModelOptions(files["ckpt"], channels_last=True, attention="xformers"), torch.device("cpu"))

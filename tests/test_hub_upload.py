@@ -17,7 +17,7 @@ import torch
 
 from library.errors import UserError
 from library.sdxl.weights_io import read_weights
-from library.training.config import build_parser
+from library.training.options import build_parser
 from library.training.hub_upload import (
     HubOptions,
     HubStateRef,

@@ -15,7 +15,7 @@ import torch
 
 from library.errors import UserError
 from library.training import loss as dl
-from library.training.config import build_parser
+from library.training.options import build_parser
 from library.training.loop import compute_loss
 
 SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}

@@ -15,7 +15,7 @@ import torch
 from library.cli import check_refused
 from library.errors import UserError
 from library.training import optimizers as opt
-from library.training.config import build_parser
+from library.training.options import build_parser
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from library.generation.prompt_lines import (
     load_prompt_file,
     parse_prompt_line,
 )
-from library.generation.settings import Unsharp
+from library.generation.requests import Unsharp
 
 
 def test_reference_example():

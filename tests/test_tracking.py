@@ -19,7 +19,7 @@ import pytest
 
 from library.errors import UserError
 from library.training import tracking
-from library.training.config import build_parser
+from library.training.options import build_parser
 from tests.conftest import make_shape_dataset
 from tests.test_train_script import ROOT, SCRIPT, base_options, run_train, write_config
 

@@ -21,7 +21,7 @@ from library.cli import check_refused
 from library.errors import UserError
 from library.training import accelerator as accelerator_setup
 from library.training import tracking
-from library.training.config import build_parser, parse_args, resolve
+from library.training.options import build_parser, parse_args, resolve
 from tests.conftest import make_shape_dataset
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -253,7 +253,7 @@ def test_every_option_is_in_the_docs():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "write_option_docs.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    from library.training.config import build_parser
+    from library.training.options import build_parser
 
     doc = (ROOT / "docs" / "training.md").read_text()
     options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]

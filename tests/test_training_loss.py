@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from library.data.config import load_dataset_config
+from library.data.dataset_config import load_dataset_config
 from library.data.dataset import LLLiteDataset
 from library.sdxl.loading import load_sdxl
 from library.training import loss as dl

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from library.sdxl.loading import load_sdxl
-from library.training.caches import release
+from library.training.cache_filling import release
 from library.training.models import quantize_fp8, set_attention, store_weights_in_fp8
 from networks.control_net_lllite import ControlNetLLLite
 from tests.conftest import unet_inputs
@@ -116,7 +116,7 @@ def test_highvram_keeps_modules_on_the_device():
 def test_model_and_network_option_errors(argv, message, tmp_path):
     from library.cli import check_refused
     from library.errors import UserError
-    from library.training.config import parse_args
+    from library.training.options import parse_args
     from library.training.models import AttentionOptions, NetworkOptions
 
     parser, args = parse_args(["--pretrained_model_name_or_path", "x.safetensors", *argv])

@@ -59,8 +59,8 @@ def _literal(text: str) -> Any:
 
 
 def training_rows() -> list[Row]:
-    from library.data.config import ALL_KEYS, CLI_ALIASES
-    from library.training.config import build_parser
+    from library.data.dataset_config import ALL_KEYS, CLI_ALIASES
+    from library.training.options import build_parser
 
     facts = tomllib.loads((FACTS / "sd_scripts_train_defaults.toml").read_text(encoding="utf-8"))
     explained = facts.get("explained", {})

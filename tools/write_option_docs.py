@@ -59,7 +59,7 @@ def updated_doc(text: str, tables: str) -> str:
 
 
 def main() -> int:
-    from library.training.config import build_parser
+    from library.training.options import build_parser
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check that the section is up to date")

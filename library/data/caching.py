@@ -59,7 +59,7 @@ from tqdm import tqdm
 from library.atomic_io import atomic_path
 from library.cli import Limit, Options, flag, option
 from library.data.captions import dynamic_caption_options
-from library.data.config import DatasetConfig
+from library.data.dataset_config import DatasetConfig
 from library.data.dataset import (
     ImageItem,
     LLLiteDataset,

@@ -89,7 +89,7 @@ from library.data.captions import (
 )
 from library.data.conditioning_preprocessors import apply_preprocessor
 from library.cli import option_label
-from library.data.config import DatasetConfig, DatasetSourceOptions, SubsetConfig, key_label
+from library.data.dataset_config import DatasetConfig, DatasetSourceOptions, SubsetConfig, key_label
 from library.errors import UserError
 from library.image_files import IMAGE_EXTENSIONS, is_image_name
 from library.sdxl.text_encoding import TextEncodingOptions

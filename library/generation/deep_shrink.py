@@ -1,6 +1,6 @@
 """Deep Shrink on a diffusers SDXL U-Net, with forward hooks that live for one generation call.
 
-What it does (sd-scripts' ``--ds_*``, see :class:`library.generation.settings.DeepShrink`): at the
+What it does (sd-scripts' ``--ds_*``, see :class:`library.generation.requests.DeepShrink`): at the
 timesteps it covers, the hidden state is resized by ``ratio`` just before one input block of the
 original SDXL layout, so the deeper blocks work on a smaller grid (fewer repeated objects in large
 images); the decoder brings it back to each skip connection's size before that skip is joined.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from library.generation.settings import DeepShrink
+from library.generation.requests import DeepShrink
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Gradual Latent: sample small first and let the latents grow during the ancestral Euler steps.
 
-The settings and their meaning are in :class:`library.generation.settings.GradualLatent`. One
+The settings and their meaning are in :class:`library.generation.requests.GradualLatent`. One
 :class:`GradualLatentRun` follows one sampling pass: it shrinks the starting latents, says before
 each step whether the latents grow at that step, and does that step. A growing step is the
 ancestral Euler step written out (``x + d * (sigma_down - sigma)`` plus noise ``* sigma_up``): the
@@ -17,7 +17,7 @@ import logging
 import torch
 
 from library.generation.deep_shrink import resize
-from library.generation.settings import GradualLatent
+from library.generation.requests import GradualLatent
 from library.generation.upscalers import unsharp_mask
 
 logger = logging.getLogger(__name__)

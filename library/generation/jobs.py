@@ -39,7 +39,7 @@ from library.generation.options import (
     ShrinkArgs,
 )
 from library.generation.samplers import ANCESTRAL_EULER, normalize_sampler_name
-from library.generation.settings import (
+from library.generation.requests import (
     MAX_SEED,
     GenerationRequest,
     GradualLatent,
@@ -58,8 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _W, _H = option_label(SamplingArgs, "W"), option_label(SamplingArgs, "H")
-
-GL_LINE_FIELDS = ("gl_timesteps", "gl_ratio", "gl_every_n_steps", "gl_ratio_step", "gl_s_noise", "gl_unsharp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +221,9 @@ class Planner:
             changes["network_multipliers"] = self._checked_am(spec.network_multipliers, where)
         if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
             # sd-scripts draws without it ("gradual_latent is not supported for this scheduler. Ignoring.")
-            from_line = any(getattr(spec, f) is not None for f in GL_LINE_FIELDS) or spec.sampler is not None
+            from library.generation.prompt_lines import line_fields
+
+            from_line = any(getattr(spec, f) is not None for f in line_fields("gradual_latent")) or spec.sampler is not None
             self._switched_off(f"{where if from_line else ''}Gradual Latent ({option_label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)",
                                "--sampler euler_a", f"--sampler {base.sampler} has no ancestral step to grow the "
                                "latents in")

@@ -18,7 +18,7 @@ Heavy libraries are not imported here: ``--help`` and option errors stay fast.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,20 @@ from library.atomic_io import make_output_folders
 from library.cli import (
     OptionParser,
     Options,
+    PromptKey,
     check_refused,
     flag,
     option,
     option_label,
     option_values,
+    options_of,
     refused,
     switched_off,
 )
 from library.console_logging import ConsoleLogOptions
 from library.errors import UserError
 from library.generation.samplers import SAMPLER_NAMES
-from library.generation.settings import (
-    DEEP_SHRINK_FIELDS,
-    GRADUAL_LATENT_FIELDS,
+from library.generation.requests import (
     LIMITS,
     DeepShrink,
     GenerationRequest,
@@ -76,9 +76,7 @@ class RefusedOptions:
     clip_vision_strength: None = refused(REFUSED["clip_vision_strength"], type=float, group="ControlNet-LLLite")
 
 
-DEFAULTS = {"highres_fix_steps": 28, "ds_timesteps_1": 650, "ds_timesteps_2": 650, "ds_ratio": 0.5,
-            "gradual_latent_ratio": 0.5, "gradual_latent_ratio_step": 0.125, "gradual_latent_every_n_steps": 3,
-            "gradual_latent_s_noise": 1.0}
+HIGHRES_FIX_STEPS = 28  # --highres_fix_steps when not given (Deep Shrink / Gradual Latent: their settings' defaults)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +122,7 @@ class LoraArgs(Options):
     network_weights: list = option([], nargs="*",
         help="kohya-format SDXL LoRA files")
     network_mul: list = option([], type=float, nargs="*", limit=LIMITS["number"],
+        prompt_key=PromptKey("am", "LoRA multipliers, one per --network_weights file", field="network_multipliers"),
         help="LoRA multipliers in file order; files without one get 1.0")
     network_merge: bool = flag(help="merge every LoRA into the weights for good (fixed multiplier)")
     network_merge_n_models: int | None = option(type=int,  # its range is checked with the files (_merged_count)
@@ -139,6 +138,7 @@ class ControlArgs(Options):
     control_net_lllite_models: list = option([], nargs="*",
         help="LLLite files; several are stacked")
     guide_image_path: list = option([], nargs="*",
+        prompt_key=PromptKey("cn", "guide image path(s), one per LLLite model", field="guide_images", accumulate=True),
         help="guide images (or folders of them), taken in groups of one per model; groups cycle over the images")
     control_net_multipliers: list = option(type=float, nargs="*",
         help="strength per model, in model order (default 1.0)")
@@ -154,7 +154,7 @@ class PromptArgs(Options):
 
     prompt: str | None = option(
         help="a prompt line (may carry options: --n negative --d seed --w --h --s --l ...)")
-    negative_prompt: str | None = option("",
+    negative_prompt: str | None = option("", prompt_key=PromptKey("n", "negative prompt (replaces --negative_prompt)"),
         help="default negative prompt (a line's --n replaces it)")
     from_file: str | None = option(
         help="prompt file: one prompt line per line, or .toml/.json")
@@ -176,29 +176,36 @@ class SamplingArgs(Options):
         help="repeat the whole prompt list this many times (default 1)")
     batch_size: int | None = option(1, type=int, limit=LIMITS["count"],
         help="images per U-Net call (default 1)")
-    W: int | None = option(type=int,
+    W: int | None = option(type=int, prompt_key=PromptKey("w", "width", field="width"),
         help="width, rounded down to a multiple of 8 (default 1024; img2img "
              "without the highres fix: the init image's, see docs/generation.md)")
-    H: int | None = option(type=int,
+    H: int | None = option(type=int, prompt_key=PromptKey("h", "height", field="height"),
         help="height, rounded down to a multiple of 8 (default 1024; img2img "
              "without the highres fix: the init image's, see docs/generation.md)")
-    steps: int | None = option(50, type=int, limit=LIMITS["count"],
+    steps: int | None = option(50, type=int, limit=LIMITS["count"], prompt_key=PromptKey("s", "number of steps"),
         help="sampling steps (default 50)")
     sampler: str | None = option(SAMPLER, type=str.lower, choices=SAMPLER_NAMES,
+        prompt_key=PromptKey("ss", "sampler", kind="sampler"),
         help=f"sampler (default {SAMPLER})")
-    scale: float | None = option(7.5, type=float, limit=LIMITS["number"],
+    scale: float | None = option(7.5, type=float, limit=LIMITS["number"], prompt_key=PromptKey("l", "CFG scale"),
         help="CFG scale (default 7.5)")
     negative_scale: float | None = option(type=float, limit=LIMITS["number"],
+        prompt_key=PromptKey("nl", "negative scale (none switches it off)", kind="float/none"),
         help="separate scale for the negative prompt")
     seed: int | None = option(type=int, limit=LIMITS["seed"],
+        prompt_key=PromptKey("d", "seed, or a comma list of seeds", field="seeds", kind="ints"),
         help="seed of the first image; the next images count up from it")
     iter_same_seed: bool = flag(help="all images of one --n_iter iteration use one seed")
-    original_width: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="SDXL original-size conditioning (default: the pass's size)")
-    original_height: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="SDXL original-size conditioning (default: the pass's size)")
-    original_width_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="original size for the negative half of CFG (default: original)")
-    original_height_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"], help="original size for the negative half of CFG (default: original)")
-    crop_top: int | None = option(type=int, limit=LIMITS["crop"], help="SDXL crop conditioning (default 0)")
-    crop_left: int | None = option(type=int, limit=LIMITS["crop"], help="SDXL crop conditioning (default 0)")
+    original_width: int | None = option(type=int, limit=LIMITS["size_conditioning"],
+        prompt_key=PromptKey("ow", "SDXL original width"), help="SDXL original-size conditioning (default: the pass's size)")
+    original_height: int | None = option(type=int, limit=LIMITS["size_conditioning"],
+        prompt_key=PromptKey("oh", "SDXL original height"), help="SDXL original-size conditioning (default: the pass's size)")
+    original_width_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"],
+        prompt_key=PromptKey("nw", "original width of the negative half of CFG"), help="original size for the negative half of CFG (default: original)")
+    original_height_negative: int | None = option(type=int, limit=LIMITS["size_conditioning"],
+        prompt_key=PromptKey("nh", "original height of the negative half of CFG"), help="original size for the negative half of CFG (default: original)")
+    crop_top: int | None = option(type=int, limit=LIMITS["crop"], prompt_key=PromptKey("ct", "SDXL crop top"), help="SDXL crop conditioning (default 0)")
+    crop_left: int | None = option(type=int, limit=LIMITS["crop"], prompt_key=PromptKey("cl", "SDXL crop left"), help="SDXL crop conditioning (default 0)")
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ class ImageArgs(Options):
 
     image_path: str | None = option(
         help="init image (or folder of images) for img2img")
-    strength: float | None = option(type=float, limit=LIMITS["strength"],
+    strength: float | None = option(type=float, limit=LIMITS["strength"], prompt_key=PromptKey("t", "img2img strength"),
         help="img2img strength, and the highres fix's second pass's (default 0.8)")
     mask_path: str | None = option(
         help="inpainting mask (or folder): white is regenerated; needs --image_path")
@@ -231,27 +238,40 @@ class ImageArgs(Options):
 class ShrinkArgs(Options):
     group = "Deep Shrink and Gradual Latent (see docs/generation.md)"
 
-    ds_depth_1: int | None = option(type=int, limit=LIMITS["ds_depth"],
+    ds_depth_1: int | None = option(type=int, limit=LIMITS["ds_depth"], sets="deep_shrink.depth_1",
+        prompt_key=PromptKey("dsd1", "Deep Shrink depth 1"),
         help="Deep Shrink: shrink before this input block (0-8)")
-    ds_timesteps_1: int | None = option(type=int, limit=LIMITS["timesteps"],
+    ds_timesteps_1: int | None = option(type=int, limit=LIMITS["timesteps"], sets="deep_shrink.timesteps_1",
+        prompt_key=PromptKey("dst1", "Deep Shrink timesteps 1"),
         help="... while the timestep is at least this (default 650)")
-    ds_depth_2: int | None = option(type=int, limit=LIMITS["ds_depth"],
+    ds_depth_2: int | None = option(type=int, limit=LIMITS["ds_depth"], sets="deep_shrink.depth_2",
+        prompt_key=PromptKey("dsd2", "Deep Shrink depth 2"),
         help="Deep Shrink: a second depth for later timesteps")
-    ds_timesteps_2: int | None = option(type=int, limit=LIMITS["timesteps"],
+    ds_timesteps_2: int | None = option(type=int, limit=LIMITS["timesteps"], sets="deep_shrink.timesteps_2",
+        prompt_key=PromptKey("dst2", "Deep Shrink timesteps 2"),
         help="... while the timestep is at least this (default 650)")
-    ds_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"],
+    ds_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"], sets="deep_shrink.ratio",
+        prompt_key=PromptKey("dsr", "Deep Shrink ratio"),
         help="Deep Shrink resize ratio (default 0.5)")
-    gradual_latent_timesteps: int | None = option(type=int, limit=LIMITS["timesteps"],
+    gradual_latent_timesteps: int | None = option(type=int, limit=LIMITS["timesteps"], sets="gradual_latent.timesteps",
+        prompt_key=PromptKey("glt", "Gradual Latent: start growing below this timestep", field="gl_timesteps"),
         help="Gradual Latent: start small, grow the latents below this timestep (euler_a only)")
-    gradual_latent_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"],
+    gradual_latent_ratio: float | None = option(type=float, limit=LIMITS["shrink_ratio"], sets="gradual_latent.ratio",
+        prompt_key=PromptKey("glr", "Gradual Latent start ratio", field="gl_ratio"),
         help="starting size ratio (default 0.5)")
     gradual_latent_ratio_step: float | None = option(type=float, limit=LIMITS["ratio_step"],
+        sets="gradual_latent.ratio_step", prompt_key=PromptKey("gls", "Gradual Latent ratio step", field="gl_ratio_step"),
         help="ratio added at each growth (default 0.125)")
     gradual_latent_every_n_steps: int | None = option(type=int, limit=LIMITS["count"],
+        sets="gradual_latent.every_n_steps",
+        prompt_key=PromptKey("gle", "Gradual Latent: grow every n steps", field="gl_every_n_steps"),
         help="steps between growths (default 3)")
-    gradual_latent_s_noise: float | None = option(type=float, limit=LIMITS["s_noise"],
+    gradual_latent_s_noise: float | None = option(type=float, limit=LIMITS["s_noise"], sets="gradual_latent.s_noise",
+        prompt_key=PromptKey("glsn", "Gradual Latent s_noise", field="gl_s_noise"),
         help="noise scale at a growth (default 1.0)")
-    gradual_latent_unsharp_params: str | None = option(
+    gradual_latent_unsharp_params: str | None = option(sets="gradual_latent.unsharp",
+        prompt_key=PromptKey("glus", "Gradual Latent unsharp mask ksize,sigma,strength[,target_x]", field="gl_unsharp",
+                             kind="unsharp"),
         help="unsharp mask at each growth: ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1")
 
 
@@ -349,7 +369,7 @@ class GenOptions:
     inputs: InputOptions
     draw: DrawOptions
     output: OutputOptions
-    defaults: GenerationRequest = field(compare=True)  # the request every prompt line starts from
+    defaults: GenerationRequest  # the request every prompt line starts from (frozen, like every field here)
     # Deep Shrink / Gradual Latent settings that only a prompt line can switch on: (feature, option, switch)
     waiting_for_lines: tuple[tuple[str, str, str], ...] = ()
 
@@ -448,22 +468,27 @@ def _merged_count(args: argparse.Namespace, n_files: int) -> int:
     return n_files if args.network_merge else 0
 
 
+def _feature_options(feature: str) -> list:
+    """The declared options that fill ``feature`` (``deep_shrink``, ``gradual_latent``), in declaration order."""
+    return [o for o in options_of(ShrinkArgs) if o.sets and o.sets.startswith(feature + ".")]
+
+
 def _shrink_settings(args: argparse.Namespace) -> tuple[DeepShrink, GradualLatent]:
     """The command line's Deep Shrink and Gradual Latent settings (off unless their switch is given)."""
-    values = {}
-    for fields, prefix in ((DEEP_SHRINK_FIELDS, "ds"), (GRADUAL_LATENT_FIELDS, "gl")):
-        for name, kind, option, _ in fields:
-            value = getattr(args, option[2:])  # its range was checked from its declaration
-            values[(prefix, name)] = DEFAULTS.get(option[2:]) if value is None else value
-    unsharp = None
-    if args.gradual_latent_unsharp_params is not None:
-        try:
-            unsharp = Unsharp.parse(args.gradual_latent_unsharp_params)
-        except ValueError as e:
-            raise UserError(f"--gradual_latent_unsharp_params {args.gradual_latent_unsharp_params!r}: {e}") from None
-    ds = DeepShrink(**{name: v for (prefix, name), v in values.items() if prefix == "ds"})
-    gl = GradualLatent(unsharp=unsharp, **{name: v for (prefix, name), v in values.items() if prefix == "gl"})
-    return ds, gl
+    settings = []
+    for feature, cls in (("deep_shrink", DeepShrink), ("gradual_latent", GradualLatent)):
+        values = {}
+        for opt in _feature_options(feature):
+            value = getattr(args, opt.name)  # its range was checked from its declaration
+            if value is not None and opt.sets == "gradual_latent.unsharp":
+                try:
+                    value = Unsharp.parse(value)
+                except ValueError as e:
+                    raise UserError(f"{opt.label} {value!r}: {e}") from None
+            if value is not None:  # not given: the settings' own default
+                values[opt.sets.split(".", 1)[1]] = value
+        settings.append(cls(**values))
+    return settings[0], settings[1]
 
 
 def _default_request(args: argparse.Namespace, n_models: int) -> GenerationRequest:
@@ -481,7 +506,7 @@ def _default_request(args: argparse.Namespace, n_models: int) -> GenerationReque
         crop_top=args.crop_top or 0, crop_left=args.crop_left or 0, clip_skip=args.clip_skip,
         max_embeddings_multiples=args.max_embeddings_multiples or MAX_EMBEDDINGS_MULTIPLES,
         highres_fix_scale=args.highres_fix_scale,
-        highres_fix_steps=args.highres_fix_steps or DEFAULTS["highres_fix_steps"],
+        highres_fix_steps=args.highres_fix_steps or HIGHRES_FIX_STEPS,
         highres_fix_strength=args.highres_fix_strength,
         highres_fix_disable_control_net=args.highres_fix_disable_control_net,
         highres_fix_latents_upscaling=args.highres_fix_latents_upscaling, highres_fix_upscaler=upscaler,
@@ -570,28 +595,22 @@ def _ignore_switched_off(args: argparse.Namespace, parser: argparse.ArgumentPars
     return argparse.Namespace(**v)
 
 
-_SWITCHED = (
-    ("deep_shrink", "ds_depth_1", "--dsd1", ("ds_depth_2", "ds_timesteps_1", "ds_timesteps_2", "ds_ratio")),
-    ("gradual_latent", "gradual_latent_timesteps", "--glt",
-     ("gradual_latent_ratio", "gradual_latent_ratio_step", "gradual_latent_every_n_steps", "gradual_latent_s_noise",
-      "gradual_latent_unsharp_params")),
-)
-
-
 def _waiting_for_lines(args: argparse.Namespace) -> tuple[tuple[str, str, str], ...]:
     """Deep Shrink / Gradual Latent settings given without their switch: (feature, option, how to switch it on).
 
-    A prompt line's --dsd1 / --glt (or any of their options) may switch the feature on with these
-    settings, so they are checked once the lines are read (``generation_jobs.check_waiting_settings``).
+    A prompt line's key for the switch (or for any of their options) may switch the feature on with
+    these settings, so they are checked once the lines are read (``generation_jobs.check_waiting_settings``).
     """
     waiting = []
-    for feature, switch, line_switch, names in _SWITCHED:
-        if getattr(args, switch) is not None:
+    for feature, cls in (("deep_shrink", DeepShrink), ("gradual_latent", GradualLatent)):
+        declared = _feature_options(feature)
+        switch = next(o for o in declared if o.sets == f"{feature}.{cls.SWITCH}")
+        if getattr(args, switch.name) is not None:
             continue
-        for name in names:
-            if _given(args, name):
-                waiting.append((feature, f"--{name} {_shown(getattr(args, name))}", f"--{switch} (or a prompt line's "
-                                f"{line_switch})"))
+        for opt in declared:
+            if opt is not switch and _given(args, opt.name):
+                waiting.append((feature, f"{opt.label} {_shown(getattr(args, opt.name))}",
+                                f"{switch.label} (or a prompt line's --{switch.prompt_key.key})"))
     return tuple(waiting)
 
 

@@ -11,7 +11,7 @@ mode, LLLite multiplier/active state, no hooks left). The loop is the plain diff
 Options on top: img2img (``init_image`` + ``strength``), latent-blend inpainting (``mask``), a
 two-pass highres fix with a choice of upscalers (``library/generation/upscalers.py``), Deep Shrink
 (``library/generation/deep_shrink.py``), Gradual Latent (``library/generation/gradual_latent.py``), per-model LLLite
-multipliers and step windows. What a request is and its rules: ``library/generation/settings.py``.
+multipliers and step windows. What a request is and its rules: ``library/generation/requests.py``.
 
 Definitions used here (also in docs/generation.md):
 
@@ -52,7 +52,7 @@ from library.torch_modules import module_device, module_dtype
 from library.generation.deep_shrink import deep_shrink
 from library.generation.gradual_latent import GradualLatentRun
 from library.generation.samplers import build_scheduler, step_accepts_generator
-from library.generation.settings import (  # noqa: F401  (re-exported: the public API of generation)
+from library.generation.requests import (  # noqa: F401  (re-exported: the public API of generation)
     DEFAULT_STRENGTH,
     LATENT_FACTOR,
     PER_IMAGE_FIELDS,

@@ -6,8 +6,10 @@ A line is the prompt text followed by options, each introduced by `` --`` (space
 
 The options are sd-scripts' 27 (``n c w h ow oh nw nh ct cl s d l nl t am dsd1 dst1 dsd2 dst2 dsr
 glt glr gle gls glsn glus``) plus ``ss`` (sampler) and ``cn`` (guide images); :data:`OPTIONS` lists
-them with their meaning. Names are case-insensitive, as in sd-scripts. An option's value runs to the
-next `` --``, so a negative prompt may hold commas and spaces but not `` --``, and a ``--cn`` path
+them with their meaning. A key that sets what a command-line option sets is declared with that
+option (its ``PromptKey`` in library/generation/options.py: key, meaning, range); only ``c`` is
+declared here. Names are case-insensitive, as in sd-scripts. An option's value runs to the next
+`` --``, so a negative prompt may hold commas and spaces but not `` --``, and a ``--cn`` path
 cannot hold a comma.
 
 Unlike sd-scripts, which skips what it cannot parse, an unknown option or a bad value is a
@@ -30,7 +32,8 @@ import tomllib
 
 from library.errors import UserError
 from library.generation.samplers import normalize_sampler_name
-from library.generation.settings import Unsharp, check_limit
+from library.cli import Limit, Option, options_of
+from library.generation.requests import Unsharp
 
 # --- value converters: take the text of a line option or a TOML/JSON value; raise ValueError ---
 
@@ -102,62 +105,51 @@ class LineOption:
     name: str
     field: str
     convert: Callable[[Any], Any]
-    limit: str | None = None  # LIMITS kind every number must meet
+    limit: Limit | None = None  # every number must meet it
     meaning: str = ""
     accumulate: bool = False  # a repeated option adds to the earlier values instead of replacing them
+    sets: str | None = None  # the request field it fills, where its option declares one ("deep_shrink.depth_1")
 
-
-# name, PromptSpec field, value kind, LIMITS kind every number must meet (- for none), meaning.
-_TABLE = """
-n     negative_prompt           text        -                  negative prompt (replaces --negative_prompt)
-c     clip_prompt               text        -                  CLIP prompt, stored in the PNG only as in sd-scripts' SDXL script
-w     width                     int         -                  width
-h     height                    int         -                  height
-ow    original_width            int         size_conditioning  SDXL original width
-oh    original_height           int         size_conditioning  SDXL original height
-nw    original_width_negative   int         size_conditioning  original width of the negative half of CFG
-nh    original_height_negative  int         size_conditioning  original height of the negative half of CFG
-ct    crop_top                  int         crop               SDXL crop top
-cl    crop_left                 int         crop               SDXL crop left
-s     steps                     int         count              number of steps
-d     seeds                     ints        seed               seed, or a comma list of seeds
-l     scale                     float       number             CFG scale
-nl    negative_scale            float/none  number             negative scale (none switches it off)
-t     strength                  float       strength           img2img strength
-am    network_multipliers       floats      number             LoRA multipliers, one per --network_weights file
-ss    sampler                   sampler     -                  sampler
-cn    guide_images              paths       -                  guide image path(s), one per LLLite model
-dsd1  ds_depth_1                int         ds_depth           Deep Shrink depth 1
-dst1  ds_timesteps_1            int         timesteps          Deep Shrink timesteps 1
-dsd2  ds_depth_2                int         ds_depth           Deep Shrink depth 2
-dst2  ds_timesteps_2            int         timesteps          Deep Shrink timesteps 2
-dsr   ds_ratio                  float       shrink_ratio       Deep Shrink ratio
-glt   gl_timesteps              int         timesteps          Gradual Latent: start growing below this timestep
-glr   gl_ratio                  float       shrink_ratio       Gradual Latent start ratio
-gle   gl_every_n_steps          int         count              Gradual Latent: grow every n steps
-gls   gl_ratio_step             float       ratio_step         Gradual Latent ratio step
-glsn  gl_s_noise                float       s_noise            Gradual Latent s_noise
-glus  gl_unsharp                unsharp     -                  Gradual Latent unsharp mask ksize,sigma,strength[,target_x]
-"""
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "text": _text, "int": _int, "float": _float, "float/none": _float_or_none, "sampler": _sampler,
     "ints": lambda v: [_int(x) for x in _items(v)], "floats": lambda v: [_float(x) for x in _items(v)],
     "paths": lambda v: [_nonempty_text(x) for x in _items(v)], "unsharp": Unsharp.parse,
 }
-_ACCUMULATE = {"cn"}  # a repeated --cn adds guide images
+# Keys that no command-line option shares; the others come from the options' declarations (their PromptKey).
+_LINE_ONLY = (
+    LineOption("c", "clip_prompt", _text, meaning="CLIP prompt, stored in the PNG only as in sd-scripts' SDXL script"),
+)
+
+
+def _kind(opt: Option) -> str:
+    """How a line reads the value of ``opt``'s key: its declared kind, else from the option's type."""
+    if opt.prompt_key.kind:
+        return opt.prompt_key.kind
+    if opt.nargs:
+        return "floats" if opt.type is float else "paths"
+    return {int: "int", float: "float"}.get(opt.type, "text")
 
 
 def _line_options() -> tuple[LineOption, ...]:
-    options = []
-    for row in _TABLE.strip().splitlines():
-        name, field, kind, limit, meaning = row.split(None, 4)
-        options.append(LineOption(name, field, _CONVERTERS[kind], None if limit == "-" else limit, meaning,
-                                  name in _ACCUMULATE))
-    return tuple(options)
+    from library.generation import options
+
+    declared = []
+    for cls in options.ARGS:
+        for opt in options_of(cls):
+            key = opt.prompt_key
+            if key is not None:
+                declared.append(LineOption(key.key, key.field or opt.field, _CONVERTERS[_kind(opt)], opt.limit,
+                                           key.meaning, key.accumulate, opt.sets))
+    return (*declared, *_LINE_ONLY)
 
 
 OPTIONS: dict[str, LineOption] = {o.name: o for o in _line_options()}
+
+
+def line_fields(feature: str) -> dict[str, str]:
+    """{PromptSpec field: setting} of the keys that set ``feature`` (``deep_shrink``, ``gradual_latent``)."""
+    return {o.field: o.sets.split(".", 1)[1] for o in OPTIONS.values() if o.sets and o.sets.startswith(feature + ".")}
 
 
 def _spec_seed(self) -> int | None:
@@ -205,7 +197,7 @@ def _set_option(spec: PromptSpec, name: str, value: Any, where: str) -> None:
     if option.limit is not None:
         for number in converted if isinstance(converted, list) else [converted]:
             if not isinstance(number, str):
-                check_limit(label, number, option.limit, f"{where}: ")
+                option.limit.check(f"{where}: {label}", number)
     if option.accumulate and getattr(spec, option.field) is not None:
         converted = getattr(spec, option.field) + converted
     setattr(spec, option.field, converted)

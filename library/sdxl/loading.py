@@ -231,36 +231,36 @@ def models_from_sgm_state_dict(
     ``None`` is returned in its place. Give files in other layouts to ``sdxl_from_state_dict``.
     """
     vae_dtype = vae_dtype or dtype
-    P = sdxl_keys
-    part = _take(sd, P.UNET_PREFIX)
-    unet_cfg = _converted(source, "U-Net", P.UNET_PREFIX, P.infer_unet_config, part)
-    converted = _converted(source, "U-Net", P.UNET_PREFIX, sfu.convert_ldm_unet_checkpoint, part, unet_cfg)
+    part = _take(sd, sdxl_keys.UNET_PREFIX)
+    unet_cfg = _converted(source, "U-Net", sdxl_keys.UNET_PREFIX, sdxl_keys.infer_unet_config, part)
+    converted = _converted(source, "U-Net", sdxl_keys.UNET_PREFIX, sfu.convert_ldm_unet_checkpoint, part, unet_cfg)
     _warn_unused(source, "U-Net", len(part), len(converted))
     del part
     unet = build_unet(unet_cfg, converted, dtype, source=source)
 
-    part = _take(sd, P.VAE_PREFIX)
+    part = _take(sd, sdxl_keys.VAE_PREFIX)
     vae = None
     if with_vae:
-        vae_cfg = _converted(source, "VAE", P.VAE_PREFIX, P.infer_vae_config, part)
-        converted = _converted(source, "VAE", P.VAE_PREFIX, sfu.convert_ldm_vae_checkpoint, part, vae_cfg)
+        vae_cfg = _converted(source, "VAE", sdxl_keys.VAE_PREFIX, sdxl_keys.infer_vae_config, part)
+        converted = _converted(source, "VAE", sdxl_keys.VAE_PREFIX, sfu.convert_ldm_vae_checkpoint, part, vae_cfg)
         _warn_unused(source, "VAE", len(part), len(converted))
         del part
         vae = build_vae(vae_cfg, converted, vae_dtype, source=source)
     else:
         del part
 
-    part = _take(sd, P.TE1_PREFIX)
-    te1_cfg = _converted(source, "text encoder 1", P.TE1_PREFIX, P.infer_te1_config, part)
-    converted = _converted(source, "text encoder 1", P.TE1_PREFIX, sfu.convert_ldm_clip_checkpoint, part, P.TE1_PREFIX)
+    part = _take(sd, sdxl_keys.TE1_PREFIX)
+    te1_cfg = _converted(source, "text encoder 1", sdxl_keys.TE1_PREFIX, sdxl_keys.infer_te1_config, part)
+    converted = _converted(source, "text encoder 1", sdxl_keys.TE1_PREFIX, sfu.convert_ldm_clip_checkpoint, part,
+                           sdxl_keys.TE1_PREFIX)
     _warn_unused(source, "text encoder 1", len(part), len(converted))
     del part
     te1 = build_text_encoder(te1_cfg, CLIPTextModel, converted, dtype, source=source)
 
-    part = _take(sd, P.TE2_PREFIX)
-    te2_cfg = _converted(source, "text encoder 2", P.TE2_PREFIX, P.infer_te2_config, part)
+    part = _take(sd, sdxl_keys.TE2_PREFIX)
+    te2_cfg = _converted(source, "text encoder 2", sdxl_keys.TE2_PREFIX, sdxl_keys.infer_te2_config, part)
     converted = _converted(
-        source, "text encoder 2", P.TE2_PREFIX, sfu.convert_open_clip_checkpoint, None, part, P.TE2_PREFIX
+        source, "text encoder 2", sdxl_keys.TE2_PREFIX, sfu.convert_open_clip_checkpoint, None, part, sdxl_keys.TE2_PREFIX
     )
     # OpenCLIP stacks q, k and v in one in_proj tensor; diffusers splits each into three.
     _warn_unused(source, "text encoder 2", len(part) + 2 * sum(".in_proj_" in k for k in part), len(converted))

@@ -23,7 +23,14 @@ from library.cli import Limit, Options, option, option_label
 from library.errors import UserError
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions, encode_prompts
-from library.training import loss as dl
+from library.training.loss import (
+    LossOptions,
+    diffusion_loss,
+    noisy_latents,
+    sample_noise,
+    sample_timesteps,
+    training_noise_scheduler,
+)
 from library.training.accelerator import PrecisionOptions
 from library.training.models import ModelOptions
 from library.training.optimizers import OptimizerOptions, build_lr_scheduler, build_optimizer
@@ -64,7 +71,7 @@ def sdxl_time_ids(batch: dict, device, dtype) -> torch.Tensor:
     return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
 
 
-def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts: dl.LossOptions,
+def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts: LossOptions,
                  generator: torch.Generator, device, wdtype,
                  text_encoding: TextEncodingOptions = TextEncodingOptions()) -> torch.Tensor:
     """One batch: latents, text conditioning, noise, the U-Net with LLLite, and the weighted loss.
@@ -90,14 +97,14 @@ def compute_loss(batch, models: SDXLModels, network, unet, noise_scheduler, opts
         )
         hidden, pooled = hidden.to(device), pooled.to(device)
 
-    noise = dl.sample_noise(latents, opts, generator)
-    timesteps = dl.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, opts, generator).to(device)
-    noisy = dl.noisy_latents(noise_scheduler, latents, noise, timesteps, opts, generator)
+    noise = sample_noise(latents, opts, generator)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, opts, generator).to(device)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, opts, generator)
     added = {"text_embeds": pooled.to(wdtype), "time_ids": sdxl_time_ids(batch, device, wdtype)}
     cond = batch["conditioning_images"].to(device)
     pred = network(cond, unet, noisy.to(wdtype), timesteps, encoder_hidden_states=hidden.to(wdtype), added_cond_kwargs=added).sample
     mask = batch.get("alpha_masks")
-    return dl.diffusion_loss(noise_scheduler, pred, latents, noise, timesteps, opts,
+    return diffusion_loss(noise_scheduler, pred, latents, noise, timesteps, opts,
                              mask=None if mask is None else mask.to(device))
 
 
@@ -109,10 +116,10 @@ class Trainer:
 
     def __init__(self, options, accelerator, models: SDXLModels, unet: torch.nn.Module, network: ControlNetLLLite,
                  dataloader, resolution: tuple[int, int], samples: SampleFn | None = None, uploader=None,
-                 loss: dl.LossOptions | None = None, resume_from: Path | None = None):
+                 loss: LossOptions | None = None, resume_from: Path | None = None):
         """``loss``: the loss options after the checkpoint's markers (``TrainingSchedule.loss_options``);
         ``resume_from``: the state folder to continue, local or downloaded (default: the options')."""
-        self.o = options
+        self.options = options
         self.resume_from = options.saving.resume if resume_from is None else resume_from
         self.accelerator = accelerator
         self.models = models
@@ -120,7 +127,7 @@ class Trainer:
         self.samples = samples
         self.device = accelerator.device
         self.wdtype = options.precision.weight_dtype
-        self.loss_opts: dl.LossOptions = options.loss if loss is None else loss
+        self.loss_opts: LossOptions = options.loss if loss is None else loss
 
         if options.precision.full_bf16 or options.precision.full_fp16:
             network.to(self.wdtype)
@@ -141,7 +148,7 @@ class Trainer:
         self.network, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             network, optimizer, dataloader, lr_scheduler)
         self.raw_network: ControlNetLLLite = accelerator.unwrap_model(self.network)
-        self.noise_scheduler = dl.training_noise_scheduler(models.scheduler_config, self.loss_opts.v_parameterization,
+        self.noise_scheduler = training_noise_scheduler(models.scheduler_config, self.loss_opts.v_parameterization,
                                                            self.loss_opts.zero_terminal_snr)
         self.rng = TrainingRNG(run.seed or 0, accelerator.process_index)
         self.progress = Progress()
@@ -162,7 +169,7 @@ class Trainer:
                         disable=not self.accelerator.is_local_main_process)
         with self.saver.explained():  # a failed write also names what is complete and how to continue
             try:
-                if self.samples is not None and self.o.samples.at_first and self.progress.global_step == 0:
+                if self.samples is not None and self.options.samples.at_first and self.progress.global_step == 0:
                     self.samples(self.raw_network, 0, self.progress.epoch)
                 while not self.finished:
                     self.run_epoch()
@@ -196,15 +203,15 @@ class Trainer:
         with acc.accumulate(self.network):
             self.raw_network.set_multiplier(batch["network_multiplier"])
             loss = compute_loss(batch, self.models, self.network, self.unet, self.noise_scheduler, self.loss_opts,
-                                self.rng.generator, self.device, self.wdtype, self.o.data.text_encoding)
+                                self.rng.generator, self.device, self.wdtype, self.options.data.text_encoding)
             self._pending.add(loss.detach())
             if acc.sync_gradients:
                 # The one host synchronisation of the step, before the last backward: DeepSpeed steps inside it.
                 self.check_finite()
             acc.backward(loss)
             if acc.sync_gradients:
-                if self.o.optimizer.max_grad_norm:
-                    acc.clip_grad_norm_(self.params, self.o.optimizer.max_grad_norm)
+                if self.options.optimizer.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, self.options.optimizer.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -220,7 +227,7 @@ class Trainer:
         self.bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{logs['lr']:.2e}")
         log_values(self.accelerator, logs, p.global_step)
         self.saver.on_step_end(p, self.max_steps)
-        if self.samples is not None and self.o.samples.due_after_step(p.global_step):
+        if self.samples is not None and self.options.samples.due_after_step(p.global_step):
             self.samples(self.raw_network, p.global_step, p.epoch)
 
     def end_of_epoch(self) -> None:
@@ -231,7 +238,7 @@ class Trainer:
         # At the epoch's last step (sd-scripts logs it at step epoch+1, which a step axis cannot show).
         log_values(self.accelerator, {"loss/epoch": self._losses.end_epoch()}, p.global_step)
         self.saver.on_epoch_end(epoch, p, self.max_steps)
-        if self.samples is not None and self.o.samples.due_after_epoch(epoch):
+        if self.samples is not None and self.options.samples.due_after_epoch(epoch):
             self.samples(self.raw_network, p.global_step, epoch)
 
     def finish(self) -> Path:
@@ -242,8 +249,8 @@ class Trainer:
         if self._losses.epoch:  # the last epoch, whole or cut short by --max_train_steps (as sd-scripts logs it)
             log_values(acc, {"loss/epoch": self._losses.end_epoch()}, self.progress.global_step)
         final = self.saver.on_train_end(self.progress)
-        drawn_now = self.o.samples.due_after_step(self.progress.global_step)
-        if self.samples is not None and self.o.samples.at_end and not drawn_now:
+        drawn_now = self.options.samples.due_after_step(self.progress.global_step)
+        if self.samples is not None and self.options.samples.at_end and not drawn_now:
             self.samples(self.raw_network, self.progress.global_step, self.progress.epoch)
         return final
 
@@ -278,7 +285,7 @@ class Trainer:
         """Data-parallel processes must end with the same weights; the main process compares them."""
         from accelerate.utils import gather_object
 
-        from library.training.caches import fingerprint
+        from library.training.cache_filling import fingerprint
 
         prints = gather_object([fingerprint(self.raw_network)])
         if self.accelerator.is_main_process:

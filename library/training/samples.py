@@ -33,7 +33,7 @@ from library.generation.pipeline import (
 from library.generation.png_metadata import save_png
 from library.generation.prompt_lines import PromptSpec, load_prompt_file
 from library.generation.samplers import ANCESTRAL_EULER, SAMPLER_NAMES, normalize_sampler_name
-from library.generation.settings import GradualLatent
+from library.generation.requests import GradualLatent
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.together import together

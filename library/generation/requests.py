@@ -22,11 +22,12 @@ Definitions (also in docs/generation.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 from library.cli import Limit
 from library.errors import UserError
@@ -112,6 +113,9 @@ def checked_size(label: str, value: int, n_models: int, where: str = "") -> int:
 class DeepShrink:
     """sd-scripts' Deep Shrink (see the module docstring); off while ``depth_1`` is None."""
 
+    SWITCH: ClassVar[str] = "depth_1"  # the setting that switches it on
+    LINE_DEFAULT: ClassVar[int] = DEFAULT_DS_DEPTH  # the switch's value when a prompt line gives only the others
+
     depth_1: int | None = None
     timesteps_1: int = 650
     depth_2: int | None = None
@@ -163,6 +167,9 @@ class Unsharp:
 class GradualLatent:
     """sd-scripts' Gradual Latent (see the module docstring); off while ``timesteps`` is None."""
 
+    SWITCH: ClassVar[str] = "timesteps"
+    LINE_DEFAULT: ClassVar[int] = DEFAULT_GL_TIMESTEPS
+
     timesteps: int | None = None
     ratio: float = 0.5
     ratio_step: float = 0.125
@@ -175,29 +182,17 @@ class GradualLatent:
         return self.timesteps is not None
 
 
-# Where each setting is checked: (dataclass field, LIMITS kind, option name, prompt-line name).
-DEEP_SHRINK_FIELDS = (
-    ("depth_1", "ds_depth", "--ds_depth_1", "--dsd1"), ("timesteps_1", "timesteps", "--ds_timesteps_1", "--dst1"),
-    ("depth_2", "ds_depth", "--ds_depth_2", "--dsd2"), ("timesteps_2", "timesteps", "--ds_timesteps_2", "--dst2"),
-    ("ratio", "shrink_ratio", "--ds_ratio", "--dsr"),
-)
-GRADUAL_LATENT_FIELDS = (
-    ("timesteps", "timesteps", "--gradual_latent_timesteps", "--glt"),
-    ("ratio", "shrink_ratio", "--gradual_latent_ratio", "--glr"),
-    ("ratio_step", "ratio_step", "--gradual_latent_ratio_step", "--gls"),
-    ("every_n_steps", "count", "--gradual_latent_every_n_steps", "--gle"),
-    ("s_noise", "s_noise", "--gradual_latent_s_noise", "--glsn"),
-)
-
-
 # ----------------------------------------------------------------------------------------------
 # The request
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     """One image to draw (a batch is a list of requests that agree on everything but per-image fields).
+
+    Frozen: the options' default request is shared by every prompt line, so a change is a new request
+    (``dataclasses.replace``).
 
     Per-image fields: prompt, negative_prompt, seed, guide_images, init_image, mask, original sizes,
     crop, clip_prompt. Guide images are given one per LLLite model, in the order of the ``lllites`` list.
@@ -306,18 +301,31 @@ def control_settings(request: GenerationRequest, n_models: int) -> tuple[list[fl
     return multipliers, starts, ratios
 
 
+@functools.cache
+def _declared_limits() -> tuple[tuple[str, str, Limit], ...]:
+    """(request field, label, limit) of every declared range a request holds, from the options' declarations.
+
+    A request field named like its option is labelled with its name, a Deep Shrink / Gradual Latent
+    setting (``sets``) with its option's. Imported here: options.py imports this module.
+    """
+    from library.cli import options_of
+    from library.generation import options
+
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    out = []
+    for cls in options.ARGS:
+        for opt in options_of(cls):
+            if opt.limit is not None and (opt.sets or opt.field in fields):
+                out.append((opt.sets or opt.field, opt.label if opt.sets else opt.field, opt.limit))
+    return tuple(out)
+
+
 def _check_fields(r: GenerationRequest, where: str) -> None:
-    for name, kind in (("steps", "count"), ("highres_fix_steps", "count"), ("max_embeddings_multiples", "count"),
-                       ("strength", "strength"), ("highres_fix_strength", "strength"), ("scale", "number"),
-                       ("negative_scale", "number"), ("highres_fix_scale", "highres_fix_scale"),
-                       ("original_width", "size_conditioning"), ("original_height", "size_conditioning"),
-                       ("original_width_negative", "size_conditioning"),
-                       ("original_height_negative", "size_conditioning"), ("crop_top", "crop"),
-                       ("crop_left", "crop"), ("clip_skip", "clip_skip"), ("seed", "seed")):
-        check_limit(name, getattr(r, name), kind, where)
-    for settings, fields in ((r.deep_shrink, DEEP_SHRINK_FIELDS), (r.gradual_latent, GRADUAL_LATENT_FIELDS)):
-        for name, kind, option, _ in fields:
-            check_limit(option, getattr(settings, name), kind, where)
+    for path, label, limit in _declared_limits():
+        value = r
+        for part in path.split("."):
+            value = getattr(value, part)
+        limit.check(f"{where}{label}", value)
 
 
 def _label(name: str) -> str:
@@ -418,11 +426,10 @@ def request_from_prompt_spec(spec: PromptSpec, defaults: GenerationRequest) -> G
         changes["sampler"] = normalize_sampler_name(spec.sampler)
     if spec.guide_images:
         changes["guide_images"] = list(spec.guide_images)
-    changes["deep_shrink"] = _line_settings(defaults.deep_shrink, {
-        "depth_1": spec.ds_depth_1, "timesteps_1": spec.ds_timesteps_1, "depth_2": spec.ds_depth_2,
-        "timesteps_2": spec.ds_timesteps_2, "ratio": spec.ds_ratio}, "depth_1", DEFAULT_DS_DEPTH)
-    changes["gradual_latent"] = _line_settings(defaults.gradual_latent, {
-        "timesteps": spec.gl_timesteps, "ratio": spec.gl_ratio, "every_n_steps": spec.gl_every_n_steps,
-        "ratio_step": spec.gl_ratio_step, "s_noise": spec.gl_s_noise, "unsharp": spec.gl_unsharp},
-        "timesteps", DEFAULT_GL_TIMESTEPS)
+    from library.generation.prompt_lines import line_fields
+
+    for feature in ("deep_shrink", "gradual_latent"):
+        base = getattr(defaults, feature)
+        values = {setting: getattr(spec, name) for name, setting in line_fields(feature).items()}
+        changes[feature] = _line_settings(base, values, base.SWITCH, base.LINE_DEFAULT)
     return dataclasses.replace(defaults, **changes)

@@ -25,7 +25,7 @@ from library import console_logging
 from library.atomic_io import atomic_write_text
 from library.cli import OptionParser, Options, check_refused, flag, load_config_file, option, option_label
 from library.data import caching
-from library.data import config as dataset_config
+from library.data import dataset_config
 from library.errors import UserError
 from library.training import accelerator as accelerator_setup
 from library.training import fidelity as training_fidelity
