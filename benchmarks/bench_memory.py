@@ -167,8 +167,8 @@ def count_training_step(config: str = "sdxl", batch: int = 1, resolution: int = 
             noise_scheduler=dl.training_noise_scheduler(bundled_config("scheduler"), False, False),
             loss_opts=dl.LossOptions(), rng=types.SimpleNamespace(generator=torch.Generator().manual_seed(0)),
             device=torch.device("cpu"), wdtype=wdtype, params=params, optimizer=prepared_opt, lr_scheduler=prepared_sched,
-            o=types.SimpleNamespace(optimizer=opt_options,
-                                    data=types.SimpleNamespace(text_encoding=_text_encoding_options())),
+            options=types.SimpleNamespace(optimizer=opt_options,
+                                          data=types.SimpleNamespace(text_encoding=_text_encoding_options())),
             _pending=_PendingLoss(), check_finite=lambda: None,  # the host-side loss check needs values
         )
         data = training_batch(cfg, batch, resolution)
