@@ -80,14 +80,15 @@ class AttentionOptions(Options):
     @classmethod
     def settle(cls, v: dict, args: argparse.Namespace) -> dict:
         # "no" is accelerate's "no compilation"; the kohya_ss GUI writes it into its configs.
-        backend = v["dynamo_backend"]
-        if str(backend).lower() != "no":
-            backend = check_choice("dynamo_backend", backend, DYNAMO_BACKENDS, case_sensitive=False)
-        elif v["torch_compile"]:
-            switched_off("--torch_compile", "a --dynamo_backend other than no", "accelerate compiles nothing with no")
-        if not v["torch_compile"] and backend != "inductor" and str(backend).lower() != "no":
-            switched_off(f"--dynamo_backend {v['dynamo_backend']}", "--torch_compile")
-        return {**v, "dynamo_backend": str(backend).lower()}
+        given = v["dynamo_backend"]
+        if str(given).lower() == "no":
+            if v["torch_compile"]:
+                switched_off("--torch_compile", "a --dynamo_backend other than no", "accelerate compiles nothing with no")
+            return {**v, "dynamo_backend": "no"}
+        backend = check_choice("dynamo_backend", given, DYNAMO_BACKENDS, case_sensitive=False)
+        if not v["torch_compile"] and backend != "inductor":
+            switched_off(f"--dynamo_backend {given}", "--torch_compile")
+        return {**v, "dynamo_backend": backend.lower()}
 
     @property
     def attention(self) -> str:
