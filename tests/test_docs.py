@@ -8,6 +8,7 @@ from fixtures by the option that names them (FIXTURE_OPTIONS), with sizes and st
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -19,7 +20,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -630,6 +631,20 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def _logged_lines(name: str) -> Iterator[list[str]]:
+    """The messages logger ``name`` emits at INFO and above inside the block."""
+    handler, logger = _Lines(), logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @trigger
 def fingerprint_log(tmp, assets, capsys, monkeypatch) -> str:
     """The end-of-run comparison of the processes' weights, on one process (tests/test_train_script.py runs it on two;
@@ -645,44 +660,31 @@ def fingerprint_log(tmp, assets, capsys, monkeypatch) -> str:
 
     net = ControlNetLLLite(load_sdxl(str(assets["checkpoint"])).unet, 8, 8)
     AcceleratorState._reset_state(True)
-    handler, logger = _Lines(), logging.getLogger("library.training.loop")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
-        Trainer.check_in_sync(SimpleNamespace(raw_network=net, accelerator=Accelerator(cpu=True)))
+        with _logged_lines("library.training.loop") as lines:
+            Trainer.check_in_sync(SimpleNamespace(raw_network=net, accelerator=Accelerator(cpu=True)))
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         AcceleratorState._reset_state(True)
-    return "\n".join(handler.lines)
+    return "\n".join(lines)
 
 
 @trigger
 def switched_off_warning(tmp, assets, capsys, monkeypatch) -> str:
     from library.training.options import parse_training_options
 
-    handler, logger = _Lines(), logging.getLogger("library.cli")
-    logger.addHandler(handler)
-    try:
+    with _logged_lines("library.cli") as lines:
         parse_training_options(_train_options(tmp, assets["checkpoint"], save_last_n_steps=1))
-    finally:
-        logger.removeHandler(handler)
-    return "\n".join(handler.lines)
+    return "\n".join(lines)
 
 
 @trigger
 def gen_switched_off_warnings(tmp, assets, capsys, monkeypatch) -> str:
     from library.generation.options import build_parser, resolve
 
-    handler, logger = _Lines(), logging.getLogger("library.cli")
-    logger.addHandler(handler)
-    try:
+    with _logged_lines("library.cli") as lines:
         resolve(build_parser("").parse_args(["--ckpt", str(assets["checkpoint"]), "--prompt", "a cat", "--no_preview",
                                              "--strength", "0.5"]))
-    finally:
-        logger.removeHandler(handler)
-    return "\n".join(handler.lines)
+    return "\n".join(lines)
 
 
 @trigger
