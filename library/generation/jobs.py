@@ -38,16 +38,15 @@ from library.generation.options import (
     SamplingArgs,
     ShrinkArgs,
 )
-from library.generation.samplers import ANCESTRAL_EULER, normalize_sampler_name
 from library.generation.requests import (
     MAX_SEED,
     GenerationRequest,
-    GradualLatent,
     checked_size,
     control_settings,
     request_from_prompt_spec,
     smallest_size,
     validate_request,
+    without_unsupported_gradual_latent,
 )
 
 if TYPE_CHECKING:
@@ -219,15 +218,12 @@ class Planner:
             changes["guide_images"] = list(spec.guide_images[:self.n_models])
         if spec.network_multipliers is not None:
             changes["network_multipliers"] = self._checked_am(spec.network_multipliers, where)
-        if base.gradual_latent.enabled and normalize_sampler_name(base.sampler) not in ANCESTRAL_EULER:
-            # sd-scripts draws without it ("gradual_latent is not supported for this scheduler. Ignoring.")
+        if base.gradual_latent.enabled:
             from library.generation.prompt_lines import line_fields
 
             from_line = any(getattr(spec, f) is not None for f in line_fields("gradual_latent")) or spec.sampler is not None
-            self._switched_off(f"{where if from_line else ''}Gradual Latent ({option_label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)",
-                               "--sampler euler_a", f"--sampler {base.sampler} has no ancestral step to grow the "
-                               "latents in")
-            changes["gradual_latent"] = GradualLatent()
+            label = f"{where if from_line else ''}Gradual Latent ({option_label(ShrinkArgs, 'gradual_latent_timesteps')} / --glt)"
+            base = without_unsupported_gradual_latent(base, label, self._switched_off)
         if self.images.inits and not base.highres_fix_scale:
             for label, name in (("--w", "width"), ("--h", "height")):
                 if getattr(spec, name) is not None:

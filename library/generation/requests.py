@@ -27,7 +27,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, Union
 
 from library.cli import Limit
 from library.errors import UserError
@@ -356,6 +356,19 @@ def _check_combinations(r: GenerationRequest, where: str) -> None:
         if r.mask is not None:
             raise UserError(f"{where}Gradual Latent changes the latent size while sampling; inpainting ({_label('mask_path')}) "
                             "cannot follow it: drop one of them")
+
+
+def without_unsupported_gradual_latent(r: GenerationRequest, label: str,
+                                       warn: Callable[[str, str, str], None]) -> GenerationRequest:
+    """``r`` without Gradual Latent when its sampler has no ancestral step, after ``warn(label, needs, why)``.
+
+    sd-scripts draws such a request without it ("gradual_latent is not supported for this scheduler.
+    Ignoring."); ``validate_request`` still refuses the combination for direct callers.
+    """
+    if not r.gradual_latent.enabled or normalize_sampler_name(r.sampler) in ANCESTRAL_EULER:
+        return r
+    warn(label, "--sampler euler_a", f"--sampler {r.sampler} has no ancestral step to grow the latents in")
+    return dataclasses.replace(r, gradual_latent=GradualLatent())
 
 
 def validate_request(r: GenerationRequest, n_models: int, where: str = "") -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ from library.generation.pipeline import (
 )
 from library.generation.png_metadata import save_png
 from library.generation.prompt_lines import PromptSpec, load_prompt_file
-from library.generation.samplers import ANCESTRAL_EULER, SAMPLER_NAMES, normalize_sampler_name
-from library.generation.requests import GradualLatent
+from library.generation.requests import without_unsupported_gradual_latent
+from library.generation.samplers import SAMPLER_NAMES, normalize_sampler_name
 from library.sdxl.loading import SDXLModels
 from library.sdxl.text_encoding import TextEncodingOptions
 from library.training.together import together
@@ -188,12 +187,8 @@ class SampleDrawer:
         self.requests = [self._request(spec, i) for i, spec in enumerate(opts.prompts)]
 
     def _request(self, spec: PromptSpec, index: int) -> GenerationRequest:
-        request = request_from_prompt_spec(spec, self.defaults)
-        if request.gradual_latent.enabled and normalize_sampler_name(request.sampler) not in ANCESTRAL_EULER:
-            # as sdxl_gen_img.py (and sd-scripts): drawn without it
-            switched_off(f"sample prompt {index + 1}: Gradual Latent (--glt)", "--sampler euler_a",
-                         f"--sampler {request.sampler} has no ancestral step to grow the latents in")
-            request = dataclasses.replace(request, gradual_latent=GradualLatent())
+        request = without_unsupported_gradual_latent(request_from_prompt_spec(spec, self.defaults),
+                                                     f"sample prompt {index + 1}: Gradual Latent (--glt)", switched_off)
         validate_request(request, 1, f"{self.opts.prompt_file}: sample prompt {index + 1}: ")
         return request
 
